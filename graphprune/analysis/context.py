@@ -1,0 +1,147 @@
+"""State shared by the op rules while the dependency analysis walks the graph."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphprune.analysis.spaces import Space, UnionFind, dense_labels, resolve_axis
+from graphprune.ir.graph import Graph, Node
+
+
+class Unresolved(Exception):
+    """Raised inside a rule when it cannot prove how channels map; the engine then freezes the op."""
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Axis `axis` of constant `param` is indexed by the channel positions of `tensor`.
+
+    With divisor g > 1 (grouped conv weights) the param axis holds one group's worth of positions:
+    param index i <-> tensor position i of the first group (all groups are pruned alike).
+    role: "out" (a producer's filters), "in" (a consumer's input columns) or "coupled" (BN, bias-like).
+    """
+
+    param: str
+    axis: int
+    tensor: str
+    role: str
+    node: str
+    divisor: int = 1
+
+
+@dataclass(frozen=True)
+class MacTerm:
+    """base multiply-accumulates, scaled by the kept fraction of each listed tensor's channels."""
+
+    node: str
+    base: float
+    tensors: tuple[str, ...]
+
+
+class Ctx:
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.uf = UnionFind()
+        self.spaces: dict[str, Space] = {}
+        self.bindings: list[Binding] = []
+        self.macs: list[MacTerm] = []
+        self.frozen_nodes: dict[str, str] = {}
+
+    # -- shapes -------------------------------------------------------------------------------
+    def shape(self, tensor: str) -> tuple[int, ...]:
+        s = self.graph.shape(tensor)
+        if s is None:
+            raise Unresolved(f"unknown shape of tensor '{tensor}'")
+        return s
+
+    def rank(self, tensor: str) -> int:
+        return len(self.shape(tensor))
+
+    def is_const(self, tensor: str) -> bool:
+        return self.graph.is_const(tensor)
+
+    def const(self, tensor: str) -> np.ndarray:
+        v = self.graph.const(tensor)
+        if v is None:
+            raise Unresolved(f"tensor '{tensor}' is not a constant")
+        return v
+
+    # -- spaces -------------------------------------------------------------------------------
+    def space(self, tensor: str) -> Space | None:
+        return self.spaces.get(tensor)
+
+    def axis_of(self, tensor: str) -> int | None:
+        sp = self.spaces.get(tensor)
+        return None if sp is None else sp.axis
+
+    def ids(self, tensor: str, axis: int) -> np.ndarray | None:
+        """Element ids along `axis`, or None when that axis does not carry single channels."""
+        sp = self.spaces.get(tensor)
+        if sp is None:
+            return None
+        shape = self.shape(tensor)
+        axis = axis % len(shape)
+        if sp.axis == axis:
+            return sp.ids
+        return resolve_axis(dense_labels(sp, shape), axis)
+
+    def labels(self, tensor: str) -> np.ndarray | None:
+        sp = self.spaces.get(tensor)
+        if sp is None:
+            return None
+        return dense_labels(sp, self.shape(tensor))
+
+    def set_axis(self, tensor: str, axis: int, ids: np.ndarray) -> None:
+        shape = self.shape(tensor)
+        axis = axis % len(shape)
+        if shape[axis] != len(ids):
+            raise Unresolved(f"channel count mismatch on '{tensor}'")
+        self.spaces[tensor] = Space(axis, np.asarray(ids, dtype=np.int64))
+
+    def set_dense(self, tensor: str, labels: np.ndarray, prefer: tuple[int, ...] = (1, -1)) -> None:
+        """Store layout-op output labels, collapsing to axis form when some axis resolves."""
+        shape = self.shape(tensor)
+        if tuple(labels.shape) != tuple(shape):
+            raise Unresolved(f"layout mismatch on '{tensor}'")
+        for axis in prefer:
+            if len(shape) < 2:
+                break
+            ids = resolve_axis(labels, axis % len(shape))
+            if ids is not None and shape[axis % len(shape)] > 1:
+                self.spaces[tensor] = Space(axis % len(shape), ids)
+                return
+        self.spaces[tensor] = Space(None, np.ascontiguousarray(labels))
+
+    def new(self, tensor: str, axis: int, frozen: str | None = None) -> np.ndarray:
+        shape = self.shape(tensor)
+        axis = axis % len(shape)
+        ids = self.uf.new(shape[axis])
+        if frozen:
+            self.uf.freeze(ids, frozen)
+        self.spaces[tensor] = Space(axis, ids)
+        return ids
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        if len(a) != len(b):
+            raise Unresolved("coupled channel counts differ")
+        self.uf.union_arrays(a, b)
+
+    def freeze_tensor(self, tensor: str, reason: str) -> None:
+        sp = self.spaces.get(tensor)
+        if sp is not None:
+            self.uf.freeze(sp.ids.ravel(), reason)
+
+    # -- costs and parameters -------------------------------------------------------------------
+    def bind(self, param: str, axis: int, tensor: str, role: str, node: Node, divisor: int = 1) -> None:
+        value = self.const(param)
+        axis = axis % value.ndim
+        sp = self.spaces.get(tensor)
+        if sp is None or sp.axis is None:
+            raise Unresolved(f"'{tensor}' has no channel axis to bind '{param}' to")
+        if value.shape[axis] * divisor != len(sp.ids):
+            raise Unresolved(f"'{param}' axis {axis} does not match channels of '{tensor}'")
+        self.bindings.append(Binding(param, axis, tensor, role, node.name, divisor))
+
+    def mac(self, node: Node, base: float, *tensors: str) -> None:
+        self.macs.append(MacTerm(node.name, float(base), tuple(tensors)))

@@ -1,0 +1,584 @@
+"""The channel rule table: one entry per op type, saying how channels flow through that op.
+
+Each rule reads its inputs' channel spaces from the context, sets its outputs' spaces, merges
+coupled channels, binds constant parameters to the channel axes that index them, and records
+MACs. A rule that cannot prove a mapping raises Unresolved; the engine then freezes the op.
+RULES is the single table both frontends use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import prod
+from typing import Any, Callable
+
+import numpy as np
+
+from graphprune.analysis.context import Ctx, Unresolved
+from graphprune.ir.graph import Node
+
+Rule = Callable[[Ctx, Node], None]
+
+
+@dataclass
+class NodeEdit:
+    """Attribute and constant-operand changes a pruned op needs besides slicing its weights."""
+
+    attrs: dict[str, Any] = field(default_factory=dict)
+    drop_attrs: list[str] = field(default_factory=list)
+    inputs: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+Fix = Callable[[Ctx, Node, "dict[str, np.ndarray]"], NodeEdit | None]
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """How channels flow through one op type (analyze) and what else changes when pruned (fix)."""
+
+    analyze: Rule
+    fix: Fix | None = None
+
+
+def _ints(ctx: Ctx, node: Node, attr: str, index: int) -> list[int] | None:
+    """An int-list operand that moved from attribute to input across opsets (axes, split, pads...)."""
+    if attr in node.attrs and node.attrs[attr] is not None:
+        v = node.attrs[attr]
+        return [int(x) for x in (v if isinstance(v, (list, tuple, np.ndarray)) else [v])]
+    if len(node.inputs) > index and node.inputs[index]:
+        return [int(x) for x in np.asarray(ctx.const(node.inputs[index])).ravel()]
+    return None
+
+
+def _channel(ctx: Ctx, tensor: str, axis: int) -> np.ndarray | None:
+    """Ids along `axis`, storing the tensor in axis form if it was dense."""
+    ids = ctx.ids(tensor, axis)
+    if ids is not None and ctx.axis_of(tensor) != axis % ctx.rank(tensor):
+        ctx.set_axis(tensor, axis, ids)
+    return ids
+
+
+def _first_axis(ctx: Ctx, node: Node) -> tuple[str, int] | None:
+    for t in node.inputs:
+        if t and not ctx.is_const(t) and ctx.axis_of(t) is not None:
+            return t, ctx.axis_of(t)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# elementwise and pass-through ops
+# --------------------------------------------------------------------------------------------
+def elementwise(ctx: Ctx, node: Node) -> None:
+    """Unary/binary/variadic ops with numpy broadcasting: aligned channels are coupled."""
+    out = node.outputs[0]
+    oshape = ctx.shape(out)
+    orank = len(oshape)
+    axis = None
+    for t in node.inputs:
+        if not t or ctx.is_const(t):
+            continue
+        a = ctx.axis_of(t)
+        if a is None:
+            if ctx.space(t) is not None:
+                raise Unresolved("elementwise op over a reshaped (non-channel) layout")
+            continue
+        oa = a + orank - ctx.rank(t)
+        if ctx.shape(t)[a] == oshape[oa] and oshape[oa] > 1:
+            axis = oa
+            break
+    if axis is None:
+        # no operand carries more than one channel along the output's axes: nothing to couple
+        x = node.inputs[0]
+        sp = ctx.space(x) if x and not ctx.is_const(x) else None
+        if sp is not None and sp.axis is not None and ctx.rank(x) == orank:
+            ctx.set_axis(out, sp.axis, sp.ids)
+        return
+    out_ids = None
+    consts = []
+    for t in node.inputs:
+        if not t:
+            continue
+        r = len(ctx.shape(t))
+        ia = axis - (orank - r)
+        if ia < 0 or ctx.shape(t)[ia] == 1:
+            continue
+        if ctx.is_const(t):
+            consts.append((t, ia))
+            continue
+        ids = _channel(ctx, t, ia)
+        if ids is None:
+            raise Unresolved(f"cannot map channels of '{t}'")
+        if out_ids is None:
+            out_ids = ids
+        else:
+            ctx.union(out_ids, ids)
+    ctx.set_axis(out, axis, out_ids)
+    for t, ia in consts:
+        ctx.bind(t, ia, out, "coupled", node)
+
+
+def passthrough(ctx: Ctx, node: Node) -> None:
+    """Ops that keep the channel axis intact (pooling, resize, pad, identity, dropout)."""
+    x = node.inputs[0]
+    sp = ctx.space(x)
+    if sp is None:
+        return
+    if sp.axis is None:
+        raise Unresolved("channel layout op input is not in channel form")
+    out = node.outputs[0]
+    if ctx.rank(out) != ctx.rank(x) or ctx.shape(out)[sp.axis] != ctx.shape(x)[sp.axis]:
+        raise Unresolved("op changes the channel dimension")
+    ctx.set_axis(out, sp.axis, sp.ids)
+
+
+def pad(ctx: Ctx, node: Node) -> None:
+    pads = _ints(ctx, node, "pads", 1)
+    x = node.inputs[0]
+    a = ctx.axis_of(x)
+    if pads is not None and a is not None:
+        r = ctx.rank(x)
+        axes = _ints(ctx, node, "axes", 3) or list(range(r))
+        axes = [ax % r for ax in axes]
+        n = len(axes)
+        if a in axes and (pads[axes.index(a)] != 0 or pads[axes.index(a) + n] != 0):
+            raise Unresolved("Pad pads the channel axis")
+    passthrough(ctx, node)
+
+
+def along_axis(attr_default: int) -> Rule:
+    """Softmax-like ops: fine unless they act along the channel axis."""
+
+    def rule(ctx: Ctx, node: Node) -> None:
+        x = node.inputs[0]
+        a = ctx.axis_of(x)
+        axis = int(node.attrs.get("axis", attr_default)) % ctx.rank(x)
+        if a is not None and axis == a and ctx.shape(x)[a] > 1:
+            raise Unresolved(f"{node.op_type} normalises across channels")
+        passthrough(ctx, node)
+
+    return rule
+
+
+def reduce(ctx: Ctx, node: Node) -> None:
+    x = node.inputs[0]
+    sp = ctx.space(x)
+    if sp is None:
+        return
+    if sp.axis is None:
+        raise Unresolved("reduction over a reshaped layout")
+    r = ctx.rank(x)
+    axes = _ints(ctx, node, "axes", 1)
+    if not axes:
+        if int(node.attrs.get("noop_with_empty_axes", 0)):
+            ctx.set_axis(node.outputs[0], sp.axis, sp.ids)
+            return
+        raise Unresolved("reduction over all axes")
+    axes = sorted(a % r for a in axes)
+    if sp.axis in axes:
+        raise Unresolved("reduction across channels")
+    keep = int(node.attrs.get("keepdims", 1))
+    new_axis = sp.axis if keep else sp.axis - sum(1 for a in axes if a < sp.axis)
+    ctx.set_axis(node.outputs[0], new_axis, sp.ids)
+
+
+# --------------------------------------------------------------------------------------------
+# weighted ops
+# --------------------------------------------------------------------------------------------
+def conv(ctx: Ctx, node: Node) -> None:
+    x, w = node.inputs[0], node.inputs[1]
+    b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
+    out = node.outputs[0]
+    if not ctx.is_const(w):
+        raise Unresolved("weight is not a constant")
+    W = ctx.const(w)
+    g = int(node.attrs.get("group", 1))
+    cout, cin_g = W.shape[0], W.shape[1]
+    oshape = ctx.shape(out)
+    base = oshape[0] * cout * cin_g * prod(W.shape[2:]) * prod(oshape[2:])
+    in_ids = _channel(ctx, x, 1)
+    out_ids = ctx.new(out, 1)
+    if in_ids is None:
+        ctx.freeze_tensor(x, f"input channels of {node.name} cannot be traced")
+    ctx.bind(w, 0, out, "out", node)
+    if b:
+        ctx.bind(b, 0, out, "out", node)
+    if g == 1:
+        if in_ids is not None:
+            ctx.bind(w, 1, x, "in", node)
+            ctx.mac(node, base, x, out)
+        else:
+            ctx.mac(node, base, out)
+        return
+    if in_ids is None:
+        ctx.uf.freeze(out_ids, f"grouped conv {node.name} with untraceable input")
+        ctx.mac(node, base, out)
+        return
+    cin = len(in_ids)
+    if cin != cin_g * g or cout % g:
+        raise Unresolved("group count does not divide channels")
+    cout_g = cout // g
+    if cin_g == 1:
+        # depthwise (channel multiplier cout_g): input channel k feeds outputs k*m .. k*m+m-1
+        for j in range(cout_g):
+            ctx.union(in_ids, out_ids[j::cout_g])
+        ctx.mac(node, base, out)
+        return
+    # grouped: prune the same in-group index in every group so the group count stays valid
+    for k in range(1, g):
+        ctx.union(in_ids[:cin_g], in_ids[k * cin_g:(k + 1) * cin_g])
+        ctx.union(out_ids[:cout_g], out_ids[k * cout_g:(k + 1) * cout_g])
+    ctx.bind(w, 1, x, "in", node, divisor=g)
+    ctx.mac(node, base, x, out)
+
+
+def conv_transpose(ctx: Ctx, node: Node) -> None:
+    x, w = node.inputs[0], node.inputs[1]
+    b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
+    out = node.outputs[0]
+    if not ctx.is_const(w):
+        raise Unresolved("weight is not a constant")
+    W = ctx.const(w)
+    g = int(node.attrs.get("group", 1))
+    if g != 1:
+        raise Unresolved("grouped ConvTranspose")
+    xshape = ctx.shape(x)
+    base = xshape[0] * W.shape[0] * W.shape[1] * prod(W.shape[2:]) * prod(xshape[2:])
+    in_ids = _channel(ctx, x, 1)
+    ctx.new(out, 1)
+    ctx.bind(w, 1, out, "out", node)
+    if b:
+        ctx.bind(b, 0, out, "out", node)
+    if in_ids is None:
+        ctx.freeze_tensor(x, f"input channels of {node.name} cannot be traced")
+        ctx.mac(node, base, out)
+    else:
+        ctx.bind(w, 0, x, "in", node)
+        ctx.mac(node, base, x, out)
+
+
+def batchnorm(ctx: Ctx, node: Node) -> None:
+    x = node.inputs[0]
+    ids = _channel(ctx, x, 1)
+    if ids is None:
+        raise Unresolved("input is not in channel form")
+    out = node.outputs[0]
+    ctx.set_axis(out, 1, ids)
+    for p in node.inputs[1:]:
+        if p:
+            ctx.bind(p, 0, out, "coupled", node)
+
+
+def gemm(ctx: Ctx, node: Node) -> None:
+    a, bw = node.inputs[0], node.inputs[1]
+    c = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
+    out = node.outputs[0]
+    if int(node.attrs.get("transA", 0)):
+        raise Unresolved("transposed activation operand")
+    if not ctx.is_const(bw):
+        raise Unresolved("weight is not a constant")
+    B = ctx.const(bw)
+    trans_b = int(node.attrs.get("transB", 0))
+    k_axis, n_axis = (1, 0) if trans_b else (0, 1)
+    m = ctx.shape(a)[0]
+    base = m * B.shape[0] * B.shape[1]
+    in_ids = _channel(ctx, a, 1)
+    ctx.new(out, 1)
+    ctx.bind(bw, n_axis, out, "out", node)
+    if c and ctx.is_const(c):
+        C = ctx.const(c)
+        if C.ndim >= 1 and C.shape[-1] == B.shape[n_axis] and C.shape[-1] > 1:
+            ctx.bind(c, C.ndim - 1, out, "out", node)
+    elif c:
+        raise Unresolved("non-constant bias")
+    if in_ids is None:
+        ctx.freeze_tensor(a, f"input features of {node.name} cannot be traced")
+        ctx.mac(node, base, out)
+    else:
+        ctx.bind(bw, k_axis, a, "in", node)
+        ctx.mac(node, base, a, out)
+
+
+def matmul(ctx: Ctx, node: Node) -> None:
+    a, bw = node.inputs[0], node.inputs[1]
+    out = node.outputs[0]
+    if not ctx.is_const(bw) or ctx.const(bw).ndim != 2:
+        raise Unresolved("product of two activations (e.g. attention) or batched weight")
+    if ctx.is_const(a):
+        raise Unresolved("constant left operand")
+    B = ctx.const(bw)
+    ashape = ctx.shape(a)
+    base = prod(ashape[:-1]) * B.shape[0] * B.shape[1]
+    in_ids = _channel(ctx, a, -1)
+    ctx.new(out, -1)
+    ctx.bind(bw, 1, out, "out", node)
+    if in_ids is None:
+        ctx.freeze_tensor(a, f"input features of {node.name} cannot be traced")
+        ctx.mac(node, base, out)
+    else:
+        ctx.bind(bw, 0, a, "in", node)
+        ctx.mac(node, base, a, out)
+
+
+# --------------------------------------------------------------------------------------------
+# concatenation, splitting, slicing, gathering
+# --------------------------------------------------------------------------------------------
+def concat(ctx: Ctx, node: Node) -> None:
+    out = node.outputs[0]
+    r = ctx.rank(out)
+    cat = int(node.attrs.get("axis", 0)) % r
+    found = _first_axis(ctx, node)
+    if found is None:
+        if any(ctx.space(t) is not None for t in node.inputs if t and not ctx.is_const(t)):
+            raise Unresolved("concat of reshaped layouts")
+        return
+    ch = found[1] + r - ctx.rank(found[0])
+    if cat == ch:
+        parts = []
+        for t in node.inputs:
+            ids = None if ctx.is_const(t) else _channel(ctx, t, ch)
+            if ids is None:
+                ids = ctx.uf.new(ctx.shape(t)[ch])
+                ctx.uf.freeze(ids, f"constant or untraceable input of {node.name}")
+            parts.append(ids)
+        ctx.set_axis(out, ch, np.concatenate(parts))
+        return
+    out_ids = None
+    consts = []
+    for t in node.inputs:
+        if ctx.is_const(t):
+            consts.append(t)
+            continue
+        ids = _channel(ctx, t, ch)
+        if ids is None:
+            raise Unresolved(f"cannot map channels of '{t}'")
+        if out_ids is None:
+            out_ids = ids
+        else:
+            ctx.union(out_ids, ids)
+    ctx.set_axis(out, ch, out_ids)
+    for t in consts:
+        ctx.bind(t, ch, out, "coupled", node)
+
+
+def split(ctx: Ctx, node: Node) -> None:
+    x = node.inputs[0]
+    sp = ctx.space(x)
+    if sp is None:
+        return
+    if sp.axis is None:
+        raise Unresolved("split of a reshaped layout")
+    r = ctx.rank(x)
+    ax = int(node.attrs.get("axis", 0)) % r
+    offset = 0
+    for out in node.outputs:
+        if ctx.rank(out) != r:
+            raise Unresolved("split output rank differs")
+        size = ctx.shape(out)[ax]
+        if ax == sp.axis:
+            ctx.set_axis(out, ax, sp.ids[offset:offset + size])
+        else:
+            ctx.set_axis(out, sp.axis, sp.ids)
+        offset += size
+
+
+def slice_(ctx: Ctx, node: Node) -> None:
+    x = node.inputs[0]
+    sp = ctx.space(x)
+    if sp is None:
+        return
+    if sp.axis is None:
+        raise Unresolved("slice of a reshaped layout")
+    r = ctx.rank(x)
+    starts = _ints(ctx, node, "starts", 1)
+    ends = _ints(ctx, node, "ends", 2)
+    axes = _ints(ctx, node, "axes", 3) or list(range(len(starts or [])))
+    steps = _ints(ctx, node, "steps", 4) or [1] * len(axes)
+    if starts is None or ends is None:
+        raise Unresolved("slice bounds are not constant")
+    out = node.outputs[0]
+    ids = sp.ids
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        if a % r == sp.axis:
+            if st != 1:
+                raise Unresolved("strided slice across channels")
+            ids = ids[slice(*slice(s, e, st).indices(len(ids)))]
+    ctx.set_axis(out, sp.axis, ids)
+
+
+def gather(ctx: Ctx, node: Node) -> None:
+    x, idx = node.inputs[0], node.inputs[1]
+    sp = ctx.space(x)
+    if sp is None:
+        return
+    if sp.axis is None:
+        raise Unresolved("gather from a reshaped layout")
+    r = ctx.rank(x)
+    ax = int(node.attrs.get("axis", 0)) % r
+    if ax == sp.axis:
+        raise Unresolved("gather across channels")
+    idx_rank = len(ctx.shape(idx))
+    new_axis = sp.axis if sp.axis < ax else sp.axis - 1 + idx_rank
+    ctx.set_axis(node.outputs[0], new_axis, sp.ids)
+
+
+# --------------------------------------------------------------------------------------------
+# layout ops: pushed through as dense labels, resolved back to a channel axis when possible
+# --------------------------------------------------------------------------------------------
+def layout(ctx: Ctx, node: Node) -> None:
+    x = node.inputs[0]
+    labels = ctx.labels(x)
+    if labels is None:
+        return
+    out = node.outputs[0]
+    oshape = ctx.shape(out)
+    if node.op_type == "Reshape" and not ctx.is_const(node.inputs[1]):
+        raise Unresolved("reshape target is computed at run time")
+    if node.op_type == "Transpose":
+        perm = node.attrs.get("perm") or list(reversed(range(labels.ndim)))
+        moved = np.transpose(labels, perm)
+    else:
+        if labels.size != prod(oshape):
+            raise Unresolved("element count changes")
+        moved = labels.reshape(oshape)
+    ctx.set_dense(out, moved)
+    if ctx.axis_of(out) is None:
+        ctx.freeze_tensor(out, f"channels spread over several axes by {node.op_type} '{node.name}'")
+
+
+def shape_reader(ctx: Ctx, node: Node) -> None:
+    """Shape/Size read channel counts as data: pruning would silently change them."""
+    ctx.freeze_tensor(node.inputs[0], f"channel count read by {node.op_type} '{node.name}'")
+
+
+def no_channels(ctx: Ctx, node: Node) -> None:
+    """Ops whose outputs carry no channels (e.g. constant generators)."""
+
+
+# --------------------------------------------------------------------------------------------
+# fixes: attribute / shape-operand updates after slicing (frontend-neutral; applied by rewriters)
+# --------------------------------------------------------------------------------------------
+def _kept(masks: dict[str, np.ndarray], tensor: str) -> int:
+    return int(masks[tensor].sum())
+
+
+def fix_conv(ctx: Ctx, node: Node, masks: dict[str, np.ndarray]) -> NodeEdit | None:
+    g = int(node.attrs.get("group", 1))
+    if g > 1 and ctx.const(node.inputs[1]).shape[1] == 1 and node.inputs[0] in masks:
+        return NodeEdit(attrs={"group": _kept(masks, node.inputs[0])})
+    return None
+
+
+def fix_reshape(ctx: Ctx, node: Node, masks: dict[str, np.ndarray]) -> NodeEdit | None:
+    out = node.outputs[0]
+    if out not in masks or node.op_type != "Reshape":
+        return None
+    axis = ctx.axis_of(out)
+    shape = np.array(ctx.const(node.inputs[1]), dtype=np.int64).copy()
+    if shape[axis] <= 0 or shape[axis] == _kept(masks, out):
+        return None
+    shape[axis] = _kept(masks, out)
+    return NodeEdit(inputs={1: shape})
+
+
+def fix_split(ctx: Ctx, node: Node, masks: dict[str, np.ndarray]) -> NodeEdit | None:
+    x = node.inputs[0]
+    if x not in masks:
+        return None
+    axis = int(node.attrs.get("axis", 0)) % ctx.rank(x)
+    if axis != ctx.axis_of(x):
+        return None
+    sizes = np.array([_kept(masks, o) for o in node.outputs], dtype=np.int64)
+    old = np.array([ctx.shape(o)[axis] for o in node.outputs], dtype=np.int64)
+    if np.array_equal(sizes, old):
+        return None
+    if "split" in node.attrs:
+        return NodeEdit(attrs={"split": sizes.tolist()})
+    return NodeEdit(inputs={1: sizes}, drop_attrs=["num_outputs"])
+
+
+def fix_slice(ctx: Ctx, node: Node, masks: dict[str, np.ndarray]) -> NodeEdit | None:
+    x = node.inputs[0]
+    if x not in masks:
+        return None
+    r = ctx.rank(x)
+    starts = _ints(ctx, node, "starts", 1)
+    ends = _ints(ctx, node, "ends", 2)
+    axes = _ints(ctx, node, "axes", 3) or list(range(len(starts)))
+    mask = masks[x]
+    new_starts, new_ends, changed = list(starts), list(ends), False
+    for i, (s, e, a) in enumerate(zip(starts, ends, axes)):
+        if a % r != ctx.axis_of(x):
+            continue
+        lo, hi, _ = slice(s, e, 1).indices(len(mask))
+        new_starts[i] = int(mask[:lo].sum())
+        new_ends[i] = new_starts[i] + int(mask[lo:hi].sum())
+        changed = changed or (new_starts[i], new_ends[i]) != (lo, hi)
+    if not changed:
+        return None
+    if "starts" in node.attrs:
+        return NodeEdit(attrs={"starts": new_starts, "ends": new_ends})
+    return NodeEdit(inputs={1: np.array(new_starts, dtype=np.int64), 2: np.array(new_ends, dtype=np.int64)})
+
+
+def fix_resize(ctx: Ctx, node: Node, masks: dict[str, np.ndarray]) -> NodeEdit | None:
+    out = node.outputs[0]
+    if out not in masks or len(node.inputs) < 4 or not node.inputs[3]:
+        return None
+    sizes = np.array(ctx.const(node.inputs[3]), dtype=np.int64).copy()
+    axis = ctx.axis_of(out)
+    sizes[axis] = _kept(masks, out)
+    return NodeEdit(inputs={3: sizes})
+
+
+UNARY = [
+    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Sigmoid", "HardSigmoid", "HardSwish",
+    "Tanh", "Softplus", "Softsign", "Mish", "Swish", "Erf", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs",
+    "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Clip", "Cast", "ThresholdedRelu", "Not",
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Less", "Greater",
+    "And", "Or", "Xor", "Mod", "BitShift", "IsNaN", "IsInf",
+]
+
+_ANALYZE: dict[str, Rule] = {
+    **{op: elementwise for op in UNARY},
+    **{op: passthrough for op in [
+        "Identity", "Dropout", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
+        "GlobalLpPool", "Resize", "Upsample",
+    ]},
+    "Pad": pad,
+    "Softmax": along_axis(-1),
+    "LogSoftmax": along_axis(-1),
+    "Hardmax": along_axis(-1),
+    **{op: reduce for op in [
+        "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+        "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
+    ]},
+    "Conv": conv,
+    "ConvTranspose": conv_transpose,
+    "BatchNormalization": batchnorm,
+    "InstanceNormalization": batchnorm,
+    "Gemm": gemm,
+    "MatMul": matmul,
+    "Concat": concat,
+    "Split": split,
+    "Slice": slice_,
+    "Gather": gather,
+    "Reshape": layout,
+    "Flatten": layout,
+    "Transpose": layout,
+    "Squeeze": layout,
+    "Unsqueeze": layout,
+    "Shape": shape_reader,
+    "Size": shape_reader,
+    "ConstantOfShape": no_channels,
+    "Range": no_channels,
+}
+
+_FIXES: dict[str, Fix] = {
+    "Conv": fix_conv,
+    "Reshape": fix_reshape,
+    "Split": fix_split,
+    "Slice": fix_slice,
+    "Resize": fix_resize,
+}
+
+# the single op table both frontends and every rewriter read
+RULES: dict[str, OpRule] = {op: OpRule(fn, _FIXES.get(op)) for op, fn in _ANALYZE.items()}

@@ -1,0 +1,153 @@
+"""The public Python API. The CLI is a thin layer over these functions."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import onnx
+
+from graphprune.analysis.groups import Analysis, analyze_graph
+from graphprune.errors import GraphpruneError
+from graphprune.frontends.onnx_frontend import LoadedModel, load_onnx
+from graphprune.io import write_model_atomic
+from graphprune.passes.allocate import Plan, allocate, ignored_classes
+from graphprune.passes.magnitude import CRITERIA
+from graphprune.rewrite.onnx_rewrite import rewrite_onnx
+from graphprune.rewrite.validate import random_feed, run_onnx, validate
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class PruneResult:
+    """What prune() produced: the slim model, the plan behind it and a JSON-ready report."""
+
+    model: Any
+    analysis: Analysis
+    plan: Plan
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike, overwrite: bool = True) -> None:
+        if isinstance(self.model, onnx.ModelProto):
+            write_model_atomic(self.model, path, overwrite=overwrite)
+        else:
+            from graphprune.torch_io import save as save_module
+
+            save_module(self.model, path)
+
+
+def _is_torch_module(model: Any) -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return isinstance(model, torch.nn.Module)
+
+
+def analyze(model: Any, example_inputs: Any = None, *, input_shape: dict[str, tuple[int, ...]] | None = None) -> Analysis:
+    """Dependency analysis of an ONNX model (path or ModelProto) or an nn.Module (with example inputs)."""
+    if _is_torch_module(model):
+        from graphprune.frontends.fx_frontend import analyze_module
+
+        return analyze_module(model, example_inputs)
+    return analyze_graph(load_onnx(model, input_shape).graph)
+
+
+def _parse_target(target_flops: float | None, target_params: float | None, target_latency: float | None) -> tuple[str, float]:
+    given = [(k, v) for k, v in (("macs", target_flops), ("params", target_params), ("latency", target_latency)) if v is not None]
+    if len(given) != 1:
+        raise GraphpruneError("give exactly one of target_flops, target_params, target_latency")
+    kind, value = given[0]
+    if not 0 < float(value) <= 1:
+        raise GraphpruneError(f"target must be a fraction kept in (0, 1], got {value}")
+    return kind, float(value)
+
+
+def score_classes(analysis: Analysis, method: str, *, seed: int = 0, **options: Any) -> dict[int, float]:
+    """Importance scores for the weight-only criteria (data-driven methods live in their own passes)."""
+    fn = CRITERIA.get(method)
+    if fn is None:
+        raise GraphpruneError(f"unknown or unsupported method {method!r} for this model; choose from {sorted(CRITERIA)}")
+    return fn(analysis, seed=seed, **options)
+
+
+def prune(
+    model: Any,
+    example_inputs: Any = None,
+    *,
+    target_flops: float | None = None,
+    target_params: float | None = None,
+    target_latency: float | None = None,
+    method: str = "l1",
+    strategy: str = "global",
+    round_to: int = 1,
+    ignore: tuple[str, ...] | list[str] = (),
+    seed: int = 0,
+    input_shape: dict[str, tuple[int, ...]] | None = None,
+    scores: dict[int, float] | None = None,
+    removed: set[int] | frozenset[int] | None = None,
+    progress: Progress | None = None,
+    **method_options: Any,
+) -> PruneResult:
+    """Prune `model` to a cost target and return the validated slim model with a report.
+
+    ONNX models (path or ModelProto) come back as a ModelProto; nn.Modules as a smaller nn.Module.
+    Pass `scores` to use your own importance, or `removed` to apply an explicit plan.
+    """
+    if _is_torch_module(model):
+        from graphprune.torch_prune import prune_module
+
+        return prune_module(
+            model, example_inputs, target_flops=target_flops, target_params=target_params, method=method,
+            strategy=strategy, round_to=round_to, ignore=ignore, seed=seed, scores=scores, removed=removed,
+            progress=progress, **method_options,
+        )
+    say = progress or (lambda _msg: None)
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    loaded: LoadedModel = load_onnx(model, input_shape)
+    times["load_s"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    say("analysing channel dependencies")
+    analysis = analyze_graph(loaded.graph)
+    times["analyze_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if removed is None:
+        kind, target = _parse_target(target_flops, target_params, target_latency)
+        if kind == "latency":
+            from graphprune.passes.latency_cost import latency_scores_and_kind
+
+            kind = latency_scores_and_kind(analysis, loaded)
+        say(f"scoring channels ({method})")
+        if scores is None:
+            scores = score_classes(analysis, method, seed=seed, loaded=loaded, **method_options)
+        say("allocating the budget")
+        plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=round_to,
+                        protected=ignored_classes(analysis, list(ignore)))
+    else:
+        base = analysis.macs()
+        plan = Plan(frozenset(removed), "macs", 1.0, base, analysis.macs(removed))
+    times["plan_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    say("rewriting the graph")
+    slim = rewrite_onnx(loaded.proto, analysis, plan.removed)
+    times["rewrite_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    say("validating (checker, shape inference, onnxruntime)")
+    feed = random_feed(loaded.proto, loaded.graph, seed)
+    expected = [tuple(o.shape) for o in run_onnx(loaded.proto, feed)]
+    validate(slim, feed, expected)
+    times["validate_s"] = time.perf_counter() - t
+    times["total_s"] = time.perf_counter() - t0
+
+    from graphprune.report.summary import build_report
+
+    report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_to, times=times,
+                          source=loaded.source)
+    return PruneResult(slim, analysis, plan, report)

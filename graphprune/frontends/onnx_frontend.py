@@ -1,0 +1,292 @@
+"""ONNX frontend: load and validate a model file, normalise it, and lower it into the IR.
+
+Normalisation (Constant nodes become initializers, symbolic batch dims are pinned for analysis)
+happens on a private copy; the rewrite later edits that same normalised copy, never the input file.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+
+from graphprune.errors import GraphpruneError
+from graphprune.ir.graph import Graph, Node
+
+BATCH_DIM_NAMES = {"n", "N", "batch", "batch_size", "batchsize", "b", "B"}
+
+
+@dataclass
+class LoadedModel:
+    """The normalised ModelProto (what gets rewritten) and its IR (what gets analysed)."""
+
+    proto: onnx.ModelProto
+    graph: Graph
+    source: str | None = None
+
+
+def read_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    """Read an ONNX model from disk (or copy a proto), turning every failure into one clear line."""
+    if isinstance(source, onnx.ModelProto):
+        return copy.deepcopy(source), None
+    path = os.fspath(source)
+    if not os.path.exists(path):
+        raise GraphpruneError(f"input file not found: {path}")
+    if os.path.isdir(path):
+        raise GraphpruneError(f"input path is a directory, expected an .onnx file: {path}")
+    if os.path.getsize(path) == 0:
+        raise GraphpruneError(f"input file is empty: {path}")
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # protobuf raises several unrelated types for corrupt bytes
+        raise GraphpruneError(f"not a valid ONNX file (corrupt or truncated): {path} ({type(exc).__name__})") from None
+    if not model.HasField("graph") or len(model.graph.node) == 0:
+        raise GraphpruneError(f"not a valid ONNX model (no graph nodes): {path}")
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        try:
+            from onnx.external_data_helper import load_external_data_for_model
+
+            load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+        except Exception as exc:
+            raise GraphpruneError(f"cannot load external data of {path}: {exc}") from None
+    return model, path
+
+
+def _attr_value(attr: onnx.AttributeProto):
+    value = helper.get_attribute_value(attr)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, onnx.TensorProto):
+        return numpy_helper.to_array(value)
+    if isinstance(value, list) and value and isinstance(value[0], bytes):
+        return [v.decode("utf-8", "replace") for v in value]
+    return value
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None
+
+
+def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every constant one home the rewriter can slice.
+
+    Constant nodes and Identity-of-constant become initializers, and a float initializer read by
+    several ops is copied per reader: exporters de-duplicate equal tensors (e.g. zero biases),
+    and a shared tensor would otherwise couple unrelated layers' channels.
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    keep = []
+    for node in graph.node:
+        if node.domain in ("", "ai.onnx") and len(node.output) == 1:
+            if node.op_type == "Constant":
+                value = _constant_value(node)
+                if value is not None:
+                    tensor = numpy_helper.from_array(value, node.output[0])
+                    graph.initializer.append(tensor)
+                    inits[tensor.name] = tensor
+                    continue
+            if node.op_type == "Identity" and node.input[0] in inits:
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(inits[node.input[0]])
+                tensor.name = node.output[0]
+                graph.initializer.append(tensor)
+                inits[tensor.name] = tensor
+                continue
+        keep.append(node)
+    readers: dict[str, int] = {}
+    for node in keep:
+        for i in node.input:
+            if i in inits:
+                readers[i] = readers.get(i, 0) + 1
+    seen: dict[str, int] = {}
+    for node in keep:
+        for k, i in enumerate(node.input):
+            t = inits.get(i)
+            if t is None or readers[i] < 2 or t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16):
+                continue
+            n = seen.get(i, 0)
+            seen[i] = n + 1
+            if n == 0:
+                continue
+            copy_ = onnx.TensorProto()
+            copy_.CopyFrom(t)
+            copy_.name = f"{i}__gp{n}"
+            graph.initializer.append(copy_)
+            node.input[k] = copy_.name
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+    # initializers listed as graph inputs (old exporters) are constants, not user inputs
+    init_names = {t.name for t in graph.initializer}
+    real_inputs = [i for i in graph.input if i.name not in init_names]
+    if len(real_inputs) != len(graph.input):
+        del graph.input[:]
+        graph.input.extend(real_inputs)
+    return model
+
+
+def _check_structure(model: onnx.ModelProto) -> None:
+    """Reject dangling inputs, duplicate outputs and cycles before anything else looks at the graph."""
+    graph = model.graph
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    produced: set[str] = set()
+    for node in graph.node:
+        for out in node.output:
+            if out and (out in produced or out in known):
+                raise GraphpruneError(f"invalid ONNX graph: tensor '{out}' is produced twice")
+            if out:
+                produced.add(out)
+    available = set(known)
+    pending = list(graph.node)
+    # Kahn-style check: ONNX requires topological order, but tolerate misordered files; a cycle or a
+    # missing tensor leaves nodes that can never run.
+    ordered = []
+    progress = True
+    while pending and progress:
+        progress = False
+        rest = []
+        for node in pending:
+            if all(i in available for i in node.input):
+                ordered.append(node)
+                available.update(o for o in node.output if o)
+                progress = True
+            else:
+                rest.append(node)
+        pending = rest
+    if pending:
+        node = pending[0]
+        missing = [i for i in node.input if i not in available]
+        if all(m in produced for m in missing):
+            raise GraphpruneError(f"invalid ONNX graph: cycle through node '{node.name or node.op_type}'")
+        raise GraphpruneError(
+            f"invalid ONNX graph: node '{node.name or node.op_type}' reads undefined tensor '{missing[0]}'"
+        )
+    for out in graph.output:
+        if out.name not in available:
+            raise GraphpruneError(f"invalid ONNX graph: output '{out.name}' is never produced")
+    if [n.name for n in ordered] != [n.name for n in graph.node] or any(
+        a is not b for a, b in zip(ordered, graph.node)
+    ):
+        del graph.node[:]
+        graph.node.extend(ordered)
+
+
+def pin_input_shapes(model: onnx.ModelProto, input_shape: dict[str, tuple[int, ...]] | None) -> onnx.ModelProto:
+    """Return a copy whose graph inputs have static dims: symbolic batch -> 1, others from input_shape.
+
+    Only used for analysis: the written model keeps its original (dynamic) input signature.
+    """
+    pinned = copy.deepcopy(model)
+    for inp in pinned.graph.input:
+        ttype = inp.type.tensor_type
+        if not ttype.HasField("shape"):
+            raise GraphpruneError(f"input '{inp.name}' has no shape; pass --input-shape")
+        override = (input_shape or {}).get(inp.name)
+        if override is None and input_shape and len(input_shape) == 1 and len(pinned.graph.input) == 1:
+            override = next(iter(input_shape.values()))
+        dims = ttype.shape.dim
+        if override is not None:
+            if len(override) != len(dims):
+                raise GraphpruneError(
+                    f"--input-shape for '{inp.name}' has rank {len(override)}, the model input has rank {len(dims)}"
+                )
+            for d, v in zip(dims, override):
+                d.Clear()
+                d.dim_value = int(v)
+            continue
+        for axis, d in enumerate(dims):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                continue
+            if axis == 0:
+                d.Clear()
+                d.dim_value = 1
+            else:
+                name = d.dim_param or "?"
+                raise GraphpruneError(
+                    f"input '{inp.name}' has dynamic dim '{name}' at axis {axis}; "
+                    "pass --input-shape (e.g. 1,3,224,224) to analyse it"
+                )
+    return pinned
+
+
+def _shape_of(vi: onnx.ValueInfoProto) -> tuple[int, ...] | None:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    dims = []
+    for d in t.shape.dim:
+        if d.HasField("dim_value") and d.dim_value > 0:
+            dims.append(int(d.dim_value))
+        else:
+            return None
+    return tuple(dims)
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        raise GraphpruneError(f"ONNX shape inference failed: {str(exc).splitlines()[0][:200]}") from None
+
+
+def to_ir(model: onnx.ModelProto) -> Graph:
+    """Lower a shape-inferred, normalised ModelProto into the IR."""
+    g = model.graph
+    constants = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        s = _shape_of(vi)
+        if s is not None:
+            shapes[vi.name] = s
+    nodes = []
+    used_names: set[str] = set()
+    for i, n in enumerate(g.node):
+        name = n.name or f"{n.op_type}_{i}"
+        if name in used_names:
+            name = f"{name}_{i}"
+        used_names.add(name)
+        attrs = {a.name: _attr_value(a) for a in n.attribute}
+        nodes.append(Node(name, n.op_type, list(n.input), list(n.output), attrs, n.domain))
+    return Graph(
+        nodes=nodes,
+        shapes=shapes,
+        constants=constants,
+        inputs=[i.name for i in g.input],
+        outputs=[o.name for o in g.output],
+        name=g.name or "graph",
+    )
+
+
+def load_onnx(
+    source: str | os.PathLike | onnx.ModelProto, input_shape: dict[str, tuple[int, ...]] | None = None
+) -> LoadedModel:
+    """Load, validate and lower an ONNX model. Raises GraphpruneError with one line on bad input."""
+    model, path = read_model(source)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "invalid model"
+        raise GraphpruneError(f"ONNX checker rejected the model: {first}") from None
+    except Exception as exc:
+        raise GraphpruneError(f"ONNX checker rejected the model: {type(exc).__name__}") from None
+    model = normalize(model)
+    _check_structure(model)
+    analysed = infer_shapes(pin_input_shapes(model, input_shape))
+    graph = to_ir(analysed)
+    # the IR's node names must match the proto's, so the rewriter can find nodes by index
+    return LoadedModel(proto=model, graph=graph, source=path)

@@ -1,0 +1,99 @@
+"""The prune report: one JSON-ready dict (for machines) and a rich table view (for people)."""
+from __future__ import annotations
+
+from typing import Any
+
+from graphprune.analysis.groups import Analysis
+from graphprune.passes.allocate import Plan
+
+
+def group_rows(analysis: Analysis, removed: frozenset[int] = frozenset()) -> list[dict[str, Any]]:
+    """One row per channel group: size, kept, frozen state and reason, member layers, MAC share."""
+    total_macs = analysis.macs() or 1.0
+    tensor_macs: dict[str, float] = {}
+    for term in analysis.mac_terms:
+        for t in term.tensors:
+            tensor_macs[t] = tensor_macs.get(t, 0.0) + term.base
+    rows = []
+    for g in analysis.groups:
+        kept = sum(1 for r in g.classes if r not in removed)
+        share = sum(tensor_macs.get(t, 0.0) for t in g.tensors) / total_macs
+        rows.append({
+            "id": g.id,
+            "channels": g.size,
+            "kept": kept,
+            "frozen": g.frozen,
+            "frozen_channels": g.frozen_classes,
+            "reason": g.reason,
+            "layers": g.nodes,
+            "tensors": g.tensors,
+            "macs_share": round(share, 6),
+        })
+    return rows
+
+
+def build_report(analysis: Analysis, plan: Plan, *, method: str, strategy: str, round_to: int,
+                 times: dict[str, float], source: str | None = None) -> dict[str, Any]:
+    macs0, macs1 = analysis.macs(), analysis.macs(plan.removed)
+    params0, params1 = analysis.params(), analysis.params(plan.removed)
+    achieved = {"macs": macs1 / macs0 if macs0 else 1.0, "params": params1 / params0 if params0 else 1.0}
+    target_kind = plan.kind if plan.kind in achieved else "macs"
+    return {
+        "source": source,
+        "method": method,
+        "strategy": strategy,
+        "round_to": round_to,
+        "target": {"kind": plan.kind, "fraction": plan.target},
+        "achieved": achieved[target_kind] if plan.kind in achieved else plan.achieved,
+        "target_error": abs((achieved[target_kind] if plan.kind in achieved else plan.achieved) - plan.target),
+        "macs": {"before": macs0, "after": macs1, "ratio": achieved["macs"]},
+        "params": {"before": params0, "after": params1, "ratio": achieved["params"]},
+        "channels": {
+            "groups": len(analysis.groups),
+            "prunable_groups": len(analysis.prunable_groups),
+            "removed": len(plan.removed),
+            "total": sum(g.size for g in analysis.groups),
+        },
+        "frozen_ops": dict(analysis.ctx.frozen_nodes),
+        "groups": group_rows(analysis, plan.removed),
+        "time": {k: round(v, 4) for k, v in times.items()},
+    }
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def render_tables(report: dict[str, Any], console: Any, max_groups: int = 40) -> None:
+    """Print the summary and per-group tables with rich."""
+    from rich.table import Table
+
+    summary = Table(title="graphprune result", show_header=True)
+    summary.add_column("metric")
+    summary.add_column("before", justify="right")
+    summary.add_column("after", justify="right")
+    summary.add_column("kept", justify="right")
+    for key, label in (("macs", "MACs (FLOPs)"), ("params", "parameters")):
+        d = report[key]
+        summary.add_row(label, _human(d["before"]), _human(d["after"]), f"{d['ratio']:.2%}")
+    console.print(summary)
+    t = report["target"]
+    console.print(
+        f"target {t['kind']} {t['fraction']:.2%}  achieved {report['achieved']:.2%}  "
+        f"error {report['target_error']:.3%}  method {report['method']}/{report['strategy']}  "
+        f"time {report['time'].get('total_s', 0):.2f}s"
+    )
+    groups = Table(title="channel groups", show_header=True)
+    for col in ("group", "channels", "kept", "MACs share", "state", "layers"):
+        groups.add_column(col, justify="right" if col in ("channels", "kept", "MACs share") else "left")
+    rows = sorted(report["groups"], key=lambda r: -r["macs_share"])
+    for r in rows[:max_groups]:
+        state = "frozen: " + (r["reason"] or "") if r["frozen"] else "prunable"
+        layers = ", ".join(r["layers"][:3]) + (" ..." if len(r["layers"]) > 3 else "")
+        groups.add_row(str(r["id"]), str(r["channels"]), str(r["kept"]), f"{r['macs_share']:.1%}", state[:60], layers)
+    console.print(groups)
+    if len(rows) > max_groups:
+        console.print(f"... {len(rows) - max_groups} more groups (use --json for all)")

@@ -1,0 +1,81 @@
+"""Apply a plan to the normalised ONNX model: slice bound initializers, then apply op fixes."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from graphprune.analysis.groups import Analysis
+from graphprune.analysis.rules import RULES, NodeEdit
+from graphprune.errors import GraphpruneError
+
+
+def param_indices(analysis: Analysis, masks: dict[str, np.ndarray]) -> dict[str, dict[int, np.ndarray]]:
+    """For each bound parameter and axis, the indices that survive."""
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for b in analysis.bindings:
+        m = masks[b.tensor]
+        m = m[: len(m) // b.divisor]
+        idx = np.nonzero(m)[0]
+        prev = out.setdefault(b.param, {}).get(b.axis)
+        if prev is not None and not np.array_equal(prev, idx):
+            raise GraphpruneError(f"internal error: inconsistent slicing of '{b.param}' axis {b.axis}")
+        out[b.param][b.axis] = idx
+    return out
+
+
+def node_edits(analysis: Analysis, masks: dict[str, np.ndarray]) -> dict[int, NodeEdit]:
+    """Per node index: the fixes its rule asks for (group counts, reshape targets, split sizes)."""
+    edits = {}
+    for i, node in enumerate(analysis.graph.nodes):
+        entry = RULES.get(node.op_type)
+        if entry is None or entry.fix is None or node.name in analysis.ctx.frozen_nodes:
+            continue
+        edit = entry.fix(analysis.ctx, node, masks)
+        if edit is not None:
+            edits[i] = edit
+    return edits
+
+
+def _apply_edit(model: onnx.ModelProto, node: onnx.NodeProto, edit: NodeEdit, tag: str) -> None:
+    for name in edit.drop_attrs:
+        for k, a in enumerate(node.attribute):
+            if a.name == name:
+                del node.attribute[k]
+                break
+    for name, value in edit.attrs.items():
+        for k, a in enumerate(node.attribute):
+            if a.name == name:
+                del node.attribute[k]
+                break
+        node.attribute.append(helper.make_attribute(name, value))
+    for idx, value in edit.inputs.items():
+        new_name = f"{node.input[idx] if idx < len(node.input) and node.input[idx] else 'operand'}__gp_{tag}_{idx}"
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), new_name))
+        while len(node.input) <= idx:
+            node.input.append("")
+        node.input[idx] = new_name
+
+
+def rewrite_onnx(proto: onnx.ModelProto, analysis: Analysis, removed: frozenset[int] | set[int]) -> onnx.ModelProto:
+    """A new ModelProto with the removed classes' channels gone; `proto` is left untouched."""
+    model = copy.deepcopy(proto)
+    masks = analysis.keep_masks(removed)
+    slices = param_indices(analysis, masks)
+    for k, init in enumerate(model.graph.initializer):
+        axes = slices.get(init.name)
+        if not axes:
+            continue
+        arr = numpy_helper.to_array(init)
+        for axis, idx in axes.items():
+            if len(idx) != arr.shape[axis]:
+                arr = np.take(arr, idx, axis=axis)
+        if arr.shape != tuple(init.dims):
+            model.graph.initializer[k].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), init.name))
+    for i, edit in node_edits(analysis, masks).items():
+        _apply_edit(model, model.graph.node[i], edit, str(i))
+    # stale intermediate shapes would contradict the new channel counts; inference re-derives them
+    del model.graph.value_info[:]
+    return model

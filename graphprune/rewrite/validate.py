@@ -1,0 +1,56 @@
+"""Validate a rewritten model before anything is written: checker, shape inference, onnxruntime."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, shape_inference
+
+from graphprune.errors import GraphpruneError
+from graphprune.ir.graph import Graph
+
+
+def random_feed(proto: onnx.ModelProto, graph: Graph, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs shaped as analysed (dynamic batch pinned to 1), deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for inp in proto.graph.input:
+        shape = graph.shape(inp.name)
+        if shape is None:
+            raise GraphpruneError(f"cannot build a test input for '{inp.name}': unknown shape")
+        np_type = helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+        if np.issubdtype(np_type, np.floating):
+            feed[inp.name] = rng.standard_normal(shape).astype(np_type)
+        else:
+            feed[inp.name] = rng.integers(0, 2, size=shape).astype(np_type)
+    return feed
+
+
+def run_onnx(proto: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int = 0) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, feed)
+
+
+def validate(model: onnx.ModelProto, feed: dict[str, np.ndarray], expected_shapes: list[tuple[int, ...]]) -> onnx.ModelProto:
+    """Return the shape-inferred model, or raise GraphpruneError saying which check failed."""
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise GraphpruneError(f"pruned model failed the ONNX checker: {str(exc).splitlines()[0][:200]}") from None
+    try:
+        inferred = shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        raise GraphpruneError(f"pruned model failed shape inference: {str(exc).splitlines()[0][:200]}") from None
+    try:
+        outputs = run_onnx(model, feed)
+    except Exception as exc:
+        raise GraphpruneError(f"pruned model failed to run in onnxruntime: {str(exc).splitlines()[0][:200]}") from None
+    got = [tuple(o.shape) for o in outputs]
+    if got != [tuple(s) for s in expected_shapes]:
+        raise GraphpruneError(f"pruned model output shapes {got} differ from the original {expected_shapes}")
+    return inferred

@@ -1,0 +1,205 @@
+"""Allocation: turn class scores into a set of removed classes that meets a cost target.
+
+Global: remove the globally least important chunk (round_to classes of one group) until the
+cost is at or under target. Uniform: every group keeps the same fraction, found by bisection,
+then topped up with global chunks so the target is met as tightly as the global strategy.
+"""
+from __future__ import annotations
+
+import fnmatch
+import heapq
+from dataclasses import dataclass, field
+from math import prod
+
+from graphprune.analysis.groups import Analysis
+from graphprune.errors import GraphpruneError
+
+
+@dataclass
+class Plan:
+    removed: frozenset[int]
+    kind: str
+    target: float
+    base_cost: float
+    cost: float
+    kept: dict[int, tuple[int, int]] = field(default_factory=dict)  # group id -> (kept, total)
+
+    @property
+    def achieved(self) -> float:
+        return self.cost / self.base_cost if self.base_cost else 1.0
+
+
+class IncrementalCost:
+    """Cost of the model as classes are removed, updating only the terms a class touches."""
+
+    def __init__(self, analysis: Analysis, kind: str) -> None:
+        self.analysis = analysis
+        terms = analysis.cost_terms(kind)
+        self.size = {t: len(r) for t, r in analysis.roots.items()}
+        self.kept = dict(self.size)
+        self.bases = [b for b, _ in terms]
+        self.tensors = [ts for _, ts in terms]
+        self.terms_of: dict[str, list[int]] = {}
+        for i, ts in enumerate(self.tensors):
+            for t in ts:
+                self.terms_of.setdefault(t, []).append(i)
+        self.values = list(self.bases)
+        self.base_total = float(sum(self.bases))
+        self.total = self.base_total
+
+    def _update(self, cls: int, sign: int) -> None:
+        touched: set[int] = set()
+        for t, c in self.analysis.class_touches[cls]:
+            self.kept[t] -= sign * c
+            touched.update(self.terms_of.get(t, ()))
+        for i in touched:
+            v = self.bases[i] * prod(self.kept[t] / self.size[t] for t in self.tensors[i])
+            self.total += v - self.values[i]
+            self.values[i] = v
+
+    def remove(self, cls: int) -> None:
+        self._update(cls, 1)
+
+    def restore(self, cls: int) -> None:
+        self._update(cls, -1)
+
+
+def ignored_classes(analysis: Analysis, patterns: list[str] | tuple[str, ...]) -> set[int]:
+    """Classes touching any node or parameter whose name matches one of the glob patterns."""
+    if not patterns:
+        return set()
+    hit_tensors = set()
+    for node in analysis.graph.nodes:
+        if any(fnmatch.fnmatch(node.name, p) or p == node.name for p in patterns):
+            hit_tensors.update(t for t in node.inputs + node.outputs if t in analysis.roots)
+    for b in analysis.bindings:
+        if any(fnmatch.fnmatch(b.param, p) for p in patterns):
+            hit_tensors.add(b.tensor)
+    out: set[int] = set()
+    for t in hit_tensors:
+        out.update(analysis.roots[t].tolist())
+    return out
+
+
+def _chunks(analysis: Analysis, scores: dict[int, float], protected: set[int], round_to: int,
+            normalize: bool) -> dict[int, list[list[int]]]:
+    """Per group: removable classes, least important first, cut into round_to-sized chunks."""
+    out: dict[int, list[list[int]]] = {}
+    for g in analysis.groups:
+        free = [r for r in g.classes if not analysis.is_frozen(r) and r not in protected]
+        if not free:
+            continue
+        n_fixed = g.size - len(free)
+        min_keep = max(1, round_to) if n_fixed == 0 else 0
+        ordered = sorted(free, key=lambda r: (scores.get(r, 0.0), r))
+        removable = len(free) - max(0, min_keep - n_fixed)
+        if removable <= 0:
+            continue
+        chunks = []
+        first = g.size % round_to if round_to > 1 else 1
+        pos = 0
+        size = first or round_to
+        while pos + size <= removable:
+            chunks.append(ordered[pos:pos + size])
+            pos += size
+            size = round_to if round_to > 1 else 1
+        if chunks:
+            out[g.id] = chunks
+    if normalize:
+        for gid, chunks in out.items():
+            vals = [scores.get(r, 0.0) for c in chunks for r in c]
+            mean = sum(vals) / len(vals) if vals else 1.0
+            if mean > 0:
+                for c in chunks:
+                    for r in c:
+                        scores[r] = scores.get(r, 0.0) / mean
+    return out
+
+
+def _plan(analysis: Analysis, cost: IncrementalCost, removed: set[int], kind: str, target: float) -> Plan:
+    kept = {}
+    for g in analysis.groups:
+        n = sum(1 for r in g.classes if r not in removed)
+        kept[g.id] = (n, g.size)
+    return Plan(frozenset(removed), kind, target, cost.base_total, cost.total, kept)
+
+
+def allocate(
+    analysis: Analysis,
+    scores: dict[int, float],
+    *,
+    target: float,
+    kind: str = "macs",
+    strategy: str = "global",
+    round_to: int = 1,
+    protected: set[int] | None = None,
+) -> Plan:
+    """Pick classes to remove so that cost(kind) <= target * original cost, as tightly as possible."""
+    if not 0 < target <= 1:
+        raise GraphpruneError(f"target must be a fraction in (0, 1], got {target}")
+    if round_to < 1:
+        raise GraphpruneError(f"--round-to must be >= 1, got {round_to}")
+    scores = dict(scores)
+    chunks = _chunks(analysis, scores, protected or set(), round_to, normalize=True)
+    cost = IncrementalCost(analysis, kind)
+    goal = target * cost.base_total
+    removed: set[int] = set()
+    if cost.total <= goal:
+        return _plan(analysis, cost, removed, kind, target)
+    if not chunks:
+        raise GraphpruneError("no prunable channel groups: every channel is frozen, protected or ignored")
+    next_chunk = {gid: 0 for gid in chunks}
+    if strategy == "uniform":
+        _uniform(analysis, chunks, cost, goal, removed, next_chunk)
+    elif strategy != "global":
+        raise GraphpruneError(f"unknown strategy {strategy!r} (use global or uniform)")
+    heap = [
+        (sum(scores.get(r, 0.0) for r in chunks[gid][i]) / len(chunks[gid][i]), gid, i)
+        for gid, i in next_chunk.items() if i < len(chunks[gid])
+    ]
+    heapq.heapify(heap)
+    while cost.total > goal and heap:
+        _, gid, i = heapq.heappop(heap)
+        for r in chunks[gid][i]:
+            cost.remove(r)
+            removed.add(r)
+        if i + 1 < len(chunks[gid]):
+            c = chunks[gid][i + 1]
+            heapq.heappush(heap, (sum(scores.get(r, 0.0) for r in c) / len(c), gid, i + 1))
+    if cost.total > goal * (1 + 1e-9):
+        raise GraphpruneError(
+            f"target {kind} {target:g} is not reachable: removing every prunable channel leaves "
+            f"{cost.total / cost.base_total:.3f} of the original"
+        )
+    return _plan(analysis, cost, removed, kind, target)
+
+
+def _uniform(analysis: Analysis, chunks: dict[int, list[list[int]]], cost: IncrementalCost, goal: float,
+             removed: set[int], next_chunk: dict[int, int]) -> None:
+    """Bisect the common kept fraction; leave the state just above the goal for global top-up."""
+
+    def apply(frac: float) -> None:
+        for r in list(removed):
+            cost.restore(r)
+        removed.clear()
+        for gid, cs in chunks.items():
+            total = analysis.groups[gid].size
+            want = int(round((1 - frac) * total))
+            n, i = 0, 0
+            while i < len(cs) and n + len(cs[i]) <= want:
+                for r in cs[i]:
+                    cost.remove(r)
+                    removed.add(r)
+                n += len(cs[i])
+                i += 1
+            next_chunk[gid] = i
+
+    lo, hi = 0.0, 1.0  # kept fraction: lo meets the goal (or is the floor), hi does not
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        apply(mid)
+        if cost.total <= goal:
+            lo = mid
+        else:
+            hi = mid
+    apply(hi)
