@@ -18,7 +18,7 @@ Scores = dict[int, float]
 
 
 def _slices(analysis: Analysis, param: str, axis: int) -> np.ndarray:
-    w = np.asarray(analysis.graph.constants[param], dtype=np.float64)
+    w = np.asarray(analysis.graph.constants[param], dtype=np.float32)
     return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
 
 
@@ -46,8 +46,10 @@ def _aggregate(analysis: Analysis, per_binding: Callable[[np.ndarray], np.ndarra
 def _with_fallback(analysis: Analysis, fn: Callable[[np.ndarray], np.ndarray]) -> Scores:
     """Score from the producing filters; classes with none (e.g. fed by a frozen op) use consumers."""
     scores = _aggregate(analysis, fn, ("out",))
-    for r, v in _aggregate(analysis, fn, ("in",)).items():
-        scores.setdefault(r, v)
+    missing = any(r not in scores for g in analysis.prunable_groups for r in g.classes)
+    if missing:
+        for r, v in _aggregate(analysis, fn, ("in",)).items():
+            scores.setdefault(r, v)
     return scores
 
 

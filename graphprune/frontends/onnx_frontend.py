@@ -186,18 +186,20 @@ def _check_structure(model: onnx.ModelProto) -> None:
         graph.node.extend(ordered)
 
 
-def pin_input_shapes(model: onnx.ModelProto, input_shape: dict[str, tuple[int, ...]] | None) -> onnx.ModelProto:
+def pin_input_shapes(model: onnx.ModelProto, input_shape: dict[str, tuple[int, ...]] | None,
+                     n_inputs: int | None = None) -> onnx.ModelProto:
     """Return a copy whose graph inputs have static dims: symbolic batch -> 1, others from input_shape.
 
     Only used for analysis: the written model keeps its original (dynamic) input signature.
     """
     pinned = copy.deepcopy(model)
-    for inp in pinned.graph.input:
+    real_inputs = list(pinned.graph.input)[:n_inputs] if n_inputs is not None else list(pinned.graph.input)
+    for inp in real_inputs:
         ttype = inp.type.tensor_type
         if not ttype.HasField("shape"):
             raise GraphpruneError(f"input '{inp.name}' has no shape; pass --input-shape")
         override = (input_shape or {}).get(inp.name)
-        if override is None and input_shape and len(input_shape) == 1 and len(pinned.graph.input) == 1:
+        if override is None and input_shape and len(input_shape) == 1 and len(real_inputs) == 1:
             override = next(iter(input_shape.values()))
         dims = ttype.shape.dim
         if override is not None:
@@ -244,10 +246,13 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         raise GraphpruneError(f"ONNX shape inference failed: {str(exc).splitlines()[0][:200]}") from None
 
 
-def to_ir(model: onnx.ModelProto) -> Graph:
-    """Lower a shape-inferred, normalised ModelProto into the IR."""
+def to_ir(model: onnx.ModelProto, n_inputs: int | None = None,
+          moved: dict[str, onnx.TensorProto] | None = None) -> Graph:
+    """Lower a shape-inferred, normalised ModelProto (or its skeleton plus the moved weights) into the IR."""
     g = model.graph
     constants = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    for name, t in (moved or {}).items():
+        constants[name] = numpy_helper.to_array(t)
     shapes: dict[str, tuple[int, ...]] = {}
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         s = _shape_of(vi)
@@ -266,10 +271,45 @@ def to_ir(model: onnx.ModelProto) -> Graph:
         nodes=nodes,
         shapes=shapes,
         constants=constants,
-        inputs=[i.name for i in g.input],
+        inputs=[i.name for i in g.input][:n_inputs] if n_inputs is not None else [i.name for i in g.input],
         outputs=[o.name for o in g.output],
         name=g.name or "graph",
     )
+
+
+def skeleton(model: onnx.ModelProto, limit: int = 4096) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A weightless copy for checker and shape inference (serialising 500 MB of weights costs seconds).
+
+    Large initializers become graph inputs of the same type and shape; small ones (shape
+    constants, which inference needs by value) stay. Returns the copy and the moved arrays.
+    """
+    light = onnx.ModelProto()
+    graph = model.graph
+    moved: dict[str, onnx.TensorProto] = {}
+    kept_inits = []
+    for t in graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        if n > limit:
+            moved[t.name] = t
+        else:
+            kept_inits.append(t)
+    # build the light model field by field so the big tensors are never copied
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.producer_name = model.producer_name
+    light.functions.extend(model.functions)
+    g = light.graph
+    g.name = graph.name
+    g.node.extend(graph.node)
+    g.input.extend(graph.input)
+    g.output.extend(graph.output)
+    g.value_info.extend(graph.value_info)
+    g.initializer.extend(kept_inits)
+    for name, t in moved.items():
+        g.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+    return light, {name: t for name, t in moved.items()}
 
 
 def load_onnx(
@@ -277,8 +317,9 @@ def load_onnx(
 ) -> LoadedModel:
     """Load, validate and lower an ONNX model. Raises GraphpruneError with one line on bad input."""
     model, path = read_model(source)
+    light, _ = skeleton(model)
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(light)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "invalid model"
         raise GraphpruneError(f"ONNX checker rejected the model: {first}") from None
@@ -286,7 +327,9 @@ def load_onnx(
         raise GraphpruneError(f"ONNX checker rejected the model: {type(exc).__name__}") from None
     model = normalize(model)
     _check_structure(model)
-    analysed = infer_shapes(pin_input_shapes(model, input_shape))
-    graph = to_ir(analysed)
+    light, moved = skeleton(model)
+    n_real = len(model.graph.input)
+    analysed = infer_shapes(pin_input_shapes(light, input_shape, n_inputs=n_real))
+    graph = to_ir(analysed, n_inputs=n_real, moved=moved)
     # the IR's node names must match the proto's, so the rewriter can find nodes by index
     return LoadedModel(proto=model, graph=graph, source=path)

@@ -37,13 +37,20 @@ def run_onnx(proto: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int =
 
 
 def validate(model: onnx.ModelProto, feed: dict[str, np.ndarray], expected_shapes: list[tuple[int, ...]]) -> onnx.ModelProto:
-    """Return the shape-inferred model, or raise GraphpruneError saying which check failed."""
+    """Return the shape-inferred skeleton, or raise GraphpruneError saying which check failed.
+
+    Checker and shape inference run on a weightless skeleton (weights become typed inputs), which
+    checks the same structure without serialising every weight twice.
+    """
+    from graphprune.frontends.onnx_frontend import skeleton
+
+    light, _ = skeleton(model)
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(light)
     except Exception as exc:
         raise GraphpruneError(f"pruned model failed the ONNX checker: {str(exc).splitlines()[0][:200]}") from None
     try:
-        inferred = shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        inferred = shape_inference.infer_shapes(light, check_type=True, strict_mode=True, data_prop=True)
     except Exception as exc:
         raise GraphpruneError(f"pruned model failed shape inference: {str(exc).splitlines()[0][:200]}") from None
     try:
