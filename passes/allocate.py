@@ -133,8 +133,13 @@ def allocate(
     strategy: str = "global",
     round_to: int = 1,
     protected: set[int] | None = None,
+    tolerance: float = 0.002,
 ) -> Plan:
-    """Pick classes to remove so that cost(kind) <= target * original cost, as tightly as possible."""
+    """Pick classes to remove so that cost(kind) <= target * original cost, as tightly as possible.
+
+    A chunk whose removal would undershoot the target by more than `tolerance` (fraction of the
+    original cost) is set aside while smaller chunks can still close the gap.
+    """
     if not 0 < target <= 1:
         raise GraphpruneError(f"target must be a fraction in (0, 1], got {target}")
     if round_to < 1:
@@ -158,20 +163,61 @@ def allocate(
         for gid, i in next_chunk.items() if i < len(chunks[gid])
     ]
     heapq.heapify(heap)
-    while cost.total > goal and heap:
-        _, gid, i = heapq.heappop(heap)
+    taken: list[tuple[float, int, int]] = []
+    too_big: list[tuple[float, float, int, int]] = []  # (overshoot, score, gid, i)
+    slack = tolerance * cost.base_total
+    while cost.total > goal:
+        if not heap:
+            if not too_big:
+                break
+            # nothing small enough is left: take the chunk that overshoots least
+            _, score, gid, i = min(too_big)
+            too_big.clear()
+        else:
+            score, gid, i = heapq.heappop(heap)
         for r in chunks[gid][i]:
             cost.remove(r)
-            removed.add(r)
+        if cost.total < goal - slack and heap:
+            # this chunk would overshoot the target by more than the tolerance: set it aside
+            too_big.append((goal - cost.total, score, gid, i))
+            for r in chunks[gid][i]:
+                cost.restore(r)
+            continue
+        removed.update(chunks[gid][i])
+        taken.append((score, gid, i))
         if i + 1 < len(chunks[gid]):
             c = chunks[gid][i + 1]
             heapq.heappush(heap, (sum(scores.get(r, 0.0) for r in c) / len(c), gid, i + 1))
+    _fill_back(chunks, taken, cost, goal, removed, round_to)
     if cost.total > goal * (1 + 1e-9):
         raise GraphpruneError(
             f"target {kind} {target:g} is not reachable: removing every prunable channel leaves "
             f"{cost.total / cost.base_total:.3f} of the original"
         )
     return _plan(analysis, cost, removed, kind, target)
+
+
+def _fill_back(chunks: dict[int, list[list[int]]], taken: list[tuple[float, int, int]], cost: IncrementalCost,
+               goal: float, removed: set[int], round_to: int) -> None:
+    """The last chunk can overshoot the target; give back the most important chunks that still fit."""
+    last: dict[int, int] = {}
+    for gid, cs in chunks.items():
+        n = sum(1 for c in cs if c[0] in removed)
+        if n:
+            last[gid] = n - 1
+    for _, gid, i in sorted(taken, reverse=True):
+        # only a group's last removed chunk may come back: within a group removal stays in score order
+        if last.get(gid) != i or (i == 0 and round_to > 1 and len(chunks[gid][0]) != round_to):
+            continue  # (the remainder chunk is what keeps the group a multiple of round_to)
+        chunk = chunks[gid][i]
+        for r in chunk:
+            cost.restore(r)
+        if cost.total <= goal:
+            removed.difference_update(chunk)
+            last[gid] = i - 1
+        else:
+            for r in chunk:
+                cost.remove(r)
 
 
 def _uniform(analysis: Analysis, chunks: dict[int, list[list[int]]], cost: IncrementalCost, goal: float,

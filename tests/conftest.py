@@ -1,0 +1,16 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture(scope="session")
+def zoo_dir(tmp_path_factory):
+    """Exported ONNX models, shared by the tests of one session (GRAPHPRUNE_ZOO_DIR to reuse across runs)."""
+    d = os.environ.get("GRAPHPRUNE_ZOO_DIR")
+    if d:
+        os.makedirs(d, exist_ok=True)
+        return d
+    return str(tmp_path_factory.mktemp("zoo"))
