@@ -1,0 +1,41 @@
+"""Every torchvision classification model prunes to 40% FLOPs through the ONNX path and still runs.
+
+The heaviest (by memory/time on a 2-core CI machine) are marked slow; `pytest -m slow` runs them,
+and benchmarks/prune_zoo.py reports all 80.
+"""
+import numpy as np
+import pytest
+
+torchvision = pytest.importorskip("torchvision")
+
+import graphprune
+from graphprune.frontends.onnx_frontend import load_onnx
+from graphprune.rewrite.validate import random_feed, run_onnx
+from zoo import HEAVY, TRANSFORMERS, export
+
+ALL = torchvision.models.list_models(module=torchvision.models)
+
+
+def test_zoo_is_complete():
+    assert len(ALL) == 80
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in ALL]
+)
+def test_prunes_to_40_percent_and_runs(name, zoo_dir):
+    path = export(name, zoo_dir)
+    result = graphprune.prune(path, target_flops=0.4)
+    report = result.report
+    assert report["macs"]["ratio"] <= 0.4 + 1e-9
+    assert abs(report["achieved"] - 0.4) <= 0.005, report["achieved"]
+    assert report["params"]["after"] < report["params"]["before"]
+    if name not in TRANSFORMERS:
+        # convnets: most of the compute must be prunable, not frozen
+        assert report["channels"]["prunable_groups"] >= 0.3 * report["channels"]["groups"]
+    loaded = load_onnx(path)
+    feed = random_feed(loaded.proto, loaded.graph, seed=3)
+    original = run_onnx(loaded.proto, feed)[0]
+    pruned = run_onnx(result.model, feed)[0]
+    assert pruned.shape == original.shape
+    assert np.isfinite(pruned).all()
