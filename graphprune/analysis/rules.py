@@ -158,6 +158,31 @@ def along_axis(attr_default: int) -> Rule:
     return rule
 
 
+def normalization(ctx: Ctx, node: Node) -> None:
+    """LayerNorm/GroupNorm: statistics over the channel axis tie every channel to every other.
+
+    Removing a channel changes the mean/variance the others see, so the result would no longer
+    equal consumer-side masking: such channels are frozen. Normalising other axes only is fine.
+    """
+    x = node.inputs[0]
+    sp = ctx.space(x)
+    if sp is None:
+        return
+    if sp.axis is None:
+        raise Unresolved("normalisation of a reshaped layout")
+    r = ctx.rank(x)
+    if node.op_type == "GroupNormalization":
+        normalized = set(range(1, r))
+    else:
+        normalized = set(range(int(node.attrs.get("axis", -1)) % r, r))
+    if sp.axis in normalized and ctx.shape(x)[sp.axis] > 1:
+        raise Unresolved(f"{node.op_type} normalises across channels (pruning would change its statistics)")
+    passthrough(ctx, node)
+    for p in node.inputs[1:]:
+        if p and ctx.is_const(p) and ctx.const(p).size > 1:
+            raise Unresolved("per-element affine parameters over a non-channel axis")
+
+
 def reduce(ctx: Ctx, node: Node) -> None:
     x = node.inputs[0]
     sp = ctx.space(x)
@@ -544,6 +569,8 @@ _ANALYZE: dict[str, Rule] = {
         "GlobalLpPool", "Resize", "Upsample",
     ]},
     "Pad": pad,
+    "LayerNormalization": normalization,
+    "GroupNormalization": normalization,
     "Softmax": along_axis(-1),
     "LogSoftmax": along_axis(-1),
     "Hardmax": along_axis(-1),

@@ -312,6 +312,38 @@ def skeleton(model: onnx.ModelProto, limit: int = 4096) -> tuple[onnx.ModelProto
     return light, {name: t for name, t in moved.items()}
 
 
+def probe_shapes(model: onnx.ModelProto, pinned: onnx.ModelProto, known: set[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes ONNX inference could not derive (data-dependent pads, computed reshapes), read off one
+    onnxruntime run. Best effort: models ORT cannot run (custom ops) keep those tensors unknown."""
+    missing = [o for n in model.graph.node for o in n.output if o and o not in known]
+    if not missing:
+        return {}
+    try:
+        import onnxruntime as ort
+
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        del probe.graph.input[:]
+        probe.graph.input.extend(pinned.graph.input[: len(model.graph.input)])
+        for name in missing:
+            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(0)
+        feed = {}
+        for inp in probe.graph.input:
+            dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+            dtype = helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+            feed[inp.name] = (rng.standard_normal(dims) if np.issubdtype(dtype, np.floating)
+                              else np.zeros(dims)).astype(dtype)
+        values = sess.run(missing, feed)
+    except Exception:
+        return {}
+    return {name: tuple(int(d) for d in np.shape(v)) for name, v in zip(missing, values)}
+
+
 def load_onnx(
     source: str | os.PathLike | onnx.ModelProto, input_shape: dict[str, tuple[int, ...]] | None = None
 ) -> LoadedModel:
@@ -329,7 +361,10 @@ def load_onnx(
     _check_structure(model)
     light, moved = skeleton(model)
     n_real = len(model.graph.input)
-    analysed = infer_shapes(pin_input_shapes(light, input_shape, n_inputs=n_real))
+    pinned = pin_input_shapes(light, input_shape, n_inputs=n_real)
+    analysed = infer_shapes(pinned)
     graph = to_ir(analysed, n_inputs=n_real, moved=moved)
+    for name, shape in probe_shapes(model, pinned, set(graph.shapes)).items():
+        graph.shapes.setdefault(name, shape)
     # the IR's node names must match the proto's, so the rewriter can find nodes by index
     return LoadedModel(proto=model, graph=graph, source=path)
