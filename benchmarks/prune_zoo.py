@@ -1,0 +1,155 @@
+"""Per-model table over the torchvision zoo (ONNX path) and resnet50 onnxruntime latency at 40% FLOPs.
+
+    python benchmarks/prune_zoo.py                      # all 80 models + latency
+    python benchmarks/prune_zoo.py --models resnet50 densenet121 --runs 30
+    python benchmarks/prune_zoo.py --latency-only
+
+Columns: coverage (share of the model's MACs in layers that a prunable group can shrink), time to
+analyse and time for the whole prune (load + analyse + score + allocate + rewrite + validate),
+FLOPs error |achieved - target|. Latency: onnxruntime, one thread, median of N runs after warm-up,
+original and pruned measured side by side in one process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+import graphprune  # noqa: E402
+from graphprune.rewrite.validate import random_feed  # noqa: E402
+
+
+def coverage(analysis) -> float:
+    prunable_tensors = {t for g in analysis.prunable_groups for t in g.tensors}
+    total = sum(m.base for m in analysis.mac_terms) or 1.0
+    return sum(m.base for m in analysis.mac_terms if prunable_tensors.intersection(m.tensors)) / total
+
+
+def ort_latency(model_bytes: bytes, feed: dict, runs: int, threads: int = 1) -> list[float]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    for _ in range(3):
+        sess.run(None, feed)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - t) * 1000)
+    return times
+
+
+def zoo_rows(models: list[str], directory: str, target: float) -> list[dict]:
+    from zoo import export
+
+    rows = []
+    for name in models:
+        row: dict = {"model": name}
+        try:
+            path = export(name, directory)
+            t = time.perf_counter()
+            analysis = graphprune.analyze(path)
+            row["analyze_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            result = graphprune.prune(path, target_flops=target)
+            row["prune_s"] = time.perf_counter() - t
+            row["coverage"] = coverage(analysis)
+            row["gmacs"] = result.report["macs"]["before"] / 1e9
+            row["achieved"] = result.report["achieved"]
+            row["flops_error"] = abs(result.report["achieved"] - target)
+            row["groups"] = result.report["channels"]["groups"]
+            row["prunable_groups"] = result.report["channels"]["prunable_groups"]
+            row["ok"] = True
+        except Exception as exc:  # report, keep going
+            row["ok"] = False
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def latency_rows(name: str, directory: str, target: float, runs: int) -> dict:
+    from zoo import export
+
+    path = export(name, directory)
+    result = graphprune.prune(path, target_flops=target)
+    feed = random_feed(onnx.load(path), result.analysis.graph, seed=0)
+    with open(path, "rb") as fh:
+        original = fh.read()
+    slim = result.model.SerializeToString()
+    # interleave original/pruned rounds so machine noise hits both alike
+    a, b = [], []
+    for _ in range(max(1, runs // 10)):
+        a += ort_latency(original, feed, 10)
+        b += ort_latency(slim, feed, 10)
+    med_a, med_b = statistics.median(a), statistics.median(b)
+    return {
+        "model": name, "runs": len(a), "threads": 1,
+        "original_ms": med_a, "pruned_ms": med_b,
+        "original_p90_ms": float(np.percentile(a, 90)), "pruned_p90_ms": float(np.percentile(b, 90)),
+        "speedup": med_a / med_b, "flops_ratio": result.report["macs"]["ratio"],
+        "flops_speedup": 1 / result.report["macs"]["ratio"],
+    }
+
+
+def main() -> None:
+    import torchvision
+    from rich.console import Console
+    from rich.table import Table
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="*", default=None)
+    p.add_argument("--target", type=float, default=0.4)
+    p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--latency-models", nargs="*", default=["resnet50"])
+    p.add_argument("--latency-only", action="store_true")
+    p.add_argument("--zoo-dir", default=os.environ.get("GRAPHPRUNE_ZOO_DIR") or os.path.join(tempfile.gettempdir(), "graphprune-zoo"))
+    p.add_argument("--json", default="benchmarks/results/prune_zoo.json")
+    args = p.parse_args()
+    os.makedirs(args.zoo_dir, exist_ok=True)
+    console = Console(width=160)
+    out: dict = {}
+    if not args.latency_only:
+        models = args.models or torchvision.models.list_models(module=torchvision.models)
+        rows = zoo_rows(models, args.zoo_dir, args.target)
+        out["zoo"] = rows
+        table = Table(title=f"ONNX path, target {args.target:.0%} FLOPs")
+        for c in ("model", "GMACs", "coverage", "groups (prunable)", "analyse s", "prune s", "achieved", "FLOPs err"):
+            table.add_column(c, justify="left" if c == "model" else "right")
+        for r in rows:
+            if not r["ok"]:
+                table.add_row(r["model"], "-", "-", "-", "-", "-", "FAILED", r["error"][:40])
+                continue
+            table.add_row(r["model"], f"{r['gmacs']:.2f}", f"{r['coverage']:.0%}", f"{r['groups']} ({r['prunable_groups']})",
+                          f"{r['analyze_s']:.2f}", f"{r['prune_s']:.2f}", f"{r['achieved']:.4f}", f"{r['flops_error']:.3%}")
+        console.print(table)
+        ok = [r for r in rows if r["ok"]]
+        console.print(f"{len(ok)}/{len(rows)} models pruned; max FLOPs error {max(r['flops_error'] for r in ok):.3%}")
+    lat = [latency_rows(m, args.zoo_dir, args.target, args.runs) for m in args.latency_models]
+    out["latency"] = lat
+    table = Table(title="onnxruntime latency, 1 thread, median")
+    for c in ("model", "runs", "original ms", "pruned ms", "speed-up", "FLOPs ratio", "1/FLOPs ratio"):
+        table.add_column(c, justify="right")
+    for r in lat:
+        table.add_row(r["model"], str(r["runs"]), f"{r['original_ms']:.2f}", f"{r['pruned_ms']:.2f}",
+                      f"{r['speedup']:.2f}x", f"{r['flops_ratio']:.3f}", f"{r['flops_speedup']:.2f}x")
+    console.print(table)
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as fh:
+        json.dump(out, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
