@@ -120,7 +120,7 @@ def prune(
         if kind == "latency":
             from graphprune.passes.latency_cost import latency_scores_and_kind
 
-            kind = latency_scores_and_kind(analysis, loaded)
+            kind = latency_scores_and_kind(analysis, loaded, progress=say)
         say(f"scoring channels ({method})")
         if scores is None:
             scores = score_classes(analysis, method, seed=seed, loaded=loaded, **method_options)
@@ -151,4 +151,12 @@ def prune(
 
     report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_to, times=times,
                           source=loaded.source)
+    if plan.kind == "latency":
+        from graphprune.passes.latency_cost import time_model
+
+        say("measuring pruned latency")
+        before = time_model(loaded.proto, feed, runs=20)
+        after = time_model(slim, feed, runs=20)
+        report["latency"] = {"backend": "onnxruntime", "threads": 1, "before_ms": before, "after_ms": after,
+                             "ratio": after / before, "predicted_ratio": plan.achieved}
     return PruneResult(slim, analysis, plan, report)

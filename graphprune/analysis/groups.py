@@ -37,6 +37,8 @@ class Analysis:
         self.ctx = ctx
         self.bindings: list[Binding] = ctx.bindings
         self.mac_terms: list[MacTerm] = ctx.macs
+        # further cost models (e.g. measured latency) registered by passes, same term form as MACs
+        self.extra_costs: dict[str, list[tuple[float, tuple[str, ...]]]] = {}
         uf = ctx.uf
         # roots per axis-form tensor; dense tensors are frozen by construction
         self.roots: dict[str, np.ndarray] = {}
@@ -103,6 +105,8 @@ class Analysis:
     # -- costs --------------------------------------------------------------------------------
     def cost_terms(self, kind: str) -> list[tuple[float, tuple[str, ...]]]:
         """Cost as a sum of base * prod(kept fraction of each tensor) terms."""
+        if kind in self.extra_costs:
+            return self.extra_costs[kind]
         if kind == "macs":
             return [(m.base, m.tensors) for m in self.mac_terms]
         if kind == "params":

@@ -79,6 +79,10 @@ def render_tables(report: dict[str, Any], console: Any, max_groups: int = 40) ->
     for key, label in (("macs", "MACs (FLOPs)"), ("params", "parameters")):
         d = report[key]
         summary.add_row(label, _human(d["before"]), _human(d["after"]), f"{d['ratio']:.2%}")
+    lat = report.get("latency")
+    if lat:
+        summary.add_row(f"latency ms ({lat['backend']})", f"{lat['before_ms']:.2f}", f"{lat['after_ms']:.2f}",
+                        f"{lat['ratio']:.2%}")
     console.print(summary)
     t = report["target"]
     console.print(

@@ -1,0 +1,169 @@
+"""Latency-aware cost model: per-layer latency measured on the backend, in the same term form as MACs.
+
+Each weighted op (Conv, ConvTranspose, Gemm, MatMul with a weight) is rebuilt as a one-node ONNX
+model at several channel fractions and timed with onnxruntime; a fit t = a + b * (kept-in *
+kept-out fraction) per layer turns it into cost terms (b scaled by the kept fractions, a fixed).
+Layer times are then scaled so they sum to the measured whole-model latency, which assumes the
+ops between them (activations, adds, pooling) shrink with the channels around them.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from graphprune.analysis.groups import Analysis
+from graphprune.frontends.onnx_frontend import LoadedModel
+from graphprune.ir.graph import Node
+
+FRACTIONS = (1.0, 0.625, 0.25)
+
+
+@dataclass
+class LayerLatency:
+    node: str
+    fixed_ms: float
+    scaled_ms: float
+    tensors: tuple[str, ...]
+
+
+def _session(model: onnx.ModelProto, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def time_model(model: onnx.ModelProto, feed: dict[str, np.ndarray], runs: int = 10, threads: int = 1) -> float:
+    """Median milliseconds of `runs` onnxruntime runs after warm-up."""
+    sess = _session(model, threads)
+    for _ in range(2):
+        sess.run(None, feed)
+    samples = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        samples.append((time.perf_counter() - t) * 1000)
+    return statistics.median(samples)
+
+
+def _single_op(analysis: Analysis, node: Node, fin: float, fout: float) -> tuple[onnx.ModelProto, dict] | None:
+    """The op alone, with its input channels scaled by fin and output channels by fout."""
+    g = analysis.graph
+    x, w = node.inputs[0], node.inputs[1]
+    xshape, W = g.shape(x), g.constants.get(w)
+    if xshape is None or W is None:
+        return None
+    rng = np.random.default_rng(0)
+    attrs = {k: v for k, v in node.attrs.items() if not isinstance(v, np.ndarray)}
+    if node.op_type == "Conv":
+        group = int(attrs.get("group", 1))
+        cin, cout = xshape[1], W.shape[0]
+        if group > 1 and W.shape[1] == 1:  # depthwise: in and out shrink together
+            ncin = max(1, round(cin * fout))
+            group, ncout = ncin, max(1, round(cout * fout))
+            ncout -= ncout % ncin if ncout >= ncin else 0
+            ncout = max(ncout, ncin)
+        else:
+            ncin = max(group, round(cin * fin / group) * group)
+            ncout = max(group, round(cout * fout / group) * group)
+        attrs["group"] = group
+        wshape = (ncout, ncin // group, *W.shape[2:])
+        xs = (xshape[0], ncin, *xshape[2:])
+    elif node.op_type == "ConvTranspose":
+        cin, cout = W.shape[0], W.shape[1]
+        ncin, ncout = max(1, round(cin * fin)), max(1, round(cout * fout))
+        wshape = (ncin, ncout, *W.shape[2:])
+        xs = (xshape[0], ncin, *xshape[2:])
+    elif node.op_type in ("Gemm", "MatMul"):
+        trans_b = int(attrs.get("transB", 0)) if node.op_type == "Gemm" else 0
+        k, n = (W.shape[1], W.shape[0]) if trans_b else (W.shape[0], W.shape[1])
+        nk, nn = max(1, round(k * fin)), max(1, round(n * fout))
+        wshape = (nn, nk) if trans_b else (nk, nn)
+        xs = (*xshape[:-1], nk)
+    else:
+        return None
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(xs))]
+    inits = [numpy_helper.from_array(rng.standard_normal(wshape).astype(np.float32), "w")]
+    node_inputs = ["x", "w"]
+    op = helper.make_node(node.op_type, node_inputs, ["y"], **attrs)
+    graph = helper.make_graph([op], "probe", inputs, [helper.make_empty_tensor_value_info("y")], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model, {"x": rng.standard_normal(xs).astype(np.float32)}
+
+
+def layer_latency_table(analysis: Analysis, runs: int = 8, threads: int = 1,
+                        progress: Callable[[str], None] | None = None) -> list[LayerLatency]:
+    """Measure and fit every weighted op that the MAC model knows about."""
+    rows = []
+    by_name = analysis.graph.node_by_name
+    terms = analysis.mac_terms
+    for i, term in enumerate(terms):
+        node = by_name[term.node]
+        if progress and i % 10 == 0:
+            progress(f"measuring layer latency {i + 1}/{len(terms)}")
+        in_t = node.inputs[0] in term.tensors
+        out_t = node.outputs[0] in term.tensors
+        xs, ys = [], []
+        for f in FRACTIONS:
+            built = _single_op(analysis, node, f if in_t else 1.0, f)
+            if built is None:
+                break
+            try:
+                ms = time_model(built[0], built[1], runs=runs, threads=threads)
+            except Exception:
+                break
+            xs.append((f if in_t else 1.0) * (f if out_t else 1.0))
+            ys.append(ms)
+        if len(xs) < 2:
+            rows.append(LayerLatency(term.node, 0.0, 0.0, term.tensors))
+            continue
+        b, a = np.polyfit(xs, ys, 1)
+        b = max(float(b), 0.0)
+        a = max(float(np.mean(ys) - b * np.mean(xs)), 0.0)
+        rows.append(LayerLatency(term.node, a, b, term.tensors))
+    return rows
+
+
+def latency_cost_terms(analysis: Analysis, loaded: LoadedModel, runs: int = 8, threads: int = 1,
+                       progress: Callable[[str], None] | None = None) -> tuple[list[tuple[float, tuple[str, ...]]], dict]:
+    """Cost terms in milliseconds whose full-model sum equals the measured model latency."""
+    from graphprune.rewrite.validate import random_feed
+
+    table = layer_latency_table(analysis, runs=runs, threads=threads, progress=progress)
+    if progress:
+        progress("measuring whole-model latency")
+    feed = random_feed(loaded.proto, loaded.graph, seed=0)
+    total_ms = time_model(loaded.proto, feed, runs=max(runs, 10), threads=threads)
+    layer_sum = sum(r.fixed_ms + r.scaled_ms for r in table)
+    scale = total_ms / layer_sum if layer_sum > 0 else 1.0
+    terms: list[tuple[float, tuple[str, ...]]] = []
+    for r in table:
+        if r.scaled_ms > 0:
+            terms.append((r.scaled_ms * scale, r.tensors))
+        if r.fixed_ms > 0:
+            terms.append((r.fixed_ms * scale, ()))
+    if not terms or not math.isfinite(total_ms):
+        terms = [(total_ms, ())]
+    info = {"measured_ms": total_ms, "layers_ms": layer_sum, "scale": scale, "layers": len(table),
+            "table": [{"node": r.node, "fixed_ms": r.fixed_ms, "scaled_ms": r.scaled_ms} for r in table]}
+    return terms, info
+
+
+def latency_scores_and_kind(analysis: Analysis, loaded: LoadedModel, runs: int = 8, threads: int = 1,
+                            progress: Callable[[str], None] | None = None) -> str:
+    """Register the measured latency cost model on `analysis` and return its cost kind."""
+    terms, info = latency_cost_terms(analysis, loaded, runs=runs, threads=threads, progress=progress)
+    analysis.extra_costs["latency"] = terms
+    analysis.latency_info = info  # type: ignore[attr-defined]
+    return "latency"
