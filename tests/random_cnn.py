@@ -86,6 +86,12 @@ class RandomCNN:
             self.tensors.append((self._op("Mul", [t, s])[0], c))
         elif kind == "pool":
             self.tensors.append((self._op("MaxPool", [t], kernel_shape=[3, 3], pads=[1, 1, 1, 1])[0], c))
+        elif kind == "shuffle" and c % 2 == 0 and c >= 4:
+            s = self.side
+            y = self._op("Reshape", [t, self._const(np.array([1, 2, c // 2, s, s], np.int64))])[0]
+            y = self._op("Transpose", [y], perm=[0, 2, 1, 3, 4])[0]
+            y = self._op("Reshape", [y, self._const(np.array([1, c, s, s], np.int64))])[0]
+            self.tensors.append((y, c))
         elif kind == "mulconst":
             scale = self._const((self.rng.uniform(0.5, 1.5, (c, 1, 1))).astype(np.float32))
             self.tensors.append((self._op("Mul", [t, scale])[0], c))
@@ -104,7 +110,7 @@ class RandomCNN:
         return model
 
 
-KINDS = ["conv", "depthwise", "grouped", "residual", "concat", "split", "slice", "se", "pool", "mulconst"]
+KINDS = ["conv", "depthwise", "grouped", "residual", "concat", "split", "slice", "se", "pool", "mulconst", "shuffle"]
 
 
 def random_cnn(seed: int, steps: list[str]) -> onnx.ModelProto:

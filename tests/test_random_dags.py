@@ -40,6 +40,6 @@ def test_generator_covers_every_structure():
     """Guard against a generator that silently stops emitting some op (the property would weaken)."""
     model = random_cnn(3, KINDS * 3)
     ops = {n.op_type for n in model.graph.node}
-    assert {"Conv", "Add", "Concat", "Split", "Slice", "Mul", "MaxPool", "BatchNormalization"} <= ops
+    assert {"Conv", "Add", "Concat", "Split", "Slice", "Mul", "MaxPool", "BatchNormalization", "Transpose"} <= ops
     groups = {dict((a.name, a.i) for a in n.attribute).get("group", 1) for n in model.graph.node if n.op_type == "Conv"}
     assert len(groups) > 1

@@ -47,6 +47,12 @@ class Ctx:
         self.bindings: list[Binding] = []
         self.macs: list[MacTerm] = []
         self.frozen_nodes: dict[str, str] = {}
+        # layout chains (e.g. channel shuffle: Reshape -> Transpose -> Reshape) that net out to a pure
+        # channel permutation: pending dense tensor -> (start tensor, chain nodes) while walking, and
+        # resolved end tensor -> (start tensor, chain nodes); rewriters replace those chains by a Gather
+        self.allow_permutes = True
+        self.chains: dict[str, tuple[str, list[str]]] = {}
+        self.permutes: dict[str, tuple[str, list[str]]] = {}
 
     # -- shapes -------------------------------------------------------------------------------
     def shape(self, tensor: str) -> tuple[int, ...]:

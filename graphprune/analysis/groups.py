@@ -46,8 +46,13 @@ class Analysis:
             if sp.axis is not None:
                 self.roots[t] = uf.roots(sp.ids)
         self.frozen_reason: dict[int, str] = {r: why for r, why in uf.frozen.items()}
+        # dense tensors inside a layout chain that nets out to a permutation are not frozen
+        by_name = graph.node_by_name
+        self.permute_internal = {
+            by_name[n].outputs[0] for _, nodes in ctx.permutes.values() for n in nodes[:-1]
+        }
         for t, sp in ctx.spaces.items():
-            if sp.axis is None:
+            if sp.axis is None and t not in self.permute_internal:
                 for r in np.unique(uf.roots(sp.ids.ravel())).tolist():
                     self.frozen_reason.setdefault(r, f"reshaped layout at '{t}'")
         # which tensors each class touches, and how many positions it has in each

@@ -465,12 +465,35 @@ def layout(ctx: Ctx, node: Node) -> None:
             raise Unresolved("element count changes")
         moved = labels.reshape(oshape)
     ctx.set_dense(out, moved)
+    start, nodes = ctx.chains.get(x, (x, []))
+    nodes = nodes + [node.name]
     if ctx.axis_of(out) is None:
-        ctx.freeze_tensor(out, f"channels spread over several axes by {node.op_type} '{node.name}'")
+        if ctx.allow_permutes and ctx.axis_of(start) is not None and len(ctx.graph.consumers(out)) == 1 \
+                and out not in ctx.graph.outputs:
+            ctx.chains[out] = (start, nodes)  # may still net out to a permutation further on
+        else:
+            ctx.freeze_tensor(out, f"channels spread over several axes by {node.op_type} '{node.name}'")
+        return
+    if x not in ctx.chains:
+        return
+    s_sp, e_sp = ctx.space(start), ctx.space(out)
+    if (s_sp.axis == e_sp.axis and ctx.shape(start) == ctx.shape(out)
+            and len(np.unique(s_sp.ids)) == len(s_sp.ids)
+            and np.array_equal(np.sort(s_sp.ids), np.sort(e_sp.ids))):
+        ctx.permutes[out] = (start, nodes)
+    else:
+        reason = f"layout chain ending at {node.op_type} '{node.name}' is not a channel permutation"
+        ctx.freeze_tensor(out, reason)
+        ctx.freeze_tensor(start, reason)
 
 
 def shape_reader(ctx: Ctx, node: Node) -> None:
-    """Shape/Size read channel counts as data: pruning would silently change them."""
+    """Shape/Size read channel counts as data: pruning would silently change them.
+
+    Unless the frontend folded this read into constant bounds that the rewriter rewrites.
+    """
+    if node.name in ctx.graph.folded_nodes:
+        return
     ctx.freeze_tensor(node.inputs[0], f"channel count read by {node.op_type} '{node.name}'")
 
 

@@ -14,6 +14,7 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from graphprune.errors import GraphpruneError
+from graphprune.frontends.fold import fold_bounds
 from graphprune.ir.graph import Graph, Node
 
 BATCH_DIM_NAMES = {"n", "N", "batch", "batch_size", "batchsize", "b", "B"}
@@ -366,5 +367,6 @@ def load_onnx(
     graph = to_ir(analysed, n_inputs=n_real, moved=moved)
     for name, shape in probe_shapes(model, pinned, set(graph.shapes)).items():
         graph.shapes.setdefault(name, shape)
+    fold_bounds(graph)
     # the IR's node names must match the proto's, so the rewriter can find nodes by index
     return LoadedModel(proto=model, graph=graph, source=path)

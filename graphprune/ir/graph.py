@@ -29,6 +29,8 @@ class Graph:
     inputs: list[str]
     outputs: list[str]
     name: str = "graph"
+    # nodes whose values were folded into constants for analysis (e.g. Shape chains computing bounds)
+    folded_nodes: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.reindex()

@@ -59,6 +59,35 @@ def _apply_edit(model: onnx.ModelProto, node: onnx.NodeProto, edit: NodeEdit, ta
         node.input[idx] = new_name
 
 
+def permutation_indices(analysis: Analysis, start: str, end: str, masks: dict[str, np.ndarray]) -> np.ndarray:
+    """Gather indices into the pruned `start` tensor that produce the pruned `end` tensor."""
+    s_ids = analysis.ctx.spaces[start].ids
+    e_ids = analysis.ctx.spaces[end].ids
+    position = {int(e): k for k, e in enumerate(s_ids.tolist())}
+    new_pos = np.cumsum(masks[start]) - 1
+    return np.array([new_pos[position[int(e)]] for e, keep in zip(e_ids.tolist(), masks[end]) if keep], dtype=np.int64)
+
+
+def _replace_permute_chains(model: onnx.ModelProto, analysis: Analysis, masks: dict[str, np.ndarray]) -> None:
+    """A pruned channel shuffle can no longer be spelled as reshape/transpose: emit a Gather instead."""
+    index = {n.name: i for i, n in enumerate(analysis.graph.nodes)}
+    drop: set[int] = set()
+    for end, (start, nodes) in analysis.ctx.permutes.items():
+        if masks[start].all():
+            continue
+        idx_name = f"{end}__gp_perm"
+        model.graph.initializer.append(numpy_helper.from_array(permutation_indices(analysis, start, end, masks), idx_name))
+        last = index[nodes[-1]]
+        gather = helper.make_node("Gather", [start, idx_name], [end], name=f"{nodes[-1]}__gp_gather",
+                                  axis=int(analysis.ctx.spaces[start].axis))
+        model.graph.node[last].CopyFrom(gather)
+        drop.update(index[n] for n in nodes[:-1])
+    if drop:
+        keep = [n for i, n in enumerate(model.graph.node) if i not in drop]
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+
+
 def rewrite_onnx(proto: onnx.ModelProto, analysis: Analysis, removed: frozenset[int] | set[int]) -> onnx.ModelProto:
     """A new ModelProto with the removed classes' channels gone; `proto` is left untouched."""
     model = copy.deepcopy(proto)
@@ -76,6 +105,7 @@ def rewrite_onnx(proto: onnx.ModelProto, analysis: Analysis, removed: frozenset[
             model.graph.initializer[k].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), init.name))
     for i, edit in node_edits(analysis, masks).items():
         _apply_edit(model, model.graph.node[i], edit, str(i))
+    _replace_permute_chains(model, analysis, masks)
     # stale intermediate shapes would contradict the new channel counts; inference re-derives them
     del model.graph.value_info[:]
     return model
