@@ -80,28 +80,40 @@ def zoo_rows(models: list[str], directory: str, target: float) -> list[dict]:
     return rows
 
 
-def latency_rows(name: str, directory: str, target: float, runs: int) -> dict:
+CONFIGS = {
+    "global": {},
+    "global, round_to 8": {"round_to": 8},
+    "uniform, round_to 8": {"strategy": "uniform", "round_to": 8},
+}
+
+
+def latency_rows(name: str, directory: str, target: float, runs: int) -> list[dict]:
+    """Original vs pruned (per allocation config), interleaved in rounds so machine noise hits all alike."""
     from zoo import export
 
     path = export(name, directory)
-    result = graphprune.prune(path, target_flops=target)
-    feed = random_feed(onnx.load(path), result.analysis.graph, seed=0)
     with open(path, "rb") as fh:
         original = fh.read()
-    slim = result.model.SerializeToString()
-    # interleave original/pruned rounds so machine noise hits both alike
-    a, b = [], []
+    pruned = {label: graphprune.prune(path, target_flops=target, **kw) for label, kw in CONFIGS.items()}
+    feed = random_feed(onnx.load(path), next(iter(pruned.values())).analysis.graph, seed=0)
+    slim = {label: r.model.SerializeToString() for label, r in pruned.items()}
+    base: list[float] = []
+    samples: dict[str, list[float]] = {label: [] for label in slim}
     for _ in range(max(1, runs // 10)):
-        a += ort_latency(original, feed, 10)
-        b += ort_latency(slim, feed, 10)
-    med_a, med_b = statistics.median(a), statistics.median(b)
-    return {
-        "model": name, "runs": len(a), "threads": 1,
-        "original_ms": med_a, "pruned_ms": med_b,
-        "original_p90_ms": float(np.percentile(a, 90)), "pruned_p90_ms": float(np.percentile(b, 90)),
-        "speedup": med_a / med_b, "flops_ratio": result.report["macs"]["ratio"],
-        "flops_speedup": 1 / result.report["macs"]["ratio"],
-    }
+        base += ort_latency(original, feed, 10)
+        for label, data in slim.items():
+            samples[label] += ort_latency(data, feed, 10)
+    med_a = statistics.median(base)
+    rows = []
+    for label, b in samples.items():
+        ratio = pruned[label].report["macs"]["ratio"]
+        rows.append({
+            "model": name, "config": label, "runs": len(b), "threads": 1,
+            "original_ms": med_a, "pruned_ms": statistics.median(b),
+            "original_p90_ms": float(np.percentile(base, 90)), "pruned_p90_ms": float(np.percentile(b, 90)),
+            "speedup": med_a / statistics.median(b), "flops_ratio": ratio, "flops_speedup": 1 / ratio,
+        })
+    return rows
 
 
 def main() -> None:
@@ -137,13 +149,13 @@ def main() -> None:
         console.print(table)
         ok = [r for r in rows if r["ok"]]
         console.print(f"{len(ok)}/{len(rows)} models pruned; max FLOPs error {max(r['flops_error'] for r in ok):.3%}")
-    lat = [latency_rows(m, args.zoo_dir, args.target, args.runs) for m in args.latency_models]
+    lat = [row for m in args.latency_models for row in latency_rows(m, args.zoo_dir, args.target, args.runs)]
     out["latency"] = lat
     table = Table(title="onnxruntime latency, 1 thread, median")
-    for c in ("model", "runs", "original ms", "pruned ms", "speed-up", "FLOPs ratio", "1/FLOPs ratio"):
+    for c in ("model", "allocation", "runs", "original ms", "pruned ms", "speed-up", "FLOPs ratio", "1/FLOPs ratio"):
         table.add_column(c, justify="right")
     for r in lat:
-        table.add_row(r["model"], str(r["runs"]), f"{r['original_ms']:.2f}", f"{r['pruned_ms']:.2f}",
+        table.add_row(r["model"], r["config"], str(r["runs"]), f"{r['original_ms']:.2f}", f"{r['pruned_ms']:.2f}",
                       f"{r['speedup']:.2f}x", f"{r['flops_ratio']:.3f}", f"{r['flops_speedup']:.2f}x")
     console.print(table)
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
