@@ -66,6 +66,10 @@ def run_rules(graph: Graph) -> Ctx:
         n_bind, n_mac = len(ctx.bindings), len(ctx.macs)
         try:
             entry.analyze(ctx, node)
+            if entry.operands == "first":
+                for t in node.inputs[1:]:
+                    if t and not ctx.is_const(t) and t in ctx.spaces:
+                        ctx.freeze_tensor(t, f"channels used as a non-data operand of {node.op_type} '{node.name}'")
         except Unresolved as exc:
             del ctx.bindings[n_bind:], ctx.macs[n_mac:]
             reason = f"{node.op_type} '{node.name}': {exc}"

@@ -37,6 +37,9 @@ class OpRule:
 
     analyze: Rule
     fix: Fix | None = None
+    # "first": only input 0 carries channels; any other non-constant input with channels (indices,
+    # shapes, pads computed from activations) is frozen by the engine. "all": every input is data.
+    operands: str = "first"
 
 
 def _ints(ctx: Ctx, node: Node, attr: str, index: int) -> list[int] | None:
@@ -361,8 +364,10 @@ def concat(ctx: Ctx, node: Node) -> None:
         for t in node.inputs:
             ids = None if ctx.is_const(t) else _channel(ctx, t, ch)
             if ids is None:
+                reason = f"constant or untraceable input of {node.name}"
+                ctx.freeze_tensor(t, reason)  # its own channels cannot follow it through the concat
                 ids = ctx.uf.new(ctx.shape(t)[ch])
-                ctx.uf.freeze(ids, f"constant or untraceable input of {node.name}")
+                ctx.uf.freeze(ids, reason)
             parts.append(ids)
         ctx.set_axis(out, ch, np.concatenate(parts))
         return
@@ -631,4 +636,6 @@ _FIXES: dict[str, Fix] = {
 }
 
 # the single op table both frontends and every rewriter read
-RULES: dict[str, OpRule] = {op: OpRule(fn, _FIXES.get(op)) for op, fn in _ANALYZE.items()}
+RULES: dict[str, OpRule] = {
+    op: OpRule(fn, _FIXES.get(op), "all" if fn in (elementwise, concat) else "first") for op, fn in _ANALYZE.items()
+}
