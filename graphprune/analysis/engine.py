@@ -17,14 +17,12 @@ def _static_macs(ctx: Ctx, node: Node) -> None:
     """MACs of a frozen weighted op: they still count towards the model's total."""
     try:
         if node.op_type == "MatMul":
-            a, b = ctx.shape(node.inputs[0]), ctx.shape(node.inputs[1])
-            out = ctx.shape(node.outputs[0])
-            ctx.mac(node, prod(out) * a[-1], )
+            ctx.mac(node, prod(ctx.shape(node.outputs[0])) * ctx.shape(node.inputs[0])[-1])
         elif node.op_type in ("Conv", "ConvTranspose") and ctx.is_const(node.inputs[1]):
             w = ctx.const(node.inputs[1])
+            # Conv iterates over output positions, ConvTranspose over input positions
             ref = ctx.shape(node.outputs[0] if node.op_type == "Conv" else node.inputs[0])
-            n = w.shape[0] * w.shape[1] if node.op_type == "Conv" else w.shape[0] * w.shape[1]
-            ctx.mac(node, ref[0] * n * prod(w.shape[2:]) * prod(ref[2:]))
+            ctx.mac(node, ref[0] * w.shape[0] * w.shape[1] * prod(w.shape[2:]) * prod(ref[2:]))
         elif node.op_type == "Gemm" and ctx.is_const(node.inputs[1]):
             w = ctx.const(node.inputs[1])
             ctx.mac(node, ctx.shape(node.inputs[0])[0] * w.shape[0] * w.shape[1])
