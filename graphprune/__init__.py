@@ -2,4 +2,18 @@
 from graphprune.api import PruneResult, analyze, prune
 from graphprune.errors import GraphpruneError
 
-__all__ = ["prune", "analyze", "PruneResult", "GraphpruneError"]
+__all__ = ["prune", "analyze", "PruneResult", "GraphpruneError", "save", "load"]
+
+
+def save(model, path) -> None:
+    """Save a pruned nn.Module (see graphprune.torch_io); imports torch only when used."""
+    from graphprune.torch_io import save as _save
+
+    _save(model, path)
+
+
+def load(path, map_location="cpu"):
+    """Load an nn.Module written by graphprune.save (unpickles code: trusted files only)."""
+    from graphprune.torch_io import load as _load
+
+    return _load(path, map_location=map_location)

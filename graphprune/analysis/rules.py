@@ -346,6 +346,28 @@ def matmul(ctx: Ctx, node: Node) -> None:
         ctx.mac(node, base, a, out)
 
 
+def linear(ctx: Ctx, node: Node) -> None:
+    """torch Linear over the last axis of an N-D input: weight [out, in], bias [out] (PyTorch frontend)."""
+    a, w = node.inputs[0], node.inputs[1]
+    b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
+    out = node.outputs[0]
+    if not ctx.is_const(w) or ctx.const(w).ndim != 2:
+        raise Unresolved("weight is not a constant matrix")
+    W = ctx.const(w)
+    base = prod(ctx.shape(a)[:-1]) * W.shape[0] * W.shape[1]
+    in_ids = _channel(ctx, a, -1)
+    ctx.new(out, -1)
+    ctx.bind(w, 0, out, "out", node)
+    if b:
+        ctx.bind(b, 0, out, "out", node)
+    if in_ids is None:
+        ctx.freeze_tensor(a, f"input features of {node.name} cannot be traced")
+        ctx.mac(node, base, out)
+    else:
+        ctx.bind(w, 1, a, "in", node)
+        ctx.mac(node, base, a, out)
+
+
 # --------------------------------------------------------------------------------------------
 # concatenation, splitting, slicing, gathering
 # --------------------------------------------------------------------------------------------
@@ -612,6 +634,7 @@ _ANALYZE: dict[str, Rule] = {
     "InstanceNormalization": batchnorm,
     "Gemm": gemm,
     "MatMul": matmul,
+    "Linear": linear,
     "Concat": concat,
     "Split": split,
     "Slice": slice_,

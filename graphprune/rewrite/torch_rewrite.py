@@ -1,0 +1,186 @@
+"""Apply a plan to an nn.Module: slice parameters/buffers and update module attributes.
+
+Slicing uses the same `param_indices` and rule fixes (`RULES[op].fix`) as the ONNX rewriter.
+Fixes on modules (conv `groups`) become attribute changes; fixes on functional code (reshape
+targets, split sizes, slice bounds, channel-shuffle permutations) become fx node edits, and then
+the result is the edited GraphModule instead of the user's own module class.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.fx
+from torch import nn
+
+from graphprune.analysis.groups import Analysis
+from graphprune.analysis.rules import NodeEdit
+from graphprune.rewrite.masking import consumer_masks
+from graphprune.rewrite.onnx_rewrite import node_edits, param_indices, permutation_indices
+
+
+def _owner(root: nn.Module, qualname: str) -> tuple[nn.Module, str]:
+    mod_path, _, attr = qualname.rpartition(".")
+    return (root.get_submodule(mod_path) if mod_path else root), attr
+
+
+def _lookup(root: nn.Module, qualname: str) -> torch.Tensor | None:
+    try:
+        owner, attr = _owner(root, qualname)
+    except AttributeError:
+        return None
+    t = getattr(owner, attr, None)
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def _replace_tensor(roots: list[nn.Module], qualname: str, value: torch.Tensor) -> None:
+    """Swap the tensor at `qualname` (parameter or buffer) in every root that has it."""
+    new = None
+    for root in roots:
+        try:
+            owner, attr = _owner(root, qualname)
+        except AttributeError:
+            continue
+        old = getattr(owner, attr, None)
+        if not isinstance(old, torch.Tensor):
+            continue
+        if new is None:
+            new = nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value
+        if attr in owner._parameters:
+            owner._parameters[attr] = new
+        elif attr in owner._buffers:
+            owner._buffers[attr] = new
+        else:
+            setattr(owner, attr, new)
+
+
+def _sync_attributes(root: nn.Module) -> None:
+    """Channel-count attributes follow the (sliced) parameter shapes."""
+    for m in root.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            w = m.weight
+            if m.transposed:
+                m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
+            else:
+                m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
+        elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+            ref = m.weight if m.weight is not None else m.running_mean
+            if ref is not None:
+                m.num_features = ref.shape[0]
+        elif isinstance(m, nn.Linear):
+            m.out_features, m.in_features = m.weight.shape
+        elif isinstance(m, nn.GroupNorm) and m.weight is not None:
+            m.num_channels = m.weight.shape[0]
+        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+            m.normalized_shape = tuple(m.weight.shape)
+        elif isinstance(m, nn.PReLU):
+            m.num_parameters = m.weight.numel()
+
+
+def _reshape_args(fx: torch.fx.Node, new_shape: np.ndarray, old_shape: tuple[int, ...]) -> None:
+    """Put the pruned channel count into a view/reshape call, keeping -1 and batch expressions."""
+    args = list(fx.args)
+    if len(args) == 2 and isinstance(args[1], (list, tuple)):
+        dims, pack = list(args[1]), True
+    else:
+        dims, pack = args[1:], False
+    if len(dims) != len(new_shape):
+        raise ValueError(f"cannot edit reshape '{fx.name}'")
+    for k, (new, old) in enumerate(zip(new_shape.tolist(), old_shape)):
+        if new != old and not (isinstance(dims[k], int) and dims[k] == -1):
+            dims[k] = int(new)
+    fx.args = (args[0], tuple(dims)) if pack else (args[0], *dims)
+
+
+def _apply_fx_edit(fx: torch.fx.Node, op: str, edit: NodeEdit, analysis: Analysis, ir_node) -> None:
+    if op == "Reshape":
+        old = analysis.graph.constants[ir_node.inputs[1]]
+        _reshape_args(fx, np.asarray(edit.inputs[1]), tuple(int(v) for v in old))
+    elif op == "Split":
+        sizes = [int(s) for s in edit.attrs["split"]]
+        x = fx.args[0]
+        dim = int(ir_node.attrs["axis"])
+        fx.op, fx.target, fx.args, fx.kwargs = "call_function", torch.split, (x, sizes, dim), {}
+    elif op == "Slice":
+        src, idx = fx.args
+        tup = list(idx) if isinstance(idx, tuple) else [idx]
+        for a, s, e in zip(ir_node.attrs["axes"], edit.attrs["starts"], edit.attrs["ends"]):
+            step = tup[a].step if isinstance(tup[a], slice) else None
+            tup[a] = slice(int(s), int(e), step)
+        fx.args = (src, tuple(tup))
+    else:
+        raise ValueError(f"no torch rewrite for a {op} fix on '{fx.name}'")
+
+
+def rewrite_module(analysis: Analysis, removed: frozenset[int] | set[int]) -> nn.Module:
+    """Prune the traced module in place; returns it, or an edited GraphModule when functional code changed."""
+    traced = analysis.traced
+    root, gm = traced.root, traced.gm
+    masks = analysis.keep_masks(removed)
+    with torch.no_grad():
+        for name, axes in param_indices(analysis, masks).items():
+            t = _lookup(root, name)
+            if t is None:
+                t = _lookup(gm, name)
+            value = t.detach()
+            for axis, idx in axes.items():
+                if len(idx) != value.shape[axis]:
+                    value = value.index_select(axis, torch.as_tensor(idx, dtype=torch.long, device=value.device))
+            if value.shape != t.shape:
+                _replace_tensor([root, gm], name, value.contiguous().clone())
+    graph_edited = False
+    for i, edit in node_edits(analysis, masks).items():
+        ir_node = analysis.graph.nodes[i]
+        fx = traced.origin[ir_node.name]
+        if fx.op == "call_module":
+            mod = gm.get_submodule(str(fx.target))
+            if "group" in edit.attrs:
+                mod.groups = int(edit.attrs["group"])
+            continue
+        _apply_fx_edit(fx, ir_node.op_type, edit, analysis, ir_node)
+        graph_edited = True
+    graph_edited |= _replace_permutes(analysis, masks)
+    _sync_attributes(root)
+    _sync_attributes(gm)
+    if not graph_edited:
+        return root
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _replace_permutes(analysis: Analysis, masks: dict[str, np.ndarray]) -> bool:
+    """A pruned channel shuffle can no longer be spelled as view/transpose: use index_select."""
+    traced = analysis.traced
+    gm = traced.gm
+    edited = False
+    for k, (end, (start, nodes)) in enumerate(sorted(analysis.ctx.permutes.items())):
+        if masks[start].all():
+            continue
+        idx = torch.as_tensor(permutation_indices(analysis, start, end, masks), dtype=torch.long)
+        buf = f"_gp_perm_{k}"
+        gm.register_buffer(buf, idx)
+        last = traced.origin[nodes[-1]]
+        src = traced.tensor_fx[start]
+        with gm.graph.inserting_before(last):
+            get = gm.graph.get_attr(buf)
+            sel = gm.graph.call_function(torch.index_select, (src, int(analysis.ctx.spaces[start].axis), get))
+        last.replace_all_uses_with(sel)
+        gm.graph.erase_node(last)
+        traced.origin[nodes[-1]] = sel
+        edited = True
+    return edited
+
+
+def mask_consumers_module(model: nn.Module, analysis: Analysis, removed: frozenset[int] | set[int]) -> nn.Module:
+    """Deep copy of `model` with every consumer weight that reads a removed channel zeroed (the reference)."""
+    masked = copy.deepcopy(model)
+    tensors = dict(masked.named_parameters())
+    tensors.update(dict(masked.named_buffers()))
+    with torch.no_grad():
+        for name, cuts in consumer_masks(analysis, removed).items():
+            t = tensors[name]
+            for axis, idx in cuts:
+                t.index_fill_(axis, torch.as_tensor(idx, dtype=torch.long), 0.0)
+    return masked
