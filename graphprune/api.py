@@ -72,6 +72,14 @@ def score_classes(analysis: Analysis, method: str, *, seed: int = 0, **options: 
     return fn(analysis, seed=seed, **options)
 
 
+def _blame_input(original: onnx.ModelProto, feed: dict, expected: list) -> None:
+    """A pruned model failed validation: if the input fails the same checks, say that instead."""
+    try:
+        validate(original, feed, expected)
+    except GraphpruneError as exc:
+        raise GraphpruneError(f"input model is invalid: {str(exc).replace('pruned model ', '', 1)}") from None
+
+
 def prune(
     model: Any,
     example_inputs: Any = None,
@@ -142,8 +150,15 @@ def prune(
     feed = random_feed(loaded.proto, loaded.graph, seed)
     expected = [loaded.graph.shape(o) for o in loaded.graph.outputs]
     if any(s is None for s in expected):
-        expected = [tuple(o.shape) for o in run_onnx(loaded.proto, feed)]
-    validate(slim, feed, expected)
+        try:
+            expected = [tuple(o.shape) for o in run_onnx(loaded.proto, feed)]
+        except Exception as exc:  # the input itself is broken; say so instead of a traceback
+            raise GraphpruneError(f"input model fails to run in onnxruntime: {str(exc).splitlines()[0][:200]}") from None
+    try:
+        validate(slim, feed, expected)
+    except GraphpruneError as exc:
+        _blame_input(loaded.proto, feed, expected)
+        raise exc from None
     times["validate_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - t0
 

@@ -6,6 +6,7 @@ happens on a private copy; the rewrite later edits that same normalised copy, ne
 from __future__ import annotations
 
 import copy
+import heapq
 import os
 from dataclasses import dataclass
 
@@ -56,12 +57,22 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
     return model, path
 
 
+def tensor_to_array(t: onnx.TensorProto) -> np.ndarray:
+    """Decode a tensor, turning unknown data types and size/dims mismatches into one clear line."""
+    try:
+        return numpy_helper.to_array(t)
+    except Exception as exc:  # KeyError (bad data_type), ValueError (data does not fill dims), ...
+        raise GraphpruneError(
+            f"cannot decode tensor '{t.name}' (data_type {t.data_type}, dims {list(t.dims)}): {type(exc).__name__}"
+        ) from None
+
+
 def _attr_value(attr: onnx.AttributeProto):
     value = helper.get_attribute_value(attr)
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     if isinstance(value, onnx.TensorProto):
-        return numpy_helper.to_array(value)
+        return tensor_to_array(value)
     if isinstance(value, list) and value and isinstance(value[0], bytes):
         return [v.decode("utf-8", "replace") for v in value]
     return value
@@ -70,7 +81,7 @@ def _attr_value(attr: onnx.AttributeProto):
 def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
     for attr in node.attribute:
         if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
+            return tensor_to_array(attr.t)
         if attr.name == "value_float":
             return np.array(attr.f, dtype=np.float32)
         if attr.name == "value_floats":
@@ -101,7 +112,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
                     graph.initializer.append(tensor)
                     inits[tensor.name] = tensor
                     continue
-            if node.op_type == "Identity" and node.input[0] in inits:
+            if node.op_type == "Identity" and node.input and node.input[0] in inits:
                 tensor = onnx.TensorProto()
                 tensor.CopyFrom(inits[node.input[0]])
                 tensor.name = node.output[0]
@@ -152,39 +163,71 @@ def _check_structure(model: onnx.ModelProto) -> None:
                 raise GraphpruneError(f"invalid ONNX graph: tensor '{out}' is produced twice")
             if out:
                 produced.add(out)
+    names = [n.name for n in graph.node if n.name]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise GraphpruneError(f"invalid ONNX graph: node name '{dup}' is used by more than one node")
     available = set(known)
-    pending = list(graph.node)
-    # Kahn-style check: ONNX requires topological order, but tolerate misordered files; a cycle or a
-    # missing tensor leaves nodes that can never run.
+    nodes = list(graph.node)
+    # Kahn's algorithm (linear; a heap keeps the file's order wherever it is already valid): ONNX
+    # requires topological order, but misordered files are tolerated; a cycle or a missing tensor
+    # leaves nodes that can never run.
+    waiting: dict[str, list[int]] = {}
+    blocked = [0] * len(nodes)
+    for k, node in enumerate(nodes):
+        needs = {i for i in node.input if i not in available}
+        blocked[k] = len(needs)
+        for i in needs:
+            waiting.setdefault(i, []).append(k)
+    ready = [k for k in range(len(nodes)) if blocked[k] == 0]
+    heapq.heapify(ready)
     ordered = []
-    progress = True
-    while pending and progress:
-        progress = False
-        rest = []
-        for node in pending:
-            if all(i in available for i in node.input):
-                ordered.append(node)
-                available.update(o for o in node.output if o)
-                progress = True
-            else:
-                rest.append(node)
-        pending = rest
+    while ready:
+        node = nodes[heapq.heappop(ready)]
+        ordered.append(node)
+        for o in node.output:
+            if o and o not in available:
+                available.add(o)
+                for k in waiting.pop(o, ()):
+                    blocked[k] -= 1
+                    if blocked[k] == 0:
+                        heapq.heappush(ready, k)
+    pending = [n for k, n in enumerate(nodes) if blocked[k] > 0]
     if pending:
+        # a tensor nobody produces is the root cause; otherwise the stuck nodes wait on each other
+        for node in pending:
+            for i in node.input:
+                if i not in available and i not in produced:
+                    raise GraphpruneError(
+                        f"invalid ONNX graph: node '{node.name or node.op_type}' reads undefined tensor '{i}'"
+                    )
         node = pending[0]
-        missing = [i for i in node.input if i not in available]
-        if all(m in produced for m in missing):
-            raise GraphpruneError(f"invalid ONNX graph: cycle through node '{node.name or node.op_type}'")
-        raise GraphpruneError(
-            f"invalid ONNX graph: node '{node.name or node.op_type}' reads undefined tensor '{missing[0]}'"
-        )
+        raise GraphpruneError(f"invalid ONNX graph: cycle through node '{node.name or node.op_type}'")
     for out in graph.output:
         if out.name not in available:
             raise GraphpruneError(f"invalid ONNX graph: output '{out.name}' is never produced")
-    if [n.name for n in ordered] != [n.name for n in graph.node] or any(
-        a is not b for a, b in zip(ordered, graph.node)
-    ):
+    if len(ordered) == len(nodes) and any(a is not b for a, b in zip(ordered, nodes)):
+        reordered = [copy.deepcopy(n) for n in ordered]
         del graph.node[:]
-        graph.node.extend(ordered)
+        graph.node.extend(reordered)
+
+
+def _check_inputs(model: onnx.ModelProto) -> None:
+    """Every user input must be a numeric tensor we can feed: the validation run builds one of each."""
+    if not model.graph.input:
+        raise GraphpruneError("invalid ONNX graph: the model has no inputs")
+    if not model.graph.output:
+        raise GraphpruneError("invalid ONNX graph: the model has no outputs")
+    for inp in model.graph.input:
+        if not inp.type.HasField("tensor_type"):
+            raise GraphpruneError(f"input '{inp.name}' is not a tensor; only tensor inputs are supported")
+        elem = inp.type.tensor_type.elem_type
+        try:
+            dtype = helper.tensor_dtype_to_np_dtype(elem)
+        except (KeyError, ValueError, TypeError):
+            dtype = None
+        if dtype is None or not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+            raise GraphpruneError(f"input '{inp.name}' has unsupported element type {elem}")
 
 
 def pin_input_shapes(model: onnx.ModelProto, input_shape: dict[str, tuple[int, ...]] | None,
@@ -251,9 +294,9 @@ def to_ir(model: onnx.ModelProto, n_inputs: int | None = None,
           moved: dict[str, onnx.TensorProto] | None = None) -> Graph:
     """Lower a shape-inferred, normalised ModelProto (or its skeleton plus the moved weights) into the IR."""
     g = model.graph
-    constants = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    constants = {t.name: tensor_to_array(t) for t in g.initializer}
     for name, t in (moved or {}).items():
-        constants[name] = numpy_helper.to_array(t)
+        constants[name] = tensor_to_array(t)
     shapes: dict[str, tuple[int, ...]] = {}
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         s = _shape_of(vi)
@@ -350,6 +393,10 @@ def load_onnx(
 ) -> LoadedModel:
     """Load, validate and lower an ONNX model. Raises GraphpruneError with one line on bad input."""
     model, path = read_model(source)
+    # structure first: misordered nodes are reordered, cycles and dangling tensors get a precise message
+    model = normalize(model)
+    _check_structure(model)
+    _check_inputs(model)
     light, _ = skeleton(model)
     try:
         onnx.checker.check_model(light)
@@ -358,8 +405,6 @@ def load_onnx(
         raise GraphpruneError(f"ONNX checker rejected the model: {first}") from None
     except Exception as exc:
         raise GraphpruneError(f"ONNX checker rejected the model: {type(exc).__name__}") from None
-    model = normalize(model)
-    _check_structure(model)
     light, moved = skeleton(model)
     n_real = len(model.graph.input)
     pinned = pin_input_shapes(light, input_shape, n_inputs=n_real)

@@ -29,7 +29,7 @@ def run_onnx(proto: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int =
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # failures surface as one GraphpruneError line, not ORT's log
     if threads:
         opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
