@@ -1,0 +1,142 @@
+"""Structured Sparsity Regularization with the AULM solver (Lin et al., "Toward compact ConvNets
+via structure-sparsity regularized filter pruning", TNNLS 2019).
+
+Objective: min_W L(W) + lambda * R(W), R a group-sparsity regulariser over filters (one group =
+every "out" and "coupled" slice of a channel class: its filters, bias and BN affine, so a zero
+group emits exactly zero):
+
+    L2,1:  R(W) = sum_g w_g ||W_g||_2          (convex, shrinks)
+    L2,0:  R(W) = sum_g w_g [||W_g||_2 != 0]   (counts groups)
+
+AULM (Alternative Updating with Lagrange Multipliers) splits W = V and alternates, ADMM style,
+with scaled multipliers U:
+
+    W-step: a few SGD steps on L(W) + rho/2 ||W - V + U||^2
+    V-step: V = prox_{lambda R / rho}(W + U)
+              L2,1: V_g = max(0, 1 - lambda w_g / (rho ||Z_g||)) Z_g       (group soft threshold)
+              L2,0: V_g = Z_g if ||Z_g||^2 > 2 lambda w_g / rho else 0      (group hard threshold)
+    U-step: U = U + W - V
+
+V's zero groups are exactly zero, so they can be removed; at the end W is replaced by V on the
+removed groups. Choices (the paper tunes lambda by hand): w_g is the group's share of the MACs a
+removal saves (cost-aware), and lambda is set at every V-step to the smallest value whose prox
+zeroes enough groups to meet the cost target, so the zero set lands on the budget.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from graphprune.passes.channels import ChannelSpace, plan_from_scores
+from graphprune.passes.training import TrainConfig, train
+
+GROUP_ROLES = ("out", "coupled")
+
+
+@dataclass
+class SSRConfig:
+    target: float  # fraction of the cost kept
+    kind: str = "macs"
+    reg: str = "l21"  # "l21" or "l20"
+    rho: float = 1e-2  # augmented-Lagrangian weight (per unit of squared group norm)
+    every: int = 5  # W-steps (SGD steps) between V/U updates
+
+
+def prox_l21(z: torch.Tensor, thresh: float) -> torch.Tensor:
+    """Group soft threshold: shrink the whole group's norm by `thresh`, to exactly 0 below it."""
+    n = float(z.norm())
+    return z * max(0.0, 1.0 - thresh / n) if n > 0 else z * 0
+
+
+def prox_l20(z: torch.Tensor, thresh_sq: float) -> torch.Tensor:
+    """Group hard threshold: keep the group if ||z||^2 > thresh_sq, else exactly 0."""
+    return z.clone() if float(z.pow(2).sum()) > thresh_sq else z * 0
+
+
+class AULM:
+    """Splitting variables and multipliers of one model's channel groups."""
+
+    def __init__(self, model: nn.Module, space: ChannelSpace, cfg: SSRConfig) -> None:
+        self.model, self.space, self.cfg = model, space, cfg
+        self.params = {n: p for n, p in model.named_parameters()}
+        self.classes = [c for c in space.classes if any(s.role in GROUP_ROLES and s.param in self.params
+                                                        for s in space.slices.get(c, []))]
+        base = space.cost(cfg.kind)
+        saved = np.array([base - space.cost(cfg.kind, [c]) for c in self.classes])
+        self.weight = {c: float(w) for c, w in zip(self.classes, saved / max(saved.mean(), 1e-12))}
+        with torch.no_grad():
+            w = self.flat()
+        self.v = {c: t.clone() for c, t in w.items()}
+        self.u = {c: torch.zeros_like(t) for c, t in w.items()}
+        self.lam = 0.0
+        self.zero: set[int] = set()
+
+    def flat(self) -> dict[int, torch.Tensor]:
+        """W_g: every group-role slice of the class, flattened and concatenated (differentiable)."""
+        return {c: torch.cat([r.reshape(-1) for r in self.space.class_rows(self.params, c, GROUP_ROLES)])
+                for c in self.classes}
+
+    def penalty(self, _model: nn.Module | None = None) -> torch.Tensor:
+        w = self.flat()
+        return 0.5 * self.cfg.rho * sum((w[c] - self.v[c] + self.u[c]).pow(2).sum() for c in self.classes)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """V-step (prox, lambda set from the budget) then U-step.
+
+        Groups are ranked by ||Z_g|| / w_g (L2,1) or ||Z_g||^2 / w_g (L2,0): the order in which a
+        growing lambda zeroes them. lambda is the smallest value that zeroes a budget-meeting set;
+        a group's last surviving class is never zeroed (plan_from_scores keeps one per group).
+        """
+        w = self.flat()
+        z = {c: w[c] + self.u[c] for c in self.classes}
+        power = 1 if self.cfg.reg == "l21" else 2
+        score = {c: float(z[c].norm()) ** power / self.weight[c] for c in self.classes}
+        zero = plan_from_scores(self.space, score, {self.cfg.kind: self.cfg.target}) & set(self.classes)
+        edge = max((score[c] for c in zero), default=0.0)
+        rho = self.cfg.rho
+        self.lam = rho * edge if power == 1 else rho * edge / 2
+        for c in self.classes:
+            if c in zero:
+                self.v[c] = z[c] * 0
+            elif power == 1:  # group soft threshold, lambda * w_g / rho = edge * w_g
+                self.v[c] = prox_l21(z[c], min(edge * self.weight[c], 0.9 * float(z[c].norm())))
+            else:  # group hard threshold keeps a surviving group unchanged
+                self.v[c] = prox_l20(z[c], 0.0)
+        for c in self.classes:
+            self.u[c] += w[c] - self.v[c]
+        self.zero = {c for c in self.classes if float(self.v[c].abs().max()) == 0.0}
+
+    @torch.no_grad()
+    def project(self, classes: set[int]) -> None:
+        """Write V into W for the given classes (their groups become exactly zero)."""
+        for c in classes:
+            for s in self.space.slices.get(c, []):
+                if s.role in GROUP_ROLES and s.param in self.params:
+                    p = self.params[s.param]
+                    p.index_fill_(s.axis, torch.as_tensor(s.index, device=p.device), 0.0)
+
+
+def ssr(model: nn.Module, space: ChannelSpace, x: torch.Tensor, y: torch.Tensor, cfg: SSRConfig,
+        train_cfg: TrainConfig, teacher: nn.Module | None = None, seed: int = 0) -> tuple[nn.Module, frozenset[int], dict]:
+    """AULM training, then the plan: V's zero groups (topped up by smallest norm if short)."""
+    model.to(train_cfg.device)
+    solver = AULM(model, space, cfg)
+    log: dict[str, list[float]] = {"lambda": [], "zero_cost": []}
+
+    def after_step(step: int) -> None:
+        if step % cfg.every == 0:
+            solver.update()
+            log["lambda"].append(solver.lam)
+            log["zero_cost"].append(space.ratio(cfg.kind, solver.zero))
+
+    train(model, x, y, train_cfg, teacher=teacher, loss_term=solver.penalty, after_step=after_step, seed=seed)
+    solver.update()
+    w = solver.flat()
+    scores = {c: (0.0 if c in solver.zero else float(w[c].norm()) / solver.weight[c]) for c in solver.classes}
+    removed = plan_from_scores(space, scores, {cfg.kind: cfg.target})
+    solver.project(set(removed))
+    return model, removed, log
