@@ -238,19 +238,40 @@ def pin_input_shapes(model: onnx.ModelProto, input_shape: dict[str, tuple[int, .
     """
     pinned = copy.deepcopy(model)
     real_inputs = list(pinned.graph.input)[:n_inputs] if n_inputs is not None else list(pinned.graph.input)
+    names = [i.name for i in real_inputs]
+    positional = {f"#{k}": n for k, n in enumerate(names)}
+    for key in input_shape or {}:
+        # "" means "the single input", "#k" the k-th input (unnamed CLI parts); others name an input
+        if key == "" and len(real_inputs) != 1:
+            raise GraphpruneError(
+                f"the model has {len(real_inputs)} inputs ({', '.join(names)}); name them in --input-shape, "
+                "e.g. 'input=1,3,224,224;mask=1,1,224,224'"
+            )
+        if key and key not in names and key not in positional and len(real_inputs) != 1:
+            raise GraphpruneError(f"--input-shape names '{key}', which is not a model input ({', '.join(names)})")
+    by_name = {positional.get(k, k): v for k, v in (input_shape or {}).items()}
     for inp in real_inputs:
         ttype = inp.type.tensor_type
-        if not ttype.HasField("shape"):
-            raise GraphpruneError(f"input '{inp.name}' has no shape; pass --input-shape")
-        override = (input_shape or {}).get(inp.name)
+        override = by_name.get(inp.name)
         if override is None and input_shape and len(input_shape) == 1 and len(real_inputs) == 1:
             override = next(iter(input_shape.values()))
+        if not ttype.HasField("shape"):
+            if override is None:
+                raise GraphpruneError(f"input '{inp.name}' has no shape; pass --input-shape")
+            ttype.shape.dim.add()  # rank unknown: take the given shape as is
+            del ttype.shape.dim[:]
+            ttype.shape.dim.extend(onnx.TensorShapeProto.Dimension(dim_value=int(v)) for v in override)
         dims = ttype.shape.dim
         if override is not None:
             if len(override) != len(dims):
                 raise GraphpruneError(
                     f"--input-shape for '{inp.name}' has rank {len(override)}, the model input has rank {len(dims)}"
                 )
+            for axis, (d, v) in enumerate(zip(dims, override)):
+                if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != int(v):
+                    raise GraphpruneError(
+                        f"--input-shape for '{inp.name}' sets axis {axis} to {v}, the model fixes it to {d.dim_value}"
+                    )
             for d, v in zip(dims, override):
                 d.Clear()
                 d.dim_value = int(v)
