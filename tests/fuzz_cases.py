@@ -187,8 +187,8 @@ def _ir_version(m: onnx.ModelProto, rng) -> None:
 
 def _extra_output(m: onnx.ModelProto, rng) -> None:
     """An intermediate tensor exported as a second graph output: its channels must be kept."""
-    node = _pick(rng, m.graph.node[:-1])
-    m.graph.output.append(helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None))
+    inferred = onnx.shape_inference.infer_shapes(m).graph.value_info
+    m.graph.output.append(_pick(rng, inferred))
 
 
 def _missing_output(m: onnx.ModelProto, rng) -> None:
