@@ -78,6 +78,20 @@ def _progress_printer(enabled: bool):
     return status, (lambda msg: status.update(msg))
 
 
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (a pipeline's timeout, `kill`) unwinds like Ctrl-C, so a half-written temp file is removed."""
+    import signal
+
+    def handler(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (embedded use): leave signal handling to the host
+        return
+    click.get_current_context().call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write the pruned ONNX model.")
@@ -107,6 +121,7 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
         fail("give a target: --target-flops, --target-params or --target-latency")
     if output and os.path.exists(model) and os.path.exists(output) and os.path.samefile(model, output) and not overwrite:
         fail(f"output {output} is the input file; pass --overwrite to replace it")
+    _terminate_as_interrupt()
     shapes = run_guarded(parse_shape, input_shape)
     status, say = _progress_printer(not as_json and sys.stderr.isatty())
     try:

@@ -9,6 +9,30 @@ import onnx
 from graphprune.errors import GraphpruneError
 
 
+def _target_mode(path: str) -> int:
+    """Keep an existing file's permissions; a new file gets 0666 minus the umask."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make the rename itself durable (a crash right after must not bring the old file back)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_bytes_atomic(data: bytes, path: str | os.PathLike, overwrite: bool = True) -> None:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path)) or "."
@@ -18,11 +42,14 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike, overwrite: bool = T
         raise GraphpruneError(f"output exists: {path} (pass --overwrite to replace it)")
     fd, tmp = tempfile.mkstemp(prefix=".graphprune-", suffix=".tmp", dir=directory)
     try:
+        # mkstemp makes 0600 files; the output gets the mode a plain open() would give it
+        os.chmod(tmp, _target_mode(path))
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_dir(directory)
     except BaseException:
         try:
             os.unlink(tmp)
