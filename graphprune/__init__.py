@@ -1,8 +1,9 @@
 """graphprune: structured channel pruning for CNNs (ONNX and PyTorch) with measured speed-ups."""
 from graphprune.api import PruneResult, analyze, prune
 from graphprune.errors import GraphpruneError
+from graphprune.report.inspect import inspect
 
-__all__ = ["prune", "analyze", "PruneResult", "GraphpruneError", "save", "load"]
+__all__ = ["prune", "analyze", "inspect", "PruneResult", "GraphpruneError", "save", "load"]
 
 
 def save(model, path) -> None:

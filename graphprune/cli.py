@@ -187,5 +187,8 @@ def demo(out_dir: str, target_flops: float) -> None:
         fail(f"equivalence check failed (max diff {diff:.2e})")
 
 
+from graphprune.cli_inspect import inspect  # noqa: E402
+main.add_command(inspect)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

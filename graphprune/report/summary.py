@@ -14,6 +14,7 @@ def group_rows(analysis: Analysis, removed: frozenset[int] = frozenset()) -> lis
     for term in analysis.mac_terms:
         for t in term.tensors:
             tensor_macs[t] = tensor_macs.get(t, 0.0) + term.base
+    producers, joins = _group_structure(analysis)
     rows = []
     for g in analysis.groups:
         kept = sum(1 for r in g.classes if r not in removed)
@@ -28,8 +29,38 @@ def group_rows(analysis: Analysis, removed: frozenset[int] = frozenset()) -> lis
             "layers": g.nodes,
             "tensors": g.tensors,
             "macs_share": round(share, 6),
+            "producers": sorted(producers.get(g.id, ())),
+            "joins": sorted(joins.get(g.id, ())),
         })
     return rows
+
+
+def _group_structure(analysis: Analysis) -> tuple[dict[int, set[str]], dict[int, set[str]]]:
+    """Why a group exists: the ops that write its channels, and the ops that merge two of its tensors.
+
+    A join (a residual Add, a gating Mul) is what ties several producers' channels into one group.
+    """
+    producers: dict[int, set[str]] = {}
+    for b in analysis.bindings:
+        if b.role == "out" and b.tensor in analysis.roots:
+            for gid in _tensor_groups(analysis, b.tensor):
+                producers.setdefault(gid, set()).add(b.node)
+    joins: dict[int, set[str]] = {}
+    graph = analysis.graph
+    for node in graph.nodes:
+        seen: dict[int, int] = {}
+        for t in dict.fromkeys(node.inputs):
+            if t and not graph.is_const(t) and t in analysis.roots:
+                for gid in _tensor_groups(analysis, t):
+                    seen[gid] = seen.get(gid, 0) + 1
+        for gid, n in seen.items():
+            if n >= 2:
+                joins.setdefault(gid, set()).add(node.name)
+    return producers, joins
+
+
+def _tensor_groups(analysis: Analysis, tensor: str) -> set[int]:
+    return {analysis.group_of[r] for r in set(analysis.roots[tensor].tolist()) if r in analysis.group_of}
 
 
 def build_report(analysis: Analysis, plan: Plan, *, method: str, strategy: str, round_to: int,

@@ -1,0 +1,85 @@
+"""`graphprune inspect`: show the channel groups of a model and why they exist (table, JSON, DOT, SVG)."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from graphprune.cli import parse_shape, run_guarded
+
+
+def render_inspect_table(view: dict[str, Any], console: Any, max_groups: int | None = 60) -> None:
+    """Groups as a rich table: members, channels, MAC share, frozen state and why."""
+    from rich.table import Table
+
+    s = view["summary"]
+    console.print(
+        f"[bold]{view.get('source') or 'model'}[/]: {s['ops']} ops, {s['groups']} channel groups "
+        f"({s['prunable_groups']} prunable, {s['frozen_groups']} frozen), {s['channels']} channels "
+        f"({s['frozen_channels']} frozen)"
+    )
+    table = Table(title="channel groups", show_header=True, show_lines=False)
+    for col in ("group", "channels", "MACs share", "state", "written by", "joined by", "members"):
+        table.add_column(col, justify="right" if col in ("group", "channels", "MACs share") else "left",
+                         overflow="fold")
+    rows = view["groups"] if max_groups is None else view["groups"][:max_groups]
+    for r in rows:
+        state = f"[grey50]frozen: {r['reason']}[/]" if r["frozen"] else f"[{r['color']}]prunable[/]"
+        if not r["frozen"] and r["frozen_channels"]:
+            state += f" ({r['frozen_channels']} frozen: {r['reason']})"
+        members = _few(r["layers"], 3)
+        table.add_row(str(r["id"]), str(r["channels"]), f"{r['macs_share']:.1%}", state,
+                      _few(r["producers"]), _few(r["joins"]), f"{len(r['layers'])}: {members}" if r["layers"] else "-")
+    console.print(table)
+    if max_groups is not None and len(view["groups"]) > max_groups:
+        console.print(f"... {len(view['groups']) - max_groups} more groups (--all or --json for all)")
+    if view["frozen_ops"]:
+        frozen = Table(title="frozen ops", show_header=True)
+        frozen.add_column("op")
+        frozen.add_column("why", overflow="fold")
+        for name, why in view["frozen_ops"].items():
+            frozen.add_row(name, why)
+        console.print(frozen)
+
+
+def _few(names: list[str], n: int = 2) -> str:
+    from graphprune.report.graph_svg import _short
+
+    if not names:
+        return "-"
+    return ", ".join(_short(x) for x in names[:n]) + (f" +{len(names) - n}" if len(names) > n else "")
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--input-shape", help="Static input shape for dynamic models, e.g. 1,3,224,224.")
+@click.option("--json", "as_json", is_flag=True, help="Print the groups and graph as JSON on stdout.")
+@click.option("--dot", "dot_path", type=click.Path(dir_okay=False), help="Write the dependency graph as Graphviz DOT.")
+@click.option("--svg", "svg_path", type=click.Path(dir_okay=False), help="Write the dependency graph as SVG.")
+@click.option("--no-graphviz", is_flag=True, help="Lay out the SVG with the built-in layout even if `dot` exists.")
+@click.option("--all", "show_all", is_flag=True, help="List every group in the table.")
+def inspect(model: str, input_shape: str | None, as_json: bool, dot_path: str | None, svg_path: str | None,
+            no_graphviz: bool, show_all: bool) -> None:
+    """Show MODEL's channel groups: members, channels, FLOPs share, and what froze them."""
+    from graphprune.io import write_bytes_atomic
+    from graphprune.report.inspect import inspect as inspect_model
+
+    shapes = run_guarded(parse_shape, input_shape)
+    view = run_guarded(inspect_model, model, input_shape=shapes)
+    if dot_path or svg_path:
+        from graphprune.report.graph_svg import render_svg, to_dot
+
+        if dot_path:
+            run_guarded(write_bytes_atomic, to_dot(view).encode(), dot_path)
+        if svg_path:
+            run_guarded(write_bytes_atomic, render_svg(view, use_graphviz=not no_graphviz).encode(), svg_path)
+    if as_json:
+        click.echo(json.dumps(view, indent=1, default=float))
+        return
+    from rich.console import Console
+
+    render_inspect_table(view, Console(), None if show_all else 60)
+    for path in (dot_path, svg_path):
+        if path:
+            click.echo(f"wrote {path}")
