@@ -136,7 +136,7 @@ def ssr(model: nn.Module, space: ChannelSpace, x: torch.Tensor, y: torch.Tensor,
     train(model, x, y, train_cfg, teacher=teacher, loss_term=solver.penalty, after_step=after_step, seed=seed)
     solver.update()
     w = solver.flat()
-    scores = {c: (0.0 if c in solver.zero else float(w[c].norm()) / solver.weight[c]) for c in solver.classes}
+    scores = {c: (0.0 if c in solver.zero else float(w[c].detach().norm()) / solver.weight[c]) for c in solver.classes}
     removed = plan_from_scores(space, scores, {cfg.kind: cfg.target})
     solver.project(set(removed))
     return model, removed, log
