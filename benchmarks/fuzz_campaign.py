@@ -22,7 +22,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from fuzz_cases import check_prune, mutate_bytes, mutate_proto, save_bytes, seed_models  # noqa: E402
 
 
 class Hang(Exception):
@@ -42,6 +41,8 @@ def signature(exc: BaseException) -> str:
 
 def make_case(i: int, seeds, tmp: str):
     """Case i is reproducible from i alone: (source, label, target)."""
+    from fuzz_cases import mutate_bytes, mutate_proto, save_bytes
+
     rng = np.random.default_rng(i)
     seed = seeds[i % len(seeds)]
     path = os.path.join(tmp, "case.onnx")
@@ -55,6 +56,8 @@ def make_case(i: int, seeds, tmp: str):
 
 
 def run_case(source, target: float, timeout: float) -> str:
+    from fuzz_cases import check_prune
+
     signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
         return check_prune(source, target=target).status
@@ -63,6 +66,8 @@ def run_case(source, target: float, timeout: float) -> str:
 
 
 def campaign(cases: int, seconds: float, timeout: float) -> int:
+    from fuzz_cases import seed_models
+
     signal.signal(signal.SIGALRM, _alarm)
     seeds = seed_models()
     failures: dict[str, list[tuple[int, str, str]]] = collections.defaultdict(list)
@@ -96,13 +101,20 @@ def atheris_main(argv: list[str]) -> None:
     """Coverage-guided byte fuzzing of the loader with atheris (pip install atheris)."""
     import atheris
 
-    with atheris.instrument_imports():
-        import graphprune  # noqa: F401
+    with atheris.instrument_imports(include=["graphprune"]):  # coverage of graphprune only, not onnx/numpy
+        from graphprune.analysis.groups import analyze_graph
         from graphprune.errors import GraphpruneError
         from graphprune.frontends.onnx_frontend import load_onnx
-        from graphprune.analysis.groups import analyze_graph
+    from fuzz_cases import save_bytes, seed_models
+
     tmp = tempfile.mkdtemp()
     path = os.path.join(tmp, "case.onnx")
+    if not any(not a.startswith("-") for a in argv[1:]):
+        corpus = os.path.join(tmp, "corpus")  # start from real models: random bytes rarely parse
+        os.makedirs(corpus)
+        for k, model in enumerate(seed_models()):
+            save_bytes(os.path.join(corpus, f"seed{k}.onnx"), model.SerializeToString())
+        argv = [*argv, corpus]
 
     def one(data: bytes) -> None:
         save_bytes(path, data)

@@ -5,6 +5,8 @@ GraphpruneError line; never another exception, never a 'pruned model failed' for
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -98,3 +100,12 @@ def test_valid_variants_prune_correctly():
         STRUCTURAL[kind](model, np.random.default_rng(1))
         out = check_prune(model, target=0.7)
         assert out.status == "ok", (kind, out.message)
+
+
+REGRESSIONS = os.path.join(os.path.dirname(__file__), "fuzz_regressions")
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(REGRESSIONS)))
+def test_saved_fuzz_findings(name):
+    """Inputs that once broke the contract (atheris finds), kept as files."""
+    check_prune(os.path.join(REGRESSIONS, name))
