@@ -95,10 +95,10 @@ def test_report_renders_in_chromium(report_path, tmp_path):
             assert page.locator("#graph svg .edge").count() > 20
             cards = page.locator(".card")
             assert cards.count() >= 2
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=False)
             # clicking a group row highlights the edges that carry it
             page.locator("tr.grp:not(.frozen)").first.click()
             assert page.locator("#graph .edge.hl").count() >= 1
-            page.screenshot(path=str(tmp_path / "report.png"), full_page=False)
             page.locator("#graph").screenshot(path=str(tmp_path / "graph.png"))
         finally:
             browser.close()
