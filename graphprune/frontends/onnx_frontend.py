@@ -414,6 +414,14 @@ def load_onnx(
 ) -> LoadedModel:
     """Load, validate and lower an ONNX model. Raises GraphpruneError with one line on bad input."""
     model, path = read_model(source)
+    try:
+        return _load_checked(model, path, input_shape)
+    except UnicodeDecodeError:  # protobuf decodes string fields lazily, on first access
+        raise GraphpruneError(f"not a valid ONNX file: a name or string field is not valid UTF-8 ({path})") from None
+
+
+def _load_checked(model: onnx.ModelProto, path: str | None,
+                  input_shape: dict[str, tuple[int, ...]] | None) -> LoadedModel:
     # structure first: misordered nodes are reordered, cycles and dangling tensors get a precise message
     model = normalize(model)
     _check_structure(model)
