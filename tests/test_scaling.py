@@ -16,7 +16,7 @@ from graphprune.frontends.onnx_frontend import load_onnx  # noqa: E402
 def _analysis_seconds(n: int) -> tuple[float, int]:
     graph = load_onnx(synthetic_cnn(n)).graph
     best = float("inf")
-    for _ in range(2):  # best of two: the machine is shared
+    for _ in range(3):  # best of three: the machine is shared (xdist, other jobs)
         t = time.perf_counter()
         analysis = analyze_graph(graph)
         best = min(best, time.perf_counter() - t)
