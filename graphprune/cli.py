@@ -189,6 +189,8 @@ def demo(out_dir: str, target_flops: float) -> None:
 
 from graphprune.cli_inspect import inspect  # noqa: E402
 main.add_command(inspect)
+from graphprune.cli_backend import bench, tune  # noqa: E402
+main.add_command(bench); main.add_command(tune)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -199,6 +199,19 @@ def _progress_callback(on_trials: Callable[[str, int], None]) -> Any:
     return _Progress()
 
 
+def _search_strategy(per_task: int) -> Any:
+    """Evolutionary search sized to the budget: the default population (512, 50 random samples)
+    costs ~30-60 s of search per kernel on 2 cores, which dominates small-budget tuning."""
+    from tvm.s_tir import meta_schedule as ms
+
+    population = max(32, min(512, 8 * per_task))
+    return ms.search_strategy.EvolutionarySearch(
+        population_size=population,
+        init_min_unmeasured=max(8, min(50, 2 * per_task)),
+        genetic_num_iters=2 if per_task < 64 else 4,
+    )
+
+
 def _runner(rpc: RPCSpec | None, target: Any) -> Any:
     from tvm.s_tir import meta_schedule as ms
 
@@ -262,7 +275,7 @@ def tune(
     if todo:
         work_dir = str(db_dir)
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            todo, work_dir, num_threads=int(target.attrs.get("num-cores", default_num_cores())), seed=seed
+            todo, work_dir, strategy=_search_strategy(per_task), num_threads=int(target.attrs.get("num-cores", default_num_cores())), seed=seed
         )
         builder = ms.builder.LocalBuilder(
             max_workers=int(target.attrs.get("num-cores", 1)), timeout_sec=120, initializer=_worker_init

@@ -1,0 +1,163 @@
+"""`graphprune bench` and `graphprune tune`: measured latency and TVM tuning from the command line."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from graphprune.errors import GraphpruneError
+
+console = Console(stderr=True)
+
+
+def _one_line_errors(fn: Callable) -> Callable:
+    """GraphpruneError -> one line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except GraphpruneError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _write_json(path: str | None, report: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2))
+        console.print(f"report written to {path}")
+
+
+def _measure(model: str, backend: str, target: str, runs: int, warmup: int, threads: int,
+             db: str | None, rpc: Any) -> dict:
+    from graphprune.backends.macs import count_macs
+    from graphprune.backends.ort_backend import measure_ort, random_inputs
+
+    row: dict[str, Any] = {"model": model, "macs": count_macs(model)}
+    if backend == "ort":
+        stats = measure_ort(model, runs=runs, warmup=warmup, intra_op_threads=threads)
+    else:
+        from graphprune.backends import tvm_backend as tb
+
+        tgt = tb.make_target(target, num_cores=threads or None)
+        mod = tb.import_onnx(model)
+        ex = tb.compile_tuned(mod, tgt, db) if db else tb.compile_untuned(mod, tgt)
+        row["tuned"] = bool(db)
+        stats = tb.measure_tvm(ex, tgt, random_inputs(model), tb.graph_input_names(model), runs, warmup, rpc=rpc)
+    row["latency"] = stats.to_dict()
+    row["_stats"] = stats
+    return row
+
+
+@click.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--compare", type=click.Path(exists=True, dir_okay=False), help="Pruned model to compare against MODEL.")
+@click.option("--backend", type=click.Choice(["ort", "tvm"]), default="ort", show_default=True)
+@click.option("--target", type=click.Choice(["llvm", "cuda"]), default="llvm", show_default=True, help="TVM target.")
+@click.option("--runs", default=50, show_default=True, help="Timed runs per model.")
+@click.option("--warmup", default=5, show_default=True, help="Untimed runs before timing.")
+@click.option("--threads", default=1, show_default=True, help="Intra-op threads (ORT) / cores (TVM).")
+@click.option("--db", type=click.Path(file_okay=False), help="TVM: compile with this tuning database.")
+@click.option("--rpc-tracker", help="TVM: measure on a remote device, tracker host:port.")
+@click.option("--rpc-key", default="graphprune", show_default=True, help="TVM: device key at the tracker.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@_one_line_errors
+def bench(model: str, compare: str | None, backend: str, target: str, runs: int, warmup: int, threads: int,
+          db: str | None, rpc_tracker: str | None, rpc_key: str, json_path: str | None) -> None:
+    """Latency (median, p90, spread) of MODEL, and of --compare, with speed-up vs MAC ratio."""
+    from graphprune.backends.latency import speedup
+
+    if backend == "ort" and target != "llvm":
+        raise GraphpruneError("--target only applies to --backend tvm (onnxruntime runs on CPU here)")
+    rpc = None
+    if rpc_tracker:
+        if backend != "tvm":
+            raise GraphpruneError("--rpc-tracker needs --backend tvm")
+        from graphprune.backends.tvm_backend import parse_tracker
+
+        rpc = parse_tracker(rpc_tracker, rpc_key)
+    rows = [_measure(m, backend, target, runs, warmup, threads, db, rpc) for m in [model, compare] if m]
+    table = Table(title=f"latency ({backend}{'/' + target if backend == 'tvm' else ''}, {runs} runs)")
+    for col in ("model", "MMACs", "median ms", "p90 ms", "stdev ms", "spread"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        s = r["_stats"]
+        table.add_row(Path(r["model"]).name, f"{r['macs'] / 1e6:.1f}", f"{s.median_ms:.3f}", f"{s.p90_ms:.3f}",
+                      f"{s.stdev:.3f}", f"{s.spread_pct:.1f}%")
+    Console().print(table)
+    report: dict[str, Any] = {"backend": backend, "target": target, "runs": runs,
+                              "models": [{k: v for k, v in r.items() if k != "_stats"} for r in rows]}
+    if len(rows) == 2:
+        sp = speedup(rows[0]["_stats"], rows[1]["_stats"])
+        ratio = rows[0]["macs"] / rows[1]["macs"] if rows[1]["macs"] else float("nan")
+        Console().print(f"speed-up {sp:.2f}x  (MACs ratio {ratio:.2f}x)")
+        report.update(speedup=sp, macs_ratio=ratio)
+    _write_json(json_path, report)
+
+
+@click.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--target", type=click.Choice(["llvm", "cuda"]), default="llvm", show_default=True)
+@click.option("--trials", default=64, show_default=True, help="Total MetaSchedule trial budget.")
+@click.option("--trials-per-task", type=int, help="Cap per kernel (default: budget split evenly).")
+@click.option("--db", "db_dir", required=True, type=click.Path(file_okay=False),
+              help="Tuning database directory (JSON); reused on later runs.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Export the compiled library (.so).")
+@click.option("--num-cores", type=int, help="Cores of the device to tune for (default: this machine's).")
+@click.option("--rpc-tracker", help="Measure candidates on a remote device, tracker host:port.")
+@click.option("--rpc-key", default="graphprune", show_default=True)
+@click.option("--retune", is_flag=True, help="Tune kernels even when the database already has them.")
+@click.option("--no-check", is_flag=True, help="Skip the output check against onnxruntime.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@_one_line_errors
+def tune(model: str, target: str, trials: int, trials_per_task: int | None, db_dir: str, output: str | None,
+         num_cores: int | None, rpc_tracker: str | None, rpc_key: str, retune: bool, no_check: bool,
+         json_path: str | None) -> None:
+    """MetaSchedule-tune MODEL with TVM, reusing the database in --db; optionally export a library."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from graphprune.backends import tvm_backend as tb
+
+    tgt = tb.make_target(target, num_cores=num_cores)
+    rpc = tb.parse_tracker(rpc_tracker, rpc_key) if rpc_tracker else None
+    mod = tb.import_onnx(model)
+    with Progress(TextColumn("[bold]tuning[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        bar = progress.add_task("", total=None)
+
+        def on_start(names: list[str], total: int) -> None:
+            progress.update(bar, total=max(total, 1), description=f"{len(names)} kernel(s) to tune")
+
+        def on_trials(name: str, n: int) -> None:
+            progress.update(bar, advance=n, description=name)
+
+        result = tb.tune(mod, tgt, db_dir, trials, trials_per_task=trials_per_task, rpc=rpc, retune=retune,
+                         on_start=on_start, on_trials=on_trials)
+    report: dict[str, Any] = {"model": model, "target": str(tgt), **result.to_dict()}
+    ex = tb.compile_tuned(mod, tgt, db_dir)
+    if not no_check and rpc is None:
+        report["max_abs_diff_vs_ort"] = tb.check_against_ort(ex, tgt, model)
+    if output:
+        report["library"] = str(tb.export_library(ex, output))
+    table = Table(title="tuning")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    table.add_row("kernels", str(len(result.tasks)))
+    table.add_row("tuned now / reused from db", f"{len(result.tuned_tasks)} / {len(result.reused_tasks)}")
+    table.add_row("new trials", str(result.new_trials))
+    table.add_row("db records", f"{result.db_records_before} -> {result.db_records_after}")
+    table.add_row("time", f"{result.seconds:.1f} s")
+    if "max_abs_diff_vs_ort" in report:
+        table.add_row("max |tvm - ort|", f"{report['max_abs_diff_vs_ort']:.2e}")
+    if output:
+        table.add_row("library", output)
+    Console().print(table)
+    _write_json(json_path, report)
