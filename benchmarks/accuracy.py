@@ -116,12 +116,13 @@ def run_method(method: str, base: torch.nn.Module, space: ChannelSpace, history:
         m, removed, _ = hfp(m, space, tr.x, tr.y, HFPConfig({"macs": target}), cfg(a.method_epochs, "hfp gates"),
                             teacher, seed)
     elif method == "ssr":
-        m, removed, _ = ssr(m, space, tr.x, tr.y, SSRConfig(target, rho=0.5), cfg(a.method_epochs, "ssr aulm"),
+        m, removed, _ = ssr(m, space, tr.x, tr.y, SSRConfig(target, reg="l20", rho=0.1), cfg(a.method_epochs, "ssr aulm"),
                             teacher, seed)
     elif method == "hbfp":
         hist = copy.deepcopy(history)
-        m, removed, _ = hbfp(m, space, tr.x, tr.y, hist, HBFPConfig(target, lam=5.0),
-                             cfg(a.method_epochs, "hbfp pairs"), teacher=teacher, seed=seed)
+        rounds = 2  # one filter per pair: a round removes at most half of a layer
+        m, removed, _ = hbfp(m, space, tr.x, tr.y, hist, HBFPConfig(target, lam=1.0, rounds=rounds),
+                             cfg(max(1, a.method_epochs // rounds), "hbfp pairs"), teacher=teacher, seed=seed)
     elif method == "torch_pruning":
         m, ratio = tp_prune(m.cpu(), tr.x[:1], target)
         train(m, tr.x, tr.y, cfg(a.ft_epochs + a.method_epochs, "tp finetune"), teacher=teacher, seed=seed)

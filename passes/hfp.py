@@ -9,7 +9,8 @@ current size is computed from the gates with the same multilinear cost model the
 
 which equals the real count when every gate is 0 or 1. The loss adds, for each given target t_k,
 
-    lambda * relu(Cost_k(g) / Cost_k(1) - t_k)        (distance to the target, one-sided)
+    lambda * relu(Cost_k(g) / Cost_k(1) - t_k)        (distance to the target, one-sided;
+                                                       lambda grows by dual ascent while over budget)
   + beta(step) * mean(g * (1 - g))                    (polarisation, ramped up over training)
 
 so gradient descent trades task loss against size and decides how many channels each layer
@@ -33,10 +34,11 @@ from graphprune.passes.training import TrainConfig, train
 @dataclass
 class HFPConfig:
     targets: dict[str, float]  # e.g. {"macs": 0.4} or {"macs": 0.4, "params": 0.5}
-    lam: float = 5.0  # weight of the distance-to-target penalty
+    lam: float = 0.2  # initial weight of the distance-to-target penalty
+    dual_lr: float | None = None  # lam grows by dual_lr * distance each step; None: 4 / steps
     beta: float = 0.5  # final weight of the polarisation term
-    gate_lr: float = 0.05  # Adam on the gate logits: per-class steps independent of layer size
-    init: float = 3.0  # initial logit (gate 0.95)
+    gate_lr: float | None = None  # None: 8 / steps, so a gate can travel ~8 logits within the budget
+    init: float = 2.0  # initial logit (gate 0.88)
 
 
 class Gates:
@@ -84,6 +86,38 @@ class Gates:
         self.remove()
 
 
+class SharedScaleAdam:
+    """Adam with one second-moment scalar for the whole gate vector.
+
+    Per-coordinate Adam would move every gate at the same speed and erase what decides the
+    allocation (how much each gate's channel costs vs. how much the task needs it); one shared
+    scale keeps the gradients' relative sizes while making the step size independent of the
+    model's size.
+    """
+
+    def __init__(self, theta: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.99)) -> None:
+        self.theta, self.lr, self.betas = theta, lr, betas
+        self.m = torch.zeros_like(theta)
+        self.v = torch.zeros((), device=theta.device)
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        g = self.theta.grad
+        if g is None:
+            return
+        self.t += 1
+        b1, b2 = self.betas
+        self.m.mul_(b1).add_(g, alpha=1 - b1)
+        self.v.mul_(b2).add_(g.pow(2).mean(), alpha=1 - b2)
+        m_hat = self.m / (1 - b1 ** self.t)
+        v_hat = self.v / (1 - b2 ** self.t)
+        self.theta.sub_(self.lr * m_hat / (v_hat.sqrt() + 1e-12))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.theta.grad = None
+
+
 def budget_penalty(space: ChannelSpace, gates: torch.Tensor, targets: dict[str, float],
                    base: dict[str, float]) -> torch.Tensor:
     """Sum over kinds of relu(relative cost - target): zero once every target is met."""
@@ -100,16 +134,21 @@ def hfp(model: nn.Module, space: ChannelSpace, x: torch.Tensor, y: torch.Tensor,
     model.to(train_cfg.device)
     gates = Gates(model, space, cfg.init)
     base = {k: space.cost(k) for k in cfg.targets}
-    opt = torch.optim.Adam([gates.theta], lr=cfg.gate_lr)
     steps_per_epoch = (len(y) + train_cfg.batch_size - 1) // train_cfg.batch_size
     total = max(1, train_cfg.epochs * steps_per_epoch)
-    state = {"step": 0}
+    opt = SharedScaleAdam(gates.theta, lr=cfg.gate_lr or max(0.02, 8.0 / total))
+    state = {"step": 0, "lam": cfg.lam}
+    dual_lr = cfg.dual_lr if cfg.dual_lr is not None else 4.0 / total
     log: dict[str, list[float]] = {k: [] for k in cfg.targets}
 
     def loss_term(_m: nn.Module) -> torch.Tensor:
         g = gates.values()
         ramp = min(1.0, 2.0 * state["step"] / total)  # polarise during the second half
-        return cfg.lam * budget_penalty(space, g, cfg.targets, base) + cfg.beta * ramp * (g * (1 - g)).mean()
+        dist = budget_penalty(space, g, cfg.targets, base)
+        # dual ascent: the multiplier grows while the model is over budget (a Lagrangian view of
+        # the target), so a small start is gentle on the task loss and the target is still reached
+        state["lam"] = state["lam"] + dual_lr * float(dist.detach())
+        return state["lam"] * dist + cfg.beta * ramp * (g * (1 - g)).mean()
 
     def after_step(step: int) -> None:
         opt.step()
@@ -131,4 +170,5 @@ def hfp(model: nn.Module, space: ChannelSpace, x: torch.Tensor, y: torch.Tensor,
     removed = plan_from_scores(space, scores, cfg.targets)
     gates.fold(model)
     log["final_gates_below_half"] = [float((g < 0.5).float().mean())]
+    log["final_lambda"] = [state["lam"]]
     return model, removed, log

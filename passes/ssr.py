@@ -18,9 +18,10 @@ with scaled multipliers U:
     U-step: U = U + W - V
 
 V's zero groups are exactly zero, so they can be removed; at the end W is replaced by V on the
-removed groups. Choices (the paper tunes lambda by hand): w_g is the group's share of the MACs a
-removal saves (cost-aware), and lambda is set at every V-step to the smallest value whose prox
-zeroes enough groups to meet the cost target, so the zero set lands on the budget.
+removed groups. Choices (the paper tunes lambda by hand): the per-group weight is
+w_g * mean norm of the group's layer, w_g = (share of the MACs the removal saves) ** cost_power
+with cost_power 0 by default (layer-scale free; cost-aware weighting over-prunes residual streams, see docs/methods.md), and lambda is set at every V-step to the smallest value whose
+prox zeroes enough groups to meet the cost target, so the zero set lands on the budget.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class SSRConfig:
     reg: str = "l21"  # "l21" or "l20"
     rho: float = 1e-2  # augmented-Lagrangian weight (per unit of squared group norm)
     every: int = 5  # W-steps (SGD steps) between V/U updates
+    cost_power: float = 0.0  # w_g = (MACs share of the group's removal) ** cost_power; 0 = plain
 
 
 def prox_l21(z: torch.Tensor, thresh: float) -> torch.Tensor:
@@ -66,13 +68,15 @@ class AULM:
                                                         for s in space.slices.get(c, []))]
         base = space.cost(cfg.kind)
         saved = np.array([base - space.cost(cfg.kind, [c]) for c in self.classes])
-        self.weight = {c: float(w) for c, w in zip(self.classes, saved / max(saved.mean(), 1e-12))}
+        share = np.maximum(saved / max(saved.mean(), 1e-12), 1e-6) ** cfg.cost_power
+        self.weight = {c: float(w) for c, w in zip(self.classes, share)}
         with torch.no_grad():
             w = self.flat()
         self.v = {c: t.clone() for c, t in w.items()}
         self.u = {c: torch.zeros_like(t) for c, t in w.items()}
         self.lam = 0.0
         self.zero: set[int] = set()
+        self.scale: dict[int, float] = {}  # mean group norm of each class's group at the last V-step
 
     def flat(self) -> dict[int, torch.Tensor]:
         """W_g: every group-role slice of the class, flattened and concatenated (differentiable)."""
@@ -94,7 +98,7 @@ class AULM:
         w = self.flat()
         z = {c: w[c] + self.u[c] for c in self.classes}
         power = 1 if self.cfg.reg == "l21" else 2
-        score = {c: float(z[c].norm()) ** power / self.weight[c] for c in self.classes}
+        score = self.scores(z, power)
         zero = plan_from_scores(self.space, score, {self.cfg.kind: self.cfg.target}) & set(self.classes)
         edge = max((score[c] for c in zero), default=0.0)
         rho = self.cfg.rho
@@ -103,12 +107,26 @@ class AULM:
             if c in zero:
                 self.v[c] = z[c] * 0
             elif power == 1:  # group soft threshold, lambda * w_g / rho = edge * w_g
-                self.v[c] = prox_l21(z[c], min(edge * self.weight[c], 0.9 * float(z[c].norm())))
+                self.v[c] = prox_l21(z[c], min(edge * self.weight[c] * self.scale[c], 0.9 * float(z[c].norm())))
             else:  # group hard threshold keeps a surviving group unchanged
                 self.v[c] = prox_l20(z[c], 0.0)
         for c in self.classes:
             self.u[c] += w[c] - self.v[c]
         self.zero = {c for c in self.classes if float(self.v[c].abs().max()) == 0.0}
+
+    def scores(self, z: dict[int, torch.Tensor], power: int = 1) -> dict[int, float]:
+        """||Z_g||^power / w_g with ||Z_g|| relative to its group's mean (layers of different scale)."""
+        norms = {c: float(z[c].detach().norm()) for c in self.classes}
+        out = {}
+        for g in self.space.groups:
+            cs = [c for c in g if c in norms]
+            if not cs:
+                continue
+            mean = max(float(np.mean([norms[c] for c in cs])), 1e-12)
+            for c in cs:
+                self.scale[c] = mean
+                out[c] = (norms[c] / mean) ** power / self.weight[c]
+        return out
 
     @torch.no_grad()
     def project(self, classes: set[int]) -> None:
@@ -136,7 +154,8 @@ def ssr(model: nn.Module, space: ChannelSpace, x: torch.Tensor, y: torch.Tensor,
     train(model, x, y, train_cfg, teacher=teacher, loss_term=solver.penalty, after_step=after_step, seed=seed)
     solver.update()
     w = solver.flat()
-    scores = {c: (0.0 if c in solver.zero else float(w[c].detach().norm()) / solver.weight[c]) for c in solver.classes}
+    scores = solver.scores(w)
+    scores.update({c: 0.0 for c in solver.zero})
     removed = plan_from_scores(space, scores, {cfg.kind: cfg.target})
     solver.project(set(removed))
     return model, removed, log
