@@ -16,7 +16,7 @@ from graphprune.io import write_model_atomic
 from graphprune.passes.allocate import Plan, allocate, ignored_classes
 from graphprune.passes.magnitude import CRITERIA
 from graphprune.rewrite.onnx_rewrite import rewrite_onnx
-from graphprune.rewrite.validate import random_feed, run_onnx, validate
+from graphprune.rewrite.validate import custom_domains, random_feed, run_onnx, validate
 
 Progress = Callable[[str], None]
 
@@ -72,10 +72,10 @@ def score_classes(analysis: Analysis, method: str, *, seed: int = 0, **options: 
     return fn(analysis, seed=seed, **options)
 
 
-def _blame_input(original: onnx.ModelProto, feed: dict, expected: list) -> None:
+def _blame_input(original: onnx.ModelProto, feed: dict, expected: list, run: bool = True) -> None:
     """A pruned model failed validation: if the input fails the same checks, say that instead."""
     try:
-        validate(original, feed, expected)
+        validate(original, feed, expected, run=run)
     except GraphpruneError as exc:
         raise GraphpruneError(f"input model is invalid: {str(exc).replace('pruned model ', '', 1)}") from None
 
@@ -149,15 +149,21 @@ def prune(
     say("validating (checker, shape inference, onnxruntime)")
     feed = random_feed(loaded.proto, loaded.graph, seed)
     expected = [loaded.graph.shape(o) for o in loaded.graph.outputs]
-    if any(s is None for s in expected):
+    custom = custom_domains(loaded.proto)
+    if custom:
+        say(f"custom op domains {custom}: onnxruntime stage skipped")
+        if any(s is None for s in expected):
+            raise GraphpruneError(f"model uses custom op domains {custom} and its output shapes are not declared: "
+                                  "cannot validate the pruned model")
+    elif any(s is None for s in expected):
         try:
             expected = [tuple(o.shape) for o in run_onnx(loaded.proto, feed)]
         except Exception as exc:  # the input itself is broken; say so instead of a traceback
             raise GraphpruneError(f"input model fails to run in onnxruntime: {str(exc).splitlines()[0][:200]}") from None
     try:
-        validate(slim, feed, expected)
+        validate(slim, feed, expected, run=not custom)
     except GraphpruneError as exc:
-        _blame_input(loaded.proto, feed, expected)
+        _blame_input(loaded.proto, feed, expected, run=not custom)
         raise exc from None
     times["validate_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - t0
@@ -166,6 +172,10 @@ def prune(
 
     report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_to, times=times,
                           source=loaded.source)
+    report["validation"] = (["checker", "shape inference"] if custom
+                            else ["checker", "shape inference", "onnxruntime run"])
+    if custom:
+        report["validation_note"] = f"onnxruntime run skipped: custom op domains {custom}"
     if plan.kind == "latency":
         from graphprune.passes.latency_cost import time_model
 
