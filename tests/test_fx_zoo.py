@@ -21,6 +21,8 @@ SLOW = {
     "regnet_x_32gf", "regnet_x_16gf", "efficientnet_b7", "efficientnet_b6", "efficientnet_v2_l",
     "convnext_large", "convnext_base", "swin_v2_b", "swin_b", "swin_v2_s", "swin_s", "maxvit_t",
     "vgg19_bn", "vgg19", "vgg16_bn", "vgg16", "resnext101_64x4d", "resnext101_32x8d", "wide_resnet101_2",
+    # measured 50-215 s each in the FX path on the 2-core CI machine
+    "efficientnet_v2_m", "efficientnet_b5", "efficientnet_b4", "resnet152", "efficientnet_v2_s",
 }
 
 

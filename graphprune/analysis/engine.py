@@ -23,6 +23,9 @@ def _static_macs(ctx: Ctx, node: Node) -> None:
             # Conv iterates over output positions, ConvTranspose over input positions
             ref = ctx.shape(node.outputs[0] if node.op_type == "Conv" else node.inputs[0])
             ctx.mac(node, ref[0] * w.shape[0] * w.shape[1] * prod(w.shape[2:]) * prod(ref[2:]))
+        elif node.op_type == "Linear" and ctx.is_const(node.inputs[1]):
+            w = ctx.const(node.inputs[1])
+            ctx.mac(node, prod(ctx.shape(node.inputs[0])[:-1]) * w.shape[0] * w.shape[1])
         elif node.op_type == "Gemm" and ctx.is_const(node.inputs[1]):
             w = ctx.const(node.inputs[1])
             ctx.mac(node, ctx.shape(node.inputs[0])[0] * w.shape[0] * w.shape[1])
