@@ -180,13 +180,14 @@ def space_of(model: nn.Module, example_inputs: Any) -> ChannelSpace:
 
 # -- plans ----------------------------------------------------------------------------------------
 def plan_from_scores(space: ChannelSpace, scores: dict[int, float], targets: dict[str, float],
-                     min_keep: int = 1) -> frozenset[int]:
+                     min_keep: int = 1, min_keep_frac: float = 0.0) -> frozenset[int]:
     """Remove classes in increasing score order (per group at most size - min_keep) until every
     cost kind in `targets` (fraction kept, e.g. {"macs": 0.4}) is met; then give back the most
     important removed classes that still fit, so the plan lands just under the targets."""
     base = {k: space.cost(k) for k in targets}
     order = sorted(space.classes, key=lambda c: (scores.get(c, 0.0), c))
     left = {gi: len(g) for gi, g in enumerate(space.groups)}
+    floor = {gi: max(min_keep, int(np.ceil(min_keep_frac * len(g)))) for gi, g in enumerate(space.groups)}
     keep = np.ones(len(space.classes))
     removed: list[int] = []
 
@@ -197,13 +198,13 @@ def plan_from_scores(space: ChannelSpace, scores: dict[int, float], targets: dic
         if met():
             break
         gi = space.group_of[c]
-        if left[gi] <= min_keep:
+        if left[gi] <= floor[gi]:
             continue
         left[gi] -= 1
         keep[space.index[c]] = 0.0
         removed.append(c)
     if not met():
-        raise ValueError(f"targets {targets} are not reachable with min_keep={min_keep}")
+        raise ValueError(f"targets {targets} are not reachable with min_keep={min_keep}, min_keep_frac={min_keep_frac}")
     for c in reversed(removed):  # most important first
         keep[space.index[c]] = 1.0
         if met():

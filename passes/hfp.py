@@ -39,6 +39,7 @@ class HFPConfig:
     beta: float = 0.5  # final weight of the polarisation term
     gate_lr: float | None = None  # None: 8 / steps, so a gate can travel ~8 logits within the budget
     init: float = 2.0  # initial logit (gate 0.88)
+    min_keep_frac: float = 0.25  # the plan keeps at least this fraction of every group (see docs)
 
 
 class Gates:
@@ -50,11 +51,22 @@ class Gates:
         self.space = space
         dev = next(model.parameters()).device
         self.theta = nn.Parameter(torch.full((len(space.classes),), float(init), device=dev))
+        self.group_index = torch.tensor([space.group_of[c] for c in space.classes], device=dev)
+        self.n_groups = len(space.groups)
         modules = dict(model.named_modules())
         self.handles = [modules[g.module].register_forward_hook(self._hook(g.tensor)) for g in space.gates]
 
     def values(self) -> torch.Tensor:
-        return torch.sigmoid(self.theta)
+        """sigmoid(theta) divided by its group's largest gate.
+
+        Why the division: a BatchNorm downstream makes a layer blind to a common scale of all its
+        input channels, so plain gates could shrink a whole group (e.g. a residual stream)
+        "for free" and cut the cost model without removing anything. With the group maximum
+        pinned to 1 that direction no longer lowers the cost; only removing channels does.
+        """
+        g = torch.sigmoid(self.theta)
+        gmax = g.new_zeros(self.n_groups).scatter_reduce(0, self.group_index, g, "amax", include_self=False)
+        return g / gmax[self.group_index]
 
     def full(self) -> torch.Tensor:
         g = self.values()
@@ -167,7 +179,7 @@ def hfp(model: nn.Module, space: ChannelSpace, x: torch.Tensor, y: torch.Tensor,
         raise
     g = gates.values().detach().cpu()
     scores = {c: float(g[i]) for i, c in enumerate(space.classes)}
-    removed = plan_from_scores(space, scores, cfg.targets)
+    removed = plan_from_scores(space, scores, cfg.targets, min_keep_frac=cfg.min_keep_frac)
     gates.fold(model)
     log["final_gates_below_half"] = [float((g < 0.5).float().mean())]
     log["final_lambda"] = [state["lam"]]
