@@ -66,7 +66,7 @@ def main() -> None:
                 with torch.inference_mode():
                     meds[(label, "eager")] = statistics.median(bench(m, x, args.runs, sync))
                     if not args.no_compile:
-                        c = torch.compile(m, mode="max-autotune-no-cudagraphs")
+                        c = torch.compile(m)
                         meds[(label, "compile")] = statistics.median(bench(c, x, args.runs, sync))
             for mode in ("eager", "compile"):
                 if ("original", mode) not in meds:
