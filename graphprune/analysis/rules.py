@@ -295,77 +295,63 @@ def batchnorm(ctx: Ctx, node: Node) -> None:
             ctx.bind(p, 0, out, "coupled", node)
 
 
+def _dense_layer(ctx: Ctx, node: Node, x: str, w: str, bias: str | None, feature_axis: int,
+                 k_axis: int, n_axis: int) -> None:
+    """A weight matrix over one feature axis of x: input features along w's k_axis, outputs along n_axis.
+
+    Shared by Gemm (rows of a 2-D input), MatMul (last axis) and torch's Linear (last axis).
+    """
+    W = ctx.const(w)
+    xshape = ctx.shape(x)
+    base = prod(xshape[:feature_axis % len(xshape)]) * W.shape[0] * W.shape[1]
+    out = node.outputs[0]
+    in_ids = _channel(ctx, x, feature_axis)
+    ctx.new(out, feature_axis)
+    ctx.bind(w, n_axis, out, "out", node)
+    if bias:
+        ctx.bind(bias, ctx.const(bias).ndim - 1, out, "out", node)
+    if in_ids is None:
+        ctx.freeze_tensor(x, f"input features of {node.name} cannot be traced")
+        ctx.mac(node, base, out)
+    else:
+        ctx.bind(w, k_axis, x, "in", node)
+        ctx.mac(node, base, x, out)
+
+
 def gemm(ctx: Ctx, node: Node) -> None:
     a, bw = node.inputs[0], node.inputs[1]
     c = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
-    out = node.outputs[0]
     if int(node.attrs.get("transA", 0)):
         raise Unresolved("transposed activation operand")
     if not ctx.is_const(bw):
         raise Unresolved("weight is not a constant")
-    B = ctx.const(bw)
-    trans_b = int(node.attrs.get("transB", 0))
-    k_axis, n_axis = (1, 0) if trans_b else (0, 1)
-    m = ctx.shape(a)[0]
-    base = m * B.shape[0] * B.shape[1]
-    in_ids = _channel(ctx, a, 1)
-    ctx.new(out, 1)
-    ctx.bind(bw, n_axis, out, "out", node)
-    if c and ctx.is_const(c):
-        C = ctx.const(c)
-        if C.ndim >= 1 and C.shape[-1] == B.shape[n_axis] and C.shape[-1] > 1:
-            ctx.bind(c, C.ndim - 1, out, "out", node)
-    elif c:
+    if c and not ctx.is_const(c):
         raise Unresolved("non-constant bias")
-    if in_ids is None:
-        ctx.freeze_tensor(a, f"input features of {node.name} cannot be traced")
-        ctx.mac(node, base, out)
-    else:
-        ctx.bind(bw, k_axis, a, "in", node)
-        ctx.mac(node, base, a, out)
+    B = ctx.const(bw)
+    k_axis, n_axis = (1, 0) if int(node.attrs.get("transB", 0)) else (0, 1)
+    if c is not None:
+        C = ctx.const(c)
+        if not (C.ndim >= 1 and C.shape[-1] == B.shape[n_axis] and C.shape[-1] > 1):
+            c = None  # a scalar or broadcast bias does not follow the output channels
+    _dense_layer(ctx, node, a, bw, c, 1, k_axis, n_axis)
 
 
 def matmul(ctx: Ctx, node: Node) -> None:
     a, bw = node.inputs[0], node.inputs[1]
-    out = node.outputs[0]
     if not ctx.is_const(bw) or ctx.const(bw).ndim != 2:
         raise Unresolved("product of two activations (e.g. attention) or batched weight")
     if ctx.is_const(a):
         raise Unresolved("constant left operand")
-    B = ctx.const(bw)
-    ashape = ctx.shape(a)
-    base = prod(ashape[:-1]) * B.shape[0] * B.shape[1]
-    in_ids = _channel(ctx, a, -1)
-    ctx.new(out, -1)
-    ctx.bind(bw, 1, out, "out", node)
-    if in_ids is None:
-        ctx.freeze_tensor(a, f"input features of {node.name} cannot be traced")
-        ctx.mac(node, base, out)
-    else:
-        ctx.bind(bw, 0, a, "in", node)
-        ctx.mac(node, base, a, out)
+    _dense_layer(ctx, node, a, bw, None, -1, 0, 1)
 
 
 def linear(ctx: Ctx, node: Node) -> None:
     """torch Linear over the last axis of an N-D input: weight [out, in], bias [out] (PyTorch frontend)."""
     a, w = node.inputs[0], node.inputs[1]
     b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
-    out = node.outputs[0]
     if not ctx.is_const(w) or ctx.const(w).ndim != 2:
         raise Unresolved("weight is not a constant matrix")
-    W = ctx.const(w)
-    base = prod(ctx.shape(a)[:-1]) * W.shape[0] * W.shape[1]
-    in_ids = _channel(ctx, a, -1)
-    ctx.new(out, -1)
-    ctx.bind(w, 0, out, "out", node)
-    if b:
-        ctx.bind(b, 0, out, "out", node)
-    if in_ids is None:
-        ctx.freeze_tensor(a, f"input features of {node.name} cannot be traced")
-        ctx.mac(node, base, out)
-    else:
-        ctx.bind(w, 1, a, "in", node)
-        ctx.mac(node, base, a, out)
+    _dense_layer(ctx, node, a, w, b, -1, 1, 0)
 
 
 # --------------------------------------------------------------------------------------------
