@@ -77,6 +77,34 @@ class AULM:
         self.lam = 0.0
         self.zero: set[int] = set()
         self.scale: dict[int, float] = {}  # mean group norm of each class's group at the last V-step
+        # the penalty in dense form: sum_p ||(P - T_p) * M_p||^2 with T = V - U scattered into
+        # parameter shape, M the group-role entries (one op per parameter instead of per slice)
+        self.mask: dict[str, torch.Tensor] = {}
+        self.anchor: dict[str, torch.Tensor] = {}
+        for c in self.classes:
+            for sl in self._group_slices(c):
+                p = self.params[sl.param]
+                m = self.mask.setdefault(sl.param, torch.zeros_like(p, dtype=torch.bool))
+                m.movedim(sl.axis, 0)[torch.as_tensor(sl.index, device=p.device)] = True
+        self._scatter()
+
+    def _group_slices(self, c: int) -> list:
+        return [sl for sl in self.space.slices.get(c, []) if sl.role in GROUP_ROLES and sl.param in self.params]
+
+    @torch.no_grad()
+    def _scatter(self) -> None:
+        """T_p = V - U at every group-role entry, in the layout class_rows flattened it from."""
+        self.anchor = {n: torch.zeros_like(self.params[n]) for n in self.mask}
+        for c in self.classes:
+            flat = self.v[c] - self.u[c]
+            pos = 0
+            for sl in self._group_slices(c):
+                t = self.anchor[sl.param].movedim(sl.axis, 0)
+                k = len(sl.index)
+                n = k * (t[0].numel() if t.ndim > 1 else 1)
+                seg = flat[pos: pos + n].reshape(k, *t.shape[1:])
+                t[torch.as_tensor(sl.index, device=t.device)] = seg
+                pos += n
 
     def flat(self) -> dict[int, torch.Tensor]:
         """W_g: every group-role slice of the class, flattened and concatenated (differentiable)."""
@@ -84,6 +112,14 @@ class AULM:
                 for c in self.classes}
 
     def penalty(self, _model: nn.Module | None = None) -> torch.Tensor:
+        """rho/2 sum_g ||W_g - V_g + U_g||^2 (the augmented-Lagrangian term of the W-step)."""
+        total = 0.0
+        for n, m in self.mask.items():
+            total = total + ((self.params[n] - self.anchor[n]) * m).pow(2).sum()
+        return 0.5 * self.cfg.rho * total
+
+    def penalty_by_groups(self) -> torch.Tensor:
+        """The same term summed group by group (reference for the dense form)."""
         w = self.flat()
         return 0.5 * self.cfg.rho * sum((w[c] - self.v[c] + self.u[c]).pow(2).sum() for c in self.classes)
 
@@ -113,6 +149,7 @@ class AULM:
         for c in self.classes:
             self.u[c] += w[c] - self.v[c]
         self.zero = {c for c in self.classes if float(self.v[c].abs().max()) == 0.0}
+        self._scatter()
 
     def scores(self, z: dict[int, torch.Tensor], power: int = 1) -> dict[int, float]:
         """||Z_g||^power / w_g with ||Z_g|| relative to its group's mean (layers of different scale)."""

@@ -46,6 +46,10 @@ def test_aulm_update_zeroes_a_group_exactly() -> None:
     assert solver.zero == {2}
     assert torch.count_nonzero(solver.v[2]) == 0
     assert torch.count_nonzero(solver.v[0]) > 0
+    # the dense penalty equals the group-by-group sum
+    with torch.no_grad():
+        m[0].weight.add_(0.1)
+    torch.testing.assert_close(solver.penalty(), solver.penalty_by_groups())
 
 
 def test_aulm_training_drives_group_to_zero() -> None:
