@@ -26,6 +26,7 @@ import onnx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import graphprune  # noqa: E402
+from graphprune.backends.ort_backend import sample_ort  # noqa: E402
 from graphprune.rewrite.validate import random_feed  # noqa: E402
 
 
@@ -36,20 +37,7 @@ def coverage(analysis) -> float:
 
 
 def ort_latency(model_bytes: bytes, feed: dict, runs: int, threads: int = 1) -> list[float]:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
-    for _ in range(3):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - t) * 1000)
-    return times
+    return sample_ort(model_bytes, feed, runs, warmup=3, intra_op_threads=threads)
 
 
 def zoo_rows(models: list[str], directory: str, target: float) -> list[dict]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,6 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from graphprune.analysis.groups import Analysis
+from graphprune.backends.ort_backend import sample_ort
 from graphprune.frontends.onnx_frontend import LoadedModel
 from graphprune.ir.graph import Node
 
@@ -33,27 +33,9 @@ class LayerLatency:
     tensors: tuple[str, ...]
 
 
-def _session(model: onnx.ModelProto, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
 def time_model(model: onnx.ModelProto, feed: dict[str, np.ndarray], runs: int = 10, threads: int = 1) -> float:
     """Median milliseconds of `runs` onnxruntime runs after warm-up."""
-    sess = _session(model, threads)
-    for _ in range(2):
-        sess.run(None, feed)
-    samples = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        samples.append((time.perf_counter() - t) * 1000)
-    return statistics.median(samples)
+    return statistics.median(sample_ort(model, feed, runs, warmup=2, intra_op_threads=threads))
 
 
 def _single_op(analysis: Analysis, node: Node, fin: float, fout: float) -> tuple[onnx.ModelProto, dict] | None:

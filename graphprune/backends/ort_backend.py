@@ -82,8 +82,14 @@ def measure_ort(
     """Time `runs` single inferences after `warmup` untimed ones."""
     if runs < 1:
         raise GraphpruneError("--runs must be at least 1")
-    sess = make_session(model, intra_op_threads)
     feeds = feeds if feeds is not None else random_inputs(model)
+    return LatencyStats.from_samples(sample_ort(model, feeds, runs, warmup, intra_op_threads))
+
+
+def sample_ort(model: onnx.ModelProto | str | Path | bytes, feeds: dict[str, np.ndarray], runs: int,
+               warmup: int = 3, intra_op_threads: int = 1) -> list[float]:
+    """Raw per-run milliseconds; callers interleave rounds of several models to share machine noise."""
+    sess = make_session(onnx.load_from_string(model) if isinstance(model, bytes) else model, intra_op_threads)
     for _ in range(warmup):
         sess.run(None, feeds)
     samples = []
@@ -91,4 +97,4 @@ def measure_ort(
         t0 = time.perf_counter()
         sess.run(None, feeds)
         samples.append((time.perf_counter() - t0) * 1e3)
-    return LatencyStats.from_samples(samples)
+    return samples
