@@ -44,6 +44,7 @@ def main() -> None:
     p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format (tensor-core friendly)")
     p.add_argument("--json", default="benchmarks/results/gpu_latency.json")
     args = p.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -60,9 +61,11 @@ def main() -> None:
         variants = {"original": model, "pruned": result.model.eval()}
         for bs in args.batch:
             x = torch.randn(bs, 3, 224, 224, device=dev, dtype=dtype)
+            fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+            x = x.contiguous(memory_format=fmt)
             meds = {}
             for label, m in variants.items():
-                m = m.to(dev, dtype)
+                m = m.to(dev, dtype).to(memory_format=fmt)
                 with torch.inference_mode():
                     meds[(label, "eager")] = statistics.median(bench(m, x, args.runs, sync))
                     if not args.no_compile:
@@ -73,7 +76,8 @@ def main() -> None:
                     continue
                 a, b = meds[("original", mode)], meds[("pruned", mode)]
                 rows.append({"model": name, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-                             "dtype": str(dtype), "batch": bs, "mode": mode, "original_ms": a, "pruned_ms": b,
+                             "dtype": str(dtype), "batch": bs, "mode": mode, "round_to": args.round_to,
+                             "channels_last": args.channels_last, "original_ms": a, "pruned_ms": b,
                              "speedup": a / b, "flops_ratio": result.report["macs"]["ratio"], "prune_s": prune_s})
                 print(json.dumps(rows[-1]), flush=True)
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
