@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import sys
 import tempfile
@@ -227,6 +228,15 @@ def _runner(rpc: RPCSpec | None, target: Any) -> Any:
     return ms.runner.RPCRunner(config, evaluator_config=evaluator, max_workers=1, initializer=_worker_init)
 
 
+def _drop_unnamed_handlers(name: str) -> None:
+    """MetaSchedule rebuilds its logging with dictConfig from the names of the handlers already on its
+    logger and crashes on an unnamed one (e.g. one left by an earlier run in the same process)."""
+    logger = logging.getLogger(name)
+    for handler in list(logger.handlers):
+        if handler.get_name() is None:
+            logger.removeHandler(handler)
+
+
 def tune(
     mod: Any,
     target: Any,
@@ -273,6 +283,7 @@ def tune(
             on_trials(name, n)
 
     if todo:
+        _drop_unnamed_handlers("tvm.s_tir.meta_schedule")
         work_dir = str(db_dir)
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             todo, work_dir, strategy=_search_strategy(per_task), num_threads=int(target.attrs.get("num-cores", default_num_cores())), seed=seed
