@@ -15,6 +15,7 @@ from graphprune.frontends.onnx_frontend import LoadedModel, load_onnx
 from graphprune.io import write_model_atomic
 from graphprune.passes.allocate import Plan, allocate, ignored_classes
 from graphprune.passes.magnitude import CRITERIA
+from graphprune.passes.methods import PLAN_METHODS, TRAINING_METHODS, di_plan, training_method_error
 from graphprune.rewrite.onnx_rewrite import rewrite_onnx
 from graphprune.rewrite.validate import custom_domains, random_feed, run_onnx, validate
 
@@ -129,12 +130,19 @@ def prune(
             from graphprune.passes.latency_cost import latency_scores_and_kind
 
             kind = latency_scores_and_kind(analysis, loaded, progress=say)
-        say(f"scoring channels ({method})")
-        if scores is None:
-            scores = score_classes(analysis, method, seed=seed, loaded=loaded, **method_options)
-        say("allocating the budget")
-        plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=round_to,
-                        protected=ignored_classes(analysis, list(ignore)))
+        if method in TRAINING_METHODS:
+            raise training_method_error(method)
+        if method in PLAN_METHODS and scores is None:
+            say(f"searching the structure ({method}, calibration data through onnxruntime)")
+            found = di_plan(analysis, target, kind, method_options, onnx_model=loaded.proto)
+            plan = Plan(found, kind, target, analysis.cost(kind), analysis.cost(kind, found))
+        else:
+            say(f"scoring channels ({method})")
+            if scores is None:
+                scores = score_classes(analysis, method, seed=seed, loaded=loaded, **method_options)
+            say("allocating the budget")
+            plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=round_to,
+                            protected=ignored_classes(analysis, list(ignore)))
     else:
         base = analysis.macs()
         plan = Plan(frozenset(removed), "macs", 1.0, base, analysis.macs(removed))

@@ -12,6 +12,7 @@ from graphprune.api import Progress, PruneResult, _parse_target, score_classes
 from graphprune.errors import GraphpruneError
 from graphprune.frontends.fx_frontend import TracedModule, analyze_traced, trace_module
 from graphprune.passes.allocate import Plan, allocate, ignored_classes
+from graphprune.passes.methods import PLAN_METHODS, TRAINING_METHODS, di_plan, training_method_error
 from graphprune.report.summary import build_report
 from graphprune.rewrite.torch_rewrite import rewrite_module
 
@@ -82,17 +83,24 @@ def prune_module(
     t = time.perf_counter()
     if removed is None:
         kind, target = _parse_target(target_flops, target_params, None)
-        if scores is None:
-            say(f"scoring channels ({method})")
-            if method == "taylor":
-                from graphprune.passes.taylor import taylor
+        if method in TRAINING_METHODS:
+            raise training_method_error(method)
+        if method in PLAN_METHODS and scores is None:
+            say(f"searching the structure ({method})")
+            found = di_plan(analysis, target, kind, opts, module=work.eval())
+            plan = Plan(found, kind, target, analysis.cost(kind), analysis.cost(kind, found))
+        else:
+            if scores is None:
+                say(f"scoring channels ({method})")
+                if method == "taylor":
+                    from graphprune.passes.taylor import taylor
 
-                scores = taylor(analysis, model=work, **opts)
-            else:
-                scores = score_classes(analysis, method, seed=seed, **opts)
-        say("allocating the budget")
-        plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=round_to,
-                        protected=ignored_classes(analysis, list(ignore)))
+                    scores = taylor(analysis, model=work, **opts)
+                else:
+                    scores = score_classes(analysis, method, seed=seed, **opts)
+            say("allocating the budget")
+            plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=round_to,
+                            protected=ignored_classes(analysis, list(ignore)))
     else:
         plan = Plan(frozenset(removed), "macs", 1.0, analysis.macs(), analysis.macs(removed))
     times["plan_s"] = time.perf_counter() - t

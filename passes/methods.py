@@ -1,0 +1,63 @@
+"""Which importance/pruning method is which kind of pass, and how the API runs the one-shot ones.
+
+* score criteria (l1, l2, bn_scale, fpgm, random; taylor for modules): scores -> allocation.
+* data-driven plan search (di): calibration inputs + labels -> a plan meeting the target directly.
+* training-based (hfp, ssr, hbfp): they change the weights while they search, so they run inside
+  a training loop on an nn.Module (graphprune.passes.hfp / ssr / hbfp, docs/methods.md) and hand
+  their plan to graphprune.prune(model, x, removed=plan).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from graphprune.analysis.groups import Analysis
+from graphprune.errors import GraphpruneError
+
+PLAN_METHODS = {"di"}
+TRAINING_METHODS = {"hfp", "ssr", "hbfp"}
+
+
+def training_method_error(method: str) -> GraphpruneError:
+    return GraphpruneError(
+        f"method {method} trains the model while it prunes: run graphprune.passes.{method} on an nn.Module "
+        "with your data (docs/methods.md), then graphprune.prune(model, x, removed=plan)"
+    )
+
+
+def _calibration(options: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    calib = options.get("calib")
+    if calib is None:
+        raise GraphpruneError("method di needs calibration data: calib=(inputs, labels) or --calib data.npz (x, y)")
+    if isinstance(calib, str):
+        try:
+            with np.load(calib) as data:
+                return data["x"], data["y"]
+        except (OSError, KeyError, ValueError) as exc:
+            raise GraphpruneError(f"cannot read calibration file {calib}: needs arrays 'x' and 'y' ({exc})") from None
+    x, y = calib
+    return np.asarray(x), np.asarray(y)
+
+
+def di_plan(analysis: Analysis, target: float, kind: str, options: dict[str, Any],
+            onnx_model: Any = None, module: Any = None) -> frozenset[int]:
+    """Discriminant-information greedy search on feature maps from onnxruntime or the nn.Module."""
+    from graphprune.passes.channels import from_analysis
+    from graphprune.passes.di import di_greedy_plan, onnx_features, torch_features
+
+    x, y = _calibration(options)
+    if len(np.unique(y)) < 2:
+        raise GraphpruneError("method di needs labels of at least two classes in the calibration data")
+    if module is not None:
+        import torch
+
+        space = from_analysis(analysis, module)
+        feats = torch_features(module, space, torch.as_tensor(x, dtype=torch.float32))
+    else:
+        space = from_analysis(analysis)
+        feats = onnx_features(onnx_model, analysis, x.astype(np.float32))
+    plan = di_greedy_plan(space, feats, y, target, kind=kind, rho=float(options.get("rho", 1e-2)))
+    if analysis.cost(kind, plan) > target * analysis.cost(kind) * (1 + 1e-9):
+        raise GraphpruneError(f"method di could not reach the {kind} target {target:g}")
+    return plan
