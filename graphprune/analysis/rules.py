@@ -95,15 +95,25 @@ def elementwise(ctx: Ctx, node: Node) -> None:
         if sp is not None and sp.axis is not None and ctx.rank(x) == orank:
             ctx.set_axis(out, sp.axis, sp.ids)
         return
-    out_ids = None
-    consts = []
+    operands = []
     for t in node.inputs:
         if not t:
             continue
-        r = len(ctx.shape(t))
-        ia = axis - (orank - r)
-        if ia < 0 or ctx.shape(t)[ia] == 1:
-            continue
+        ia = axis - (orank - len(ctx.shape(t)))
+        if ia >= 0 and ctx.shape(t)[ia] != 1:  # size-1 (broadcast) operands carry no channels
+            operands.append((t, ia))
+    _merge_aligned(ctx, node, out, axis, operands)
+
+
+def _merge_aligned(ctx: Ctx, node: Node, out: str, axis: int, operands: list[tuple[str, int]]) -> None:
+    """Operands whose channel axes line up position by position: one set of channels for all.
+
+    Activations are coupled channel by channel; constants (biases, scales, class tokens) are
+    bound to the output so they are sliced with it.
+    """
+    out_ids = None
+    consts = []
+    for t, ia in operands:
         if ctx.is_const(t):
             consts.append((t, ia))
             continue
@@ -379,22 +389,7 @@ def concat(ctx: Ctx, node: Node) -> None:
             parts.append(ids)
         ctx.set_axis(out, ch, np.concatenate(parts))
         return
-    out_ids = None
-    consts = []
-    for t in node.inputs:
-        if ctx.is_const(t):
-            consts.append(t)
-            continue
-        ids = _channel(ctx, t, ch)
-        if ids is None:
-            raise Unresolved(f"cannot map channels of '{t}'")
-        if out_ids is None:
-            out_ids = ids
-        else:
-            ctx.union(out_ids, ids)
-    ctx.set_axis(out, ch, out_ids)
-    for t in consts:
-        ctx.bind(t, ch, out, "coupled", node)
+    _merge_aligned(ctx, node, out, ch, [(t, ch) for t in node.inputs if t])
 
 
 def split(ctx: Ctx, node: Node) -> None:
