@@ -127,9 +127,9 @@ def prune(
     if removed is None:
         kind, target = _parse_target(target_flops, target_params, target_latency)
         if kind == "latency":
-            from graphprune.passes.latency_cost import latency_scores_and_kind
+            from graphprune.passes.latency_cost import register_latency_cost
 
-            kind = latency_scores_and_kind(analysis, loaded, progress=say)
+            kind = register_latency_cost(analysis, loaded, progress=say)
         if method in TRAINING_METHODS:
             raise training_method_error(method)
         if method in PLAN_METHODS and scores is None:

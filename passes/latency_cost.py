@@ -142,7 +142,7 @@ def latency_cost_terms(analysis: Analysis, loaded: LoadedModel, runs: int = 8, t
     return terms, info
 
 
-def latency_scores_and_kind(analysis: Analysis, loaded: LoadedModel, runs: int = 8, threads: int = 1,
+def register_latency_cost(analysis: Analysis, loaded: LoadedModel, runs: int = 8, threads: int = 1,
                             progress: Callable[[str], None] | None = None) -> str:
     """Register the measured latency cost model on `analysis` and return its cost kind."""
     terms, info = latency_cost_terms(analysis, loaded, runs=runs, threads=threads, progress=progress)

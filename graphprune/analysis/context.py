@@ -50,7 +50,6 @@ class Ctx:
         # layout chains (e.g. channel shuffle: Reshape -> Transpose -> Reshape) that net out to a pure
         # channel permutation: pending dense tensor -> (start tensor, chain nodes) while walking, and
         # resolved end tensor -> (start tensor, chain nodes); rewriters replace those chains by a Gather
-        self.allow_permutes = True
         self.chains: dict[str, tuple[str, list[str]]] = {}
         self.permutes: dict[str, tuple[str, list[str]]] = {}
 

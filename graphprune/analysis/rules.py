@@ -476,7 +476,7 @@ def layout(ctx: Ctx, node: Node) -> None:
     start, nodes = ctx.chains.get(x, (x, []))
     nodes = nodes + [node.name]
     if ctx.axis_of(out) is None:
-        if ctx.allow_permutes and ctx.axis_of(start) is not None and len(ctx.graph.consumers(out)) == 1 \
+        if ctx.axis_of(start) is not None and len(ctx.graph.consumers(out)) == 1 \
                 and out not in ctx.graph.outputs:
             ctx.chains[out] = (start, nodes)  # may still net out to a permutation further on
         else:
