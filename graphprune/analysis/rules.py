@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from graphprune.analysis.context import Ctx, Unresolved
+from graphprune.analysis.spaces import Space
 from graphprune.ir.graph import Node
 
 Rule = Callable[[Ctx, Node], None]
@@ -58,6 +59,15 @@ def _channel(ctx: Ctx, tensor: str, axis: int) -> np.ndarray | None:
     if ids is not None and ctx.axis_of(tensor) != axis % ctx.rank(tensor):
         ctx.set_axis(tensor, axis, ids)
     return ids
+
+
+def _data_space(ctx: Ctx, x: str, dense_reason: str) -> Space | None:
+    """The channel space of an op's data input: None when it carries no channels; an op that
+    needs a channel axis cannot follow a reshaped (dense) layout, so that is Unresolved."""
+    sp = ctx.space(x)
+    if sp is not None and sp.axis is None:
+        raise Unresolved(dense_reason)
+    return sp
 
 
 def _first_axis(ctx: Ctx, node: Node) -> tuple[str, int] | None:
@@ -132,11 +142,9 @@ def _merge_aligned(ctx: Ctx, node: Node, out: str, axis: int, operands: list[tup
 def passthrough(ctx: Ctx, node: Node) -> None:
     """Ops that keep the channel axis intact (pooling, resize, pad, identity, dropout)."""
     x = node.inputs[0]
-    sp = ctx.space(x)
+    sp = _data_space(ctx, x, "channel layout op input is not in channel form")
     if sp is None:
         return
-    if sp.axis is None:
-        raise Unresolved("channel layout op input is not in channel form")
     out = node.outputs[0]
     if ctx.rank(out) != ctx.rank(x) or ctx.shape(out)[sp.axis] != ctx.shape(x)[sp.axis]:
         raise Unresolved("op changes the channel dimension")
@@ -178,11 +186,9 @@ def normalization(ctx: Ctx, node: Node) -> None:
     equal consumer-side masking: such channels are frozen. Normalising other axes only is fine.
     """
     x = node.inputs[0]
-    sp = ctx.space(x)
+    sp = _data_space(ctx, x, "normalisation of a reshaped layout")
     if sp is None:
         return
-    if sp.axis is None:
-        raise Unresolved("normalisation of a reshaped layout")
     r = ctx.rank(x)
     if node.op_type == "GroupNormalization":
         normalized = set(range(1, r))
@@ -198,11 +204,9 @@ def normalization(ctx: Ctx, node: Node) -> None:
 
 def reduce(ctx: Ctx, node: Node) -> None:
     x = node.inputs[0]
-    sp = ctx.space(x)
+    sp = _data_space(ctx, x, "reduction over a reshaped layout")
     if sp is None:
         return
-    if sp.axis is None:
-        raise Unresolved("reduction over a reshaped layout")
     r = ctx.rank(x)
     axes = _ints(ctx, node, "axes", 1)
     if not axes:
@@ -394,11 +398,9 @@ def concat(ctx: Ctx, node: Node) -> None:
 
 def split(ctx: Ctx, node: Node) -> None:
     x = node.inputs[0]
-    sp = ctx.space(x)
+    sp = _data_space(ctx, x, "split of a reshaped layout")
     if sp is None:
         return
-    if sp.axis is None:
-        raise Unresolved("split of a reshaped layout")
     r = ctx.rank(x)
     ax = int(node.attrs.get("axis", 0)) % r
     offset = 0
@@ -415,11 +417,9 @@ def split(ctx: Ctx, node: Node) -> None:
 
 def slice_(ctx: Ctx, node: Node) -> None:
     x = node.inputs[0]
-    sp = ctx.space(x)
+    sp = _data_space(ctx, x, "slice of a reshaped layout")
     if sp is None:
         return
-    if sp.axis is None:
-        raise Unresolved("slice of a reshaped layout")
     r = ctx.rank(x)
     starts = _ints(ctx, node, "starts", 1)
     ends = _ints(ctx, node, "ends", 2)
