@@ -299,6 +299,11 @@ def check_prune(source, target: float = 0.5, equivalence: bool = True, **kwargs)
         assert not msg.startswith("pruned model"), msg
         return Outcome("error", msg)
     onnx.checker.check_model(result.model)
+    if "validation_note" in result.report:
+        # custom-op domains: onnxruntime cannot run the model, so neither can the equivalence check;
+        # prune() validated it with the checker + strict shape inference and said so
+        assert result.report["validation"] == ["checker", "shape inference"]
+        return Outcome("ok")
     if equivalence:
         assert_equivalent(source, result, kwargs.get("input_shape"))
     return Outcome("ok")
