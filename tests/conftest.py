@@ -14,3 +14,12 @@ def zoo_dir(tmp_path_factory):
         os.makedirs(d, exist_ok=True)
         return d
     return str(tmp_path_factory.mktemp("zoo"))
+
+
+# CI runs a fixed set of hypothesis examples (reproducible, no flaky landings); the random search
+# lives in benchmarks/fuzz_campaign.py and in HYPOTHESIS_PROFILE=explore runs
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
