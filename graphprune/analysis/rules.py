@@ -225,34 +225,43 @@ def reduce(ctx: Ctx, node: Node) -> None:
 # --------------------------------------------------------------------------------------------
 # weighted ops
 # --------------------------------------------------------------------------------------------
-def conv(ctx: Ctx, node: Node) -> None:
+def _weighted_operands(ctx: Ctx, node: Node) -> tuple[str, str, str | None, np.ndarray]:
+    """(input, weight, bias or None, weight value) of a Conv/ConvTranspose; the weight must be constant."""
     x, w = node.inputs[0], node.inputs[1]
     b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
-    out = node.outputs[0]
     if not ctx.is_const(w):
         raise Unresolved("weight is not a constant")
-    W = ctx.const(w)
+    return x, w, b, ctx.const(w)
+
+
+def _consume_input(ctx: Ctx, node: Node, x: str, in_ids: np.ndarray | None, w: str, w_axis: int, out: str,
+                   base: float, divisor: int = 1) -> None:
+    """Bind the weight's input axis to x's channels and count MACs over both sides; an input whose
+    channels cannot be traced is frozen and only the output side scales the MACs."""
+    if in_ids is None:
+        ctx.freeze_tensor(x, f"input channels of {node.name} cannot be traced")
+        ctx.mac(node, base, out)
+    else:
+        ctx.bind(w, w_axis, x, "in", node, divisor=divisor)
+        ctx.mac(node, base, x, out)
+
+
+def conv(ctx: Ctx, node: Node) -> None:
+    x, w, b, W = _weighted_operands(ctx, node)
+    out = node.outputs[0]
     g = int(node.attrs.get("group", 1))
     cout, cin_g = W.shape[0], W.shape[1]
     oshape = ctx.shape(out)
     base = oshape[0] * cout * cin_g * prod(W.shape[2:]) * prod(oshape[2:])
     in_ids = _channel(ctx, x, 1)
     out_ids = ctx.new(out, 1)
-    if in_ids is None:
-        ctx.freeze_tensor(x, f"input channels of {node.name} cannot be traced")
     ctx.bind(w, 0, out, "out", node)
     if b:
         ctx.bind(b, 0, out, "out", node)
-    if g == 1:
-        if in_ids is not None:
-            ctx.bind(w, 1, x, "in", node)
-            ctx.mac(node, base, x, out)
-        else:
-            ctx.mac(node, base, out)
-        return
-    if in_ids is None:
-        ctx.uf.freeze(out_ids, f"grouped conv {node.name} with untraceable input")
-        ctx.mac(node, base, out)
+    if g == 1 or in_ids is None:
+        if g > 1:  # groups tie outputs to inputs that cannot be traced
+            ctx.uf.freeze(out_ids, f"grouped conv {node.name} with untraceable input")
+        _consume_input(ctx, node, x, in_ids, w, 1, out, base)
         return
     cin = len(in_ids)
     if cin != cin_g * g or cout % g:
@@ -268,17 +277,12 @@ def conv(ctx: Ctx, node: Node) -> None:
     for k in range(1, g):
         ctx.union(in_ids[:cin_g], in_ids[k * cin_g:(k + 1) * cin_g])
         ctx.union(out_ids[:cout_g], out_ids[k * cout_g:(k + 1) * cout_g])
-    ctx.bind(w, 1, x, "in", node, divisor=g)
-    ctx.mac(node, base, x, out)
+    _consume_input(ctx, node, x, in_ids, w, 1, out, base, divisor=g)
 
 
 def conv_transpose(ctx: Ctx, node: Node) -> None:
-    x, w = node.inputs[0], node.inputs[1]
-    b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
+    x, w, b, W = _weighted_operands(ctx, node)
     out = node.outputs[0]
-    if not ctx.is_const(w):
-        raise Unresolved("weight is not a constant")
-    W = ctx.const(w)
     g = int(node.attrs.get("group", 1))
     if g != 1:
         raise Unresolved("grouped ConvTranspose")
@@ -289,12 +293,7 @@ def conv_transpose(ctx: Ctx, node: Node) -> None:
     ctx.bind(w, 1, out, "out", node)
     if b:
         ctx.bind(b, 0, out, "out", node)
-    if in_ids is None:
-        ctx.freeze_tensor(x, f"input channels of {node.name} cannot be traced")
-        ctx.mac(node, base, out)
-    else:
-        ctx.bind(w, 0, x, "in", node)
-        ctx.mac(node, base, x, out)
+    _consume_input(ctx, node, x, in_ids, w, 0, out, base)
 
 
 def batchnorm(ctx: Ctx, node: Node) -> None:
@@ -324,12 +323,7 @@ def _dense_layer(ctx: Ctx, node: Node, x: str, w: str, bias: str | None, feature
     ctx.bind(w, n_axis, out, "out", node)
     if bias:
         ctx.bind(bias, ctx.const(bias).ndim - 1, out, "out", node)
-    if in_ids is None:
-        ctx.freeze_tensor(x, f"input features of {node.name} cannot be traced")
-        ctx.mac(node, base, out)
-    else:
-        ctx.bind(w, k_axis, x, "in", node)
-        ctx.mac(node, base, x, out)
+    _consume_input(ctx, node, x, in_ids, w, k_axis, out, base)
 
 
 def gemm(ctx: Ctx, node: Node) -> None:
