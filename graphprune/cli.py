@@ -24,7 +24,9 @@ class _DefaultToPrune(click.Group):
 
 def fail(message: str) -> None:
     """One line on stderr, exit code 2: the contract for every bad input."""
-    click.echo(f"graphprune: error: {message}", err=True)
+    from graphprune.escape import plain
+
+    click.echo(f"graphprune: error: {plain(message)}", err=True)
     sys.exit(EXIT_USAGE)
 
 
@@ -33,6 +35,9 @@ def run_guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except GraphpruneError as exc:
         fail(str(exc))
+    except OSError as exc:  # any file-system failure not already worded by the output gate
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        fail(f"{exc.strerror or type(exc).__name__}{where}")
     except KeyboardInterrupt:
         click.echo("graphprune: interrupted; no output written", err=True)
         sys.exit(130)
@@ -75,21 +80,33 @@ def _progress_printer(enabled: bool):
     console = Console(stderr=True)
     status = console.status("starting")
     status.start()
-    return status, (lambda msg: status.update(msg))
+    from graphprune.escape import markup
+
+    # progress lines can quote the model's names: escaped like every other printed model string
+    return status, (lambda msg: status.update(markup(msg)))
 
 
 def _terminate_as_interrupt() -> None:
-    """SIGTERM (a pipeline's timeout, `kill`) unwinds like Ctrl-C, so a half-written temp file is removed."""
+    """SIGTERM (a pipeline's timeout, `kill`) and SIGHUP (terminal closed) unwind like Ctrl-C, so a
+    half-written temp file is removed."""
     import signal
 
     def handler(_signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
 
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (embedded use): leave signal handling to the host
-        return
-    click.get_current_context().call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is None:
+            continue
+        try:
+            previous = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (embedded use): leave signal handling to the host
+            return
+        click.get_current_context().call_on_close(lambda s=sig, p=previous: signal.signal(s, p))
+
+
+def _said_dry_run(gate: Any) -> None:
+    planned = ", ".join(given for given, _ in gate.claimed.values())
+    click.echo(f"graphprune: dry run: nothing written{f' (would write {planned})' if planned else ''}", err=True)
 
 
 @main.command()
@@ -103,11 +120,11 @@ def _terminate_as_interrupt() -> None:
 @click.option("--round-to", type=int, default=1, show_default=True, help="Keep channel counts multiples of N.")
 @click.option("--ignore", multiple=True, help="Node or parameter name (glob) whose channels are never pruned.")
 @click.option("--input-shape", help="Static input shape for dynamic models, e.g. 1,3,224,224.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--calib", type=click.Path(dir_okay=False), help="Calibration data for data-driven methods (di): .npz with x, y.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of tables.")
 @click.option("--report", "report_html", type=click.Path(dir_okay=False), help="Write a self-contained HTML report.")
-@click.option("--overwrite", is_flag=True, help="Allow -o to be the input file.")
+@click.option("--overwrite", is_flag=True, help="Allow an output to be the input file (or its external data).")
 @click.option("--dry-run", is_flag=True, help="Plan and validate, write nothing.")
 def prune(model: str, output: str | None, target_flops: float | None, target_params: float | None,
           target_latency: float | None, method: str, strategy: str, round_to: int, ignore: tuple[str, ...],
@@ -120,8 +137,13 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
         fail("missing -o/--output (or pass --dry-run)")
     if target_flops is None and target_params is None and target_latency is None:
         fail("give a target: --target-flops, --target-params or --target-latency")
-    if output and os.path.exists(model) and os.path.exists(output) and os.path.samefile(model, output) and not overwrite:
-        fail(f"output {output} is the input file; pass --overwrite to replace it")
+    from graphprune.outputs import OutputGate
+
+    # every output is checked before any work: input/external-data files, devices, same file twice, folder
+    gate = run_guarded(OutputGate, [model], overwrite=overwrite, dry_run=dry_run)
+    for path, what in ((output, "-o"), (report_html, "--report")):
+        if path:
+            run_guarded(gate.claim, path, what)
     _terminate_as_interrupt()
     shapes = run_guarded(parse_shape, input_shape)
     status, say = _progress_printer(not as_json and sys.stderr.isatty())
@@ -133,12 +155,12 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
             **({"calib": calib} if calib else {}),
         )
         if output and not dry_run:
-            run_guarded(result.save, output)
+            run_guarded(gate.write_model, result.model, output)
             result.report["output"] = output
         if report_html:
-            from graphprune.report.html import write_html_report
+            from graphprune.report.html import render_html_report
 
-            run_guarded(write_html_report, result, report_html)
+            run_guarded(gate.write_text, report_html, render_html_report(result))
     finally:
         if status is not None:
             status.stop()
@@ -152,28 +174,39 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
         render_tables(result.report, Console())
         if output and not dry_run:
             click.echo(f"wrote {output}")
+    if dry_run:
+        _said_dry_run(gate)
 
 
 @main.command()
 @click.option("--out-dir", type=click.Path(file_okay=False), default="graphprune-demo", show_default=True)
 @click.option("--target-flops", type=float, default=0.4, show_default=True)
-def demo(out_dir: str, target_flops: float) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace example.onnx / example_slim.onnx already in --out-dir.")
+def demo(out_dir: str, target_flops: float, overwrite: bool) -> None:
     """Prune the built-in example CNN end to end and check it against consumer-side masking."""
     import numpy as np
 
     from graphprune import api
     from graphprune.examples import example_cnn
-    from graphprune.io import write_model_atomic
+    from graphprune.outputs import OutputGate
     from graphprune.rewrite.masking import mask_consumers_onnx
     from graphprune.rewrite.validate import random_feed, run_onnx
     from graphprune.frontends.onnx_frontend import load_onnx
 
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        fail(f"cannot create --out-dir {out_dir}: {exc.strerror}")
     src = os.path.join(out_dir, "example.onnx")
     dst = os.path.join(out_dir, "example_slim.onnx")
-    write_model_atomic(example_cnn(), src)
+    gate = OutputGate(overwrite=overwrite)
+    for path in (src, dst):
+        if os.path.lexists(path) and not overwrite:
+            fail(f"{path} already exists; pass --overwrite to replace it or choose another --out-dir")
+        run_guarded(gate.claim, path, "demo output")
+    run_guarded(gate.write_model, example_cnn(), src)
     result = run_guarded(api.prune, src, target_flops=target_flops)
-    result.save(dst)
+    run_guarded(gate.write_model, result.model, dst)
     loaded = load_onnx(src)
     feed = random_feed(loaded.proto, loaded.graph, seed=1)
     ref = run_onnx(mask_consumers_onnx(loaded.proto, result.analysis, result.plan.removed), feed)[0]

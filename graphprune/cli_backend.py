@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graphprune.errors import GraphpruneError
+from graphprune.escape import markup
 
 console = Console(stderr=True)
 
@@ -24,26 +26,64 @@ def _one_line_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except GraphpruneError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"graphprune: error: {exc}", err=True)
+            sys.exit(2)
+        except OSError as exc:
+            from graphprune.escape import plain
+
+            click.echo(f"graphprune: error: {plain(exc.strerror or type(exc).__name__)}", err=True)
             sys.exit(2)
 
     return wrapper
 
 
-def _write_json(path: str | None, report: dict) -> None:
+def _output_gate(model: str, *paths: tuple[str | None, str]) -> Any:
+    """Check every output before any work (see graphprune.outputs): never the input, never a device."""
+    from graphprune.outputs import OutputGate
+
+    gate = OutputGate([model])
+    for path, what in paths:
+        if path:
+            gate.claim(path, what)
+    return gate
+
+
+def _write_json(gate: Any, path: str | None, report: dict) -> None:
     if path:
-        Path(path).write_text(json.dumps(report, indent=2))
-        console.print(f"report written to {path}")
+        gate.write_text(path, json.dumps(report, indent=2))
+        console.print(f"report written to {markup(path)}")
+
+
+def _same_signature(a: str, b: str) -> None:
+    """--compare only makes sense for two versions of one model: same input and output names/types."""
+    import onnx
+
+    def signature(path: str) -> tuple:
+        try:
+            g = onnx.load(path, load_external_data=False).graph
+        except Exception:
+            raise GraphpruneError(f"not a valid ONNX file: {path}") from None
+        inits = {t.name for t in g.initializer}
+        io = lambda vs: [(v.name, v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim))  # noqa: E731
+                         for v in vs if v.name not in inits]
+        return io(g.input), io(g.output)
+
+    (ai, ao), (bi, bo) = signature(a), signature(b)
+    if ai != bi or ao != bo:
+        raise GraphpruneError(f"--compare {b} does not have the same inputs and outputs as {a} "
+                              f"(inputs {[x[0] for x in ai]} vs {[x[0] for x in bi]}, "
+                              f"outputs {[x[0] for x in ao]} vs {[x[0] for x in bo]}); compare two versions of one model")
 
 
 def _measure(model: str, backend: str, target: str, runs: int, warmup: int, threads: int,
-             db: str | None, rpc: Any) -> dict:
+             db: str | None, rpc: Any, shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
     from graphprune.backends.macs import count_macs
     from graphprune.backends.ort_backend import measure_ort, random_inputs
 
-    row: dict[str, Any] = {"model": model, "macs": count_macs(model)}
+    row: dict[str, Any] = {"model": model, "macs": count_macs(model, input_shape=shapes)}
     if backend == "ort":
-        stats = measure_ort(model, runs=runs, warmup=warmup, intra_op_threads=threads)
+        stats = measure_ort(model, runs=runs, warmup=warmup, intra_op_threads=threads,
+                            feeds=random_inputs(model, input_shape=shapes))
     else:
         from graphprune.backends import tvm_backend as tb
 
@@ -51,7 +91,8 @@ def _measure(model: str, backend: str, target: str, runs: int, warmup: int, thre
         mod = tb.import_onnx(model)
         ex = tb.compile_tuned(mod, tgt, db) if db else tb.compile_untuned(mod, tgt)
         row["tuned"] = bool(db)
-        stats = tb.measure_tvm(ex, tgt, random_inputs(model), tb.graph_input_names(model), runs, warmup, rpc=rpc)
+        stats = tb.measure_tvm(ex, tgt, random_inputs(model, input_shape=shapes), tb.graph_input_names(model), runs,
+                               warmup, rpc=rpc)
     row["latency"] = stats.to_dict()
     row["_stats"] = stats
     return row
@@ -69,11 +110,20 @@ def _measure(model: str, backend: str, target: str, runs: int, warmup: int, thre
 @click.option("--rpc-tracker", help="TVM: measure on a remote device, tracker host:port.")
 @click.option("--rpc-key", default="graphprune", show_default=True, help="TVM: device key at the tracker.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@click.option("--input-shape", help="Static input shape for dynamic models, e.g. 1,3,224,224.")
 @_one_line_errors
 def bench(model: str, compare: str | None, backend: str, target: str, runs: int, warmup: int, threads: int,
-          db: str | None, rpc_tracker: str | None, rpc_key: str, json_path: str | None) -> None:
+          db: str | None, rpc_tracker: str | None, rpc_key: str, json_path: str | None,
+          input_shape: str | None) -> None:
     """Latency (median, p90, spread) of MODEL, and of --compare, with speed-up vs MAC ratio."""
     from graphprune.backends.latency import speedup
+    from graphprune.cli import parse_shape
+
+    gate = _output_gate(model, (json_path, "--json"))
+    if compare:
+        gate.protect_input(compare)
+        _same_signature(model, compare)
+    shapes = parse_shape(input_shape)
 
     if backend == "ort" and target != "llvm":
         raise GraphpruneError("--target only applies to --backend tvm (onnxruntime runs on CPU here)")
@@ -84,13 +134,13 @@ def bench(model: str, compare: str | None, backend: str, target: str, runs: int,
         from graphprune.backends.tvm_backend import parse_tracker
 
         rpc = parse_tracker(rpc_tracker, rpc_key)
-    rows = [_measure(m, backend, target, runs, warmup, threads, db, rpc) for m in [model, compare] if m]
+    rows = [_measure(m, backend, target, runs, warmup, threads, db, rpc, shapes) for m in [model, compare] if m]
     table = Table(title=f"latency ({backend}{'/' + target if backend == 'tvm' else ''}, {runs} runs)")
     for col in ("model", "MMACs", "median ms", "p90 ms", "stdev ms", "spread"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         s = r["_stats"]
-        table.add_row(Path(r["model"]).name, f"{r['macs'] / 1e6:.1f}", f"{s.median_ms:.3f}", f"{s.p90_ms:.3f}",
+        table.add_row(markup(Path(r["model"]).name), f"{r['macs'] / 1e6:.1f}", f"{s.median_ms:.3f}", f"{s.p90_ms:.3f}",
                       f"{s.stdev:.3f}", f"{s.spread_pct:.1f}%")
     Console().print(table)
     report: dict[str, Any] = {"backend": backend, "target": target, "runs": runs,
@@ -100,7 +150,7 @@ def bench(model: str, compare: str | None, backend: str, target: str, runs: int,
         ratio = rows[0]["macs"] / rows[1]["macs"] if rows[1]["macs"] else float("nan")
         Console().print(f"speed-up {sp:.2f}x  (MACs ratio {ratio:.2f}x)")
         report.update(speedup=sp, macs_ratio=ratio)
-    _write_json(json_path, report)
+    _write_json(gate, json_path, report)
 
 
 @click.command()
@@ -126,6 +176,11 @@ def tune(model: str, target: str, trials: int, trials_per_task: int | None, db_d
 
     from graphprune.backends import tvm_backend as tb
 
+    gate = _output_gate(model, (output, "-o"), (json_path, "--json"))
+    if os.path.exists(db_dir) and not os.path.isdir(db_dir):
+        raise GraphpruneError(f"--db {db_dir} exists and is not a directory")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(db_dir))):
+        raise GraphpruneError(f"--db {db_dir}: parent folder does not exist")
     tgt = tb.make_target(target, num_cores=num_cores)
     rpc = tb.parse_tracker(rpc_tracker, rpc_key) if rpc_tracker else None
     mod = tb.import_onnx(model)
@@ -146,7 +201,8 @@ def tune(model: str, target: str, trials: int, trials_per_task: int | None, db_d
     if not no_check and rpc is None:
         report["max_abs_diff_vs_ort"] = tb.check_against_ort(ex, tgt, model)
     if output:
-        report["library"] = str(tb.export_library(ex, output))
+        gate.write_with(output, lambda tmp: tb.export_library(ex, tmp))
+        report["library"] = str(output)
     table = Table(title="tuning")
     table.add_column("item")
     table.add_column("value", justify="right")
@@ -158,6 +214,6 @@ def tune(model: str, target: str, trials: int, trials_per_task: int | None, db_d
     if "max_abs_diff_vs_ort" in report:
         table.add_row("max |tvm - ort|", f"{report['max_abs_diff_vs_ort']:.2e}")
     if output:
-        table.add_row("library", output)
+        table.add_row("library", markup(output))
     Console().print(table)
-    _write_json(json_path, report)
+    _write_json(gate, json_path, report)

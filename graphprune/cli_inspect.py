@@ -11,9 +11,11 @@ def render_inspect_table(view: dict[str, Any], console: Any, max_groups: int | N
     """Groups as a rich table: members, channels, MAC share, frozen state and why."""
     from rich.table import Table
 
+    from graphprune.escape import markup
+
     s = view["summary"]
     console.print(
-        f"[bold]{view.get('source') or 'model'}[/]: {s['ops']} ops, {s['groups']} channel groups "
+        f"[bold]{markup(view.get('source') or 'model')}[/]: {s['ops']} ops, {s['groups']} channel groups "
         f"({s['prunable_groups']} prunable, {s['frozen_groups']} frozen), {s['channels']} channels "
         f"({s['frozen_channels']} frozen)"
     )
@@ -23,9 +25,9 @@ def render_inspect_table(view: dict[str, Any], console: Any, max_groups: int | N
                          overflow="fold")
     rows = view["groups"] if max_groups is None else view["groups"][:max_groups]
     for r in rows:
-        state = f"[grey50]frozen: {r['reason']}[/]" if r["frozen"] else f"[{r['color']}]prunable[/]"
+        state = f"[grey50]frozen: {markup(r['reason'])}[/]" if r["frozen"] else f"[{r['color']}]prunable[/]"
         if not r["frozen"] and r["frozen_channels"]:
-            state += f" ({r['frozen_channels']} frozen: {r['reason']})"
+            state += f" ({r['frozen_channels']} frozen: {markup(r['reason'])})"
         members = _few(r["layers"], 3)
         table.add_row(str(r["id"]), str(r["channels"]), f"{r['macs_share']:.1%}", state,
                       _few(r["producers"]), _few(r["joins"]), f"{len(r['layers'])}: {members}" if r["layers"] else "-")
@@ -37,16 +39,18 @@ def render_inspect_table(view: dict[str, Any], console: Any, max_groups: int | N
         frozen.add_column("op")
         frozen.add_column("why", overflow="fold")
         for name, why in view["frozen_ops"].items():
-            frozen.add_row(name, why)
+            frozen.add_row(markup(name), markup(why))
         console.print(frozen)
 
 
 def _few(names: list[str], n: int = 2) -> str:
     from graphprune.report.graph_svg import _short
 
+    from graphprune.escape import markup
+
     if not names:
         return "-"
-    return ", ".join(_short(x) for x in names[:n]) + (f" +{len(names) - n}" if len(names) > n else "")
+    return ", ".join(markup(_short(x)) for x in names[:n]) + (f" +{len(names) - n}" if len(names) > n else "")
 
 
 @click.command()
@@ -62,18 +66,22 @@ def inspect(model: str, input_shape: str | None, as_json: bool, dot_path: str | 
     """Show MODEL's channel groups: members, channels, FLOPs share, and what froze them."""
     # imported here: graphprune.cli imports this module at its end (and may run as __main__)
     from graphprune.cli import parse_shape, run_guarded
-    from graphprune.io import write_bytes_atomic
+    from graphprune.outputs import OutputGate
     from graphprune.report.inspect import inspect as inspect_model
 
+    gate = run_guarded(OutputGate, [model])
+    for path, what in ((dot_path, "--dot"), (svg_path, "--svg")):
+        if path:
+            run_guarded(gate.claim, path, what)
     shapes = run_guarded(parse_shape, input_shape)
     view = run_guarded(inspect_model, model, input_shape=shapes)
     if dot_path or svg_path:
         from graphprune.report.graph_svg import render_svg, to_dot
 
         if dot_path:
-            run_guarded(write_bytes_atomic, to_dot(view).encode(), dot_path)
+            run_guarded(gate.write_text, dot_path, to_dot(view))
         if svg_path:
-            run_guarded(write_bytes_atomic, render_svg(view, use_graphviz=not no_graphviz).encode(), svg_path)
+            run_guarded(gate.write_text, svg_path, render_svg(view, use_graphviz=not no_graphviz))
     if as_json:
         click.echo(json.dumps(view, indent=1, default=float))
         return

@@ -4,10 +4,12 @@
 class GraphpruneError(Exception):
     """One-line user-facing error; the CLI prints it and exits with code 2.
 
-    Messages quote names from the input file, which may hold newlines: those are escaped so the
-    message stays one line whatever the model contains.
+    Messages quote names from the input file, which may hold newlines, terminal escape sequences
+    or U+2028: those are escaped (graphprune.escape.plain) so the message stays one harmless line
+    whatever the model contains.
     """
 
     def __init__(self, message: object = "") -> None:
-        text = str(message).replace("\r", "\\r").replace("\n", "\\n")
-        super().__init__(text)
+        from graphprune.escape import plain
+
+        super().__init__(plain(message))

@@ -8,7 +8,6 @@ state_dict and channel-count summary for inspection.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import torch
@@ -31,18 +30,11 @@ def describe(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the pruned module atomically (temp file + rename)."""
-    path = os.fspath(path)
+    """Write the pruned module through the output gate (checked path, atomic, same file mode as ONNX outputs)."""
+    from graphprune.outputs import OutputGate
+
     payload = {"format": FORMAT, "module": model, "state_dict": model.state_dict(), "structure": describe(model)}
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    OutputGate().write_with(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:

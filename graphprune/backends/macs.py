@@ -10,8 +10,8 @@ from pathlib import Path
 import onnx
 
 
-def count_macs(model: onnx.ModelProto | str | Path) -> int:
-    """Multiply-accumulates of one inference (dynamic batch counted as 1)."""
+def count_macs(model: onnx.ModelProto | str | Path, input_shape: dict[str, tuple[int, ...]] | None = None) -> int:
+    """Multiply-accumulates of one inference (dynamic batch counted as 1, other dynamic dims from input_shape)."""
     from graphprune.api import analyze
 
-    return int(round(analyze(str(model) if isinstance(model, Path) else model).macs()))
+    return int(round(analyze(str(model) if isinstance(model, Path) else model, input_shape=input_shape).macs()))

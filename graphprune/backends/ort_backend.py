@@ -27,12 +27,27 @@ def _as_proto(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
     path = Path(model)
     if not path.exists():
         raise GraphpruneError(f"model file not found: {path}")
-    return onnx.load(str(path))
+    from graphprune.frontends.onnx_frontend import read_model
+
+    return read_model(path)[0]  # external data only from the model's folder, under the loader rules
 
 
-def random_inputs(model: onnx.ModelProto | str | Path, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random feeds for every real graph input (initializers excluded); dynamic dims become 1."""
+def random_inputs(model: onnx.ModelProto | str | Path, seed: int = 0,
+                  input_shape: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+    """Random feeds for every real graph input (initializers excluded).
+
+    Dynamic dims come from input_shape (as the CLI parses --input-shape; pinned under the same
+    rules as for pruning), else become 1.
+    """
     proto = _as_proto(model)
+    if input_shape:
+        from graphprune.frontends.onnx_frontend import pin_input_shapes
+
+        init_names = {i.name for i in proto.graph.initializer}
+        real = [i for i in proto.graph.input if i.name not in init_names]
+        light = onnx.ModelProto()
+        light.graph.input.extend(real)
+        proto = pin_input_shapes(light, input_shape)
     init_names = {i.name for i in proto.graph.initializer}
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}

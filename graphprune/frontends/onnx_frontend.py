@@ -33,6 +33,12 @@ class LoadedModel:
 def read_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     """Read an ONNX model from disk (or copy a proto), turning every failure into one clear line."""
     if isinstance(source, onnx.ModelProto):
+        from graphprune.frontends.external import iter_tensors
+
+        if any(t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data) for t in iter_tensors(source)):
+            # no folder to resolve against; never fall back to the current directory
+            raise GraphpruneError("the ModelProto refers to external data that is not loaded; "
+                                  "pass the model's file path instead")
         return copy.deepcopy(source), None
     path = os.fspath(source)
     if not os.path.exists(path):
@@ -47,13 +53,15 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
         raise GraphpruneError(f"not a valid ONNX file (corrupt or truncated): {path} ({type(exc).__name__})") from None
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise GraphpruneError(f"not a valid ONNX model (no graph nodes): {path}")
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        try:
-            from onnx.external_data_helper import load_external_data_for_model
+    from graphprune.frontends.external import resolve_external_data
 
-            load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
-        except Exception as exc:
-            raise GraphpruneError(f"cannot load external data of {path}: {exc}") from None
+    try:
+        # every tensor at any depth, against the model's folder only (never the current directory)
+        resolve_external_data(model, os.path.dirname(os.path.abspath(path)))
+    except GraphpruneError as exc:
+        raise GraphpruneError(f"cannot load external data of {path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise GraphpruneError(f"not a valid ONNX file: a name or string field is not valid UTF-8 ({path})") from None
     return model, path
 
 

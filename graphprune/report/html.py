@@ -21,6 +21,18 @@ def _asset(name: str) -> str:
     return resources.files("graphprune.report").joinpath("assets", name).read_text(encoding="utf-8")
 
 
+def script_safe_json(value: Any) -> str:
+    """JSON that cannot leave or confuse a <script> element, whatever names the model holds.
+
+    Inside script data an HTML parser reacts to `</` (end tag), and to `<!--` followed by
+    `<script` (the "double escaped" state that swallows the rest of the page). Escaping every `<`
+    and `>` as a JSON unicode escape removes all of them; U+2028/2029 are escaped for old JS parsers.
+    """
+    text = json.dumps(value, default=float)
+    return (text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
 def _human(n: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
@@ -153,7 +165,7 @@ def render_html_report(result: Any, use_graphviz: bool = True) -> str:
     t = report.get("target", {})
     sub = (f"target {t.get('kind')} {t.get('fraction', 0):.0%} · method {report.get('method')} / "
            f"{report.get('strategy')} · round_to {report.get('round_to')}") if t else ""
-    data = json.dumps({k: v for k, v in report.items() if k != "groups"}, default=float).replace("</", "<\\/")
+    data = script_safe_json({k: v for k, v in report.items() if k != "groups"})
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:">

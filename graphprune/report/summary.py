@@ -102,6 +102,8 @@ def render_tables(report: dict[str, Any], console: Any, max_groups: int = 40) ->
     """Print the summary and per-group tables with rich."""
     from rich.table import Table
 
+    from graphprune.escape import markup
+
     summary = Table(title="graphprune result", show_header=True)
     summary.add_column("metric")
     summary.add_column("before", justify="right")
@@ -118,7 +120,7 @@ def render_tables(report: dict[str, Any], console: Any, max_groups: int = 40) ->
     t = report["target"]
     console.print(
         f"target {t['kind']} {t['fraction']:.2%}  achieved {report['achieved']:.2%}  "
-        f"error {report['target_error']:.3%}  method {report['method']}/{report['strategy']}  "
+        f"error {report['target_error']:.3%}  method {markup(report['method'])}/{report['strategy']}  "
         f"time {report['time'].get('total_s', 0):.2f}s"
     )
     groups = Table(title="channel groups", show_header=True)
@@ -128,7 +130,9 @@ def render_tables(report: dict[str, Any], console: Any, max_groups: int = 40) ->
     for r in rows[:max_groups]:
         state = "frozen: " + (r["reason"] or "") if r["frozen"] else "prunable"
         layers = ", ".join(r["layers"][:3]) + (" ..." if len(r["layers"]) > 3 else "")
-        groups.add_row(str(r["id"]), str(r["channels"]), str(r["kept"]), f"{r['macs_share']:.1%}", state[:60], layers)
+        # names come from the model file: never markup, never control characters
+        groups.add_row(str(r["id"]), str(r["channels"]), str(r["kept"]), f"{r['macs_share']:.1%}",
+                       markup(state[:60]), markup(layers))
     console.print(groups)
     if len(rows) > max_groups:
         console.print(f"... {len(rows) - max_groups} more groups (use --json for all)")
