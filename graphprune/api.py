@@ -17,7 +17,7 @@ from graphprune.passes.allocate import Plan, allocate, ignored_classes
 from graphprune.passes.magnitude import CRITERIA
 from graphprune.passes.methods import PLAN_METHODS, TRAINING_METHODS, di_plan, training_method_error
 from graphprune.rewrite.onnx_rewrite import rewrite_onnx
-from graphprune.rewrite.validate import custom_domains, random_feed, run_onnx, validate
+from graphprune.rewrite.validate import check_against_masked, custom_domains, random_feed, run_onnx, validate
 
 Progress = Callable[[str], None]
 
@@ -173,6 +173,8 @@ def prune(
     except GraphpruneError as exc:
         _blame_input(loaded.proto, feed, expected, run=not custom)
         raise exc from None
+    if not custom:
+        check_against_masked(loaded.proto, analysis, plan.removed, slim, feed)
     times["validate_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - t0
 
@@ -180,8 +182,9 @@ def prune(
 
     report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_to, times=times,
                           source=loaded.source)
-    report["validation"] = (["checker", "shape inference"] if custom
-                            else ["checker", "shape inference", "onnxruntime run"])
+    report["validation"] = (["checker", "shape inference", "channel agreement"] if custom
+                            else ["checker", "shape inference", "channel agreement",
+                                  "onnxruntime run (optimised and unoptimised)", "equals masked original"])
     if custom:
         report["validation_note"] = f"onnxruntime run skipped: custom op domains {custom}"
     if plan.kind == "latency":

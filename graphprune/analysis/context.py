@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphprune.analysis.spaces import Space, UnionFind, dense_labels, resolve_axis
+from graphprune.analysis.spaces import Space, UnionFind, broadcastable, dense_labels, resolve_axis
 from graphprune.ir.graph import Graph, Node
 
 
@@ -89,9 +89,10 @@ class Ctx:
         axis = axis % len(shape)
         if sp.axis == axis:
             return sp.ids
-        return resolve_axis(dense_labels(sp, shape), axis)
+        return resolve_axis(dense_labels(sp, shape), axis, shape[axis])
 
     def labels(self, tensor: str) -> np.ndarray | None:
+        """Compressed per-position labels (broadcastable to the tensor's shape)."""
         sp = self.spaces.get(tensor)
         if sp is None:
             return None
@@ -107,12 +108,12 @@ class Ctx:
     def set_dense(self, tensor: str, labels: np.ndarray, prefer: tuple[int, ...] = (1, -1)) -> None:
         """Store layout-op output labels, collapsing to axis form when some axis resolves."""
         shape = self.shape(tensor)
-        if tuple(labels.shape) != tuple(shape):
+        if not broadcastable(labels, tuple(shape)):
             raise Unresolved(f"layout mismatch on '{tensor}'")
         for axis in prefer:
             if len(shape) < 2:
                 break
-            ids = resolve_axis(labels, axis % len(shape))
+            ids = resolve_axis(labels, axis % len(shape), shape[axis % len(shape)])
             if ids is not None and shape[axis % len(shape)] > 1:
                 self.spaces[tensor] = Space(axis % len(shape), ids)
                 return

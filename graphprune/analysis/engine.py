@@ -85,8 +85,26 @@ def run_rules(graph: Graph) -> Ctx:
             _static_macs(ctx, node)
     for t in graph.outputs:
         ctx.freeze_tensor(t, "model output")
+    _freeze_subgraph_reads(ctx)
     _couple_shared_params(ctx)
     return ctx
+
+
+def _freeze_subgraph_reads(ctx: Ctx) -> None:
+    """A tensor read inside an If/Loop/Scan body keeps all its channels: the body's ops have no
+    rule-driven rewrite, so pruning the producer would hand them a tensor of the wrong width.
+    A constant read there keeps every channel it is sliced along, for the same reason."""
+    reads: dict[str, str] = {}
+    for node in ctx.graph.nodes:
+        for t in node.implicit:
+            reads.setdefault(t, f"read inside the subgraph of {node.op_type} '{node.name}'")
+    if not reads:
+        return
+    for t, reason in reads.items():
+        ctx.freeze_tensor(t, reason)
+    for b in ctx.bindings:
+        if b.param in reads:
+            ctx.freeze_tensor(b.tensor, reads[b.param])
 
 
 def _couple_shared_params(ctx: Ctx) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from graphprune.analysis.context import Ctx, Unresolved
-from graphprune.analysis.spaces import Space
+from graphprune.analysis.spaces import Space, TooLarge, reshape_labels
 from graphprune.ir.graph import Node
 
 Rule = Callable[[Ctx, Node], None]
@@ -463,9 +463,13 @@ def layout(ctx: Ctx, node: Node) -> None:
         perm = node.attrs.get("perm") or list(reversed(range(labels.ndim)))
         moved = np.transpose(labels, perm)
     else:
-        if labels.size != prod(oshape):
+        ishape = ctx.shape(x)
+        if prod(ishape) != prod(oshape):
             raise Unresolved("element count changes")
-        moved = labels.reshape(oshape)
+        try:
+            moved = reshape_labels(labels, ishape, oshape)
+        except TooLarge as exc:
+            raise Unresolved(f"layout too large to track channel by channel ({exc})") from None
     ctx.set_dense(out, moved)
     start, nodes = ctx.chains.get(x, (x, []))
     nodes = nodes + [node.name]

@@ -63,24 +63,49 @@ class UnionFind:
 
 @dataclass
 class Space:
-    """Channel space of one tensor. axis is None for dense form (ids has the tensor's shape)."""
+    """Channel space of one tensor. axis is None for dense form.
+
+    Dense ids are stored *compressed*: an array of the tensor's rank whose every dim is either the
+    tensor's dim or 1 (broadcast), so positions that only repeat labels (spatial dims, typically)
+    cost nothing and analysis memory and time do not grow with image size.
+    """
 
     axis: int | None
     ids: np.ndarray
 
 
+# more labels than this in one layout op are not tracked element by element: the op is frozen
+MAX_LABELS = 1 << 22
+
+
+class TooLarge(Exception):
+    """A layout op would need more labels than MAX_LABELS."""
+
+
 def dense_labels(space: Space, shape: tuple[int, ...]) -> np.ndarray:
+    """Compressed labels (broadcastable to `shape`), never a full per-element array."""
     if space.axis is None:
         return space.ids
     view = [1] * len(shape)
     view[space.axis] = len(space.ids)
-    return np.broadcast_to(space.ids.reshape(view), shape)
+    return space.ids.reshape(view)
 
 
-def resolve_axis(labels: np.ndarray, axis: int) -> np.ndarray | None:
-    """Ids along `axis` if every slice along it carries exactly one id, else None."""
+def broadcastable(labels: np.ndarray, shape: tuple[int, ...]) -> bool:
+    return labels.ndim == len(shape) and all(a in (1, b) for a, b in zip(labels.shape, shape))
+
+
+def resolve_axis(labels: np.ndarray, axis: int, size: int | None = None) -> np.ndarray | None:
+    """Ids along `axis` if every slice along it carries exactly one id, else None.
+
+    `size` is the tensor's length along `axis` (labels may hold 1 there, broadcast).
+    """
     if labels.ndim == 0:
         return None
+    size = labels.shape[axis] if size is None else size
+    if labels.shape[axis] == 1 and size != 1:
+        uniq = np.unique(labels)
+        return np.full(size, uniq[0], dtype=np.int64) if len(uniq) == 1 else None
     moved = np.moveaxis(labels, axis, 0).reshape(labels.shape[axis], -1)
     if moved.shape[1] == 0:
         return None
@@ -88,3 +113,62 @@ def resolve_axis(labels: np.ndarray, axis: int) -> np.ndarray | None:
     if not np.array_equal(np.broadcast_to(first, moved.shape), moved):
         return None
     return np.ascontiguousarray(first[:, 0])
+
+
+def _reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+    """Split a reshape into runs of source and target dims with equal products (C order)."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(src) or j < len(dst):
+        gi: list[int] = []
+        gj: list[int] = []
+        pi = pj = 1
+        if i < len(src):
+            pi *= src[i]
+            gi.append(i)
+            i += 1
+        if j < len(dst):
+            pj *= dst[j]
+            gj.append(j)
+            j += 1
+        while pi != pj:
+            if pi < pj and i < len(src):
+                pi *= src[i]
+                gi.append(i)
+                i += 1
+            elif pj < pi and j < len(dst):
+                pj *= dst[j]
+                gj.append(j)
+                j += 1
+            else:
+                return None
+        groups.append((gi, gj))
+    return groups
+
+
+def reshape_labels(labels: np.ndarray, src: tuple[int, ...], dst: tuple[int, ...]) -> np.ndarray:
+    """Reshape compressed labels of a `src`-shaped tensor to `dst`, keeping broadcast dims compressed.
+
+    A run of dims that is broadcast on input stays broadcast on output; other runs are materialised
+    (only those: a channel dim split into groups costs its own size, not the image's).
+    """
+    if 0 in src or 0 in dst:
+        raise TooLarge("empty tensor")
+    groups = _reshape_groups(tuple(src), tuple(dst))
+    if groups is None:
+        raise TooLarge("reshape does not factor")
+    expand: list[int] = []
+    out: list[int] = []
+    for gi, gj in groups:
+        if all(labels.shape[k] == 1 for k in gi):
+            expand += [1] * len(gi)
+            out += [1] * len(gj)
+        else:
+            expand += [src[k] for k in gi]
+            out += [dst[k] for k in gj]
+    n = 1
+    for d in expand:
+        n *= d
+    if n > MAX_LABELS:
+        raise TooLarge(f"{n} labels")
+    return np.broadcast_to(labels, tuple(expand)).reshape(tuple(out))

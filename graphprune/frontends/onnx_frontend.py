@@ -65,6 +65,42 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
     return model, path
 
 
+def outer_reads(node: onnx.NodeProto) -> list[str]:
+    """Names a node's subgraphs (If/Loop/Scan bodies, at any depth) read from the enclosing scope.
+
+    Iterative walk: nesting depth comes from the file. A name defined inside a body (its inputs,
+    initializers, node outputs) shadows the outer one only within that body and its children.
+    """
+    reads: list[str] = []
+    seen: set[str] = set()
+    stack: list[tuple[onnx.GraphProto, frozenset[str]]] = []
+    for attr in node.attribute:
+        for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            stack.append((g, frozenset()))
+    while stack:
+        g, outer_local = stack.pop()
+        local = set(outer_local)
+        local.update(i.name for i in g.input)
+        local.update(t.name for t in g.initializer)
+        local.update(t.values.name for t in g.sparse_initializer)
+        for n in g.node:
+            local.update(o for o in n.output if o)
+        frozen_local = frozenset(local)
+        for n in g.node:
+            for i in n.input:
+                if i and i not in local and i not in seen:
+                    seen.add(i)
+                    reads.append(i)
+            for attr in n.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    stack.append((sub, frozen_local))
+        for o in g.output:
+            if o.name and o.name not in local and o.name not in seen:
+                seen.add(o.name)
+                reads.append(o.name)
+    return reads
+
+
 def tensor_to_array(t: onnx.TensorProto) -> np.ndarray:
     """Decode a tensor, turning unknown data types and size/dims mismatches into one clear line."""
     try:
@@ -130,7 +166,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         keep.append(node)
     readers: dict[str, int] = {}
     for node in keep:
-        for i in node.input:
+        for i in list(node.input) + outer_reads(node):
             if i in inits:
                 readers[i] = readers.get(i, 0) + 1
     seen: dict[str, int] = {}
@@ -183,7 +219,7 @@ def _check_structure(model: onnx.ModelProto) -> None:
     waiting: dict[str, list[int]] = {}
     blocked = [0] * len(nodes)
     for k, node in enumerate(nodes):
-        needs = {i for i in node.input if i not in available}
+        needs = {i for i in list(node.input) + outer_reads(node) if i not in available}
         blocked[k] = len(needs)
         for i in needs:
             waiting.setdefault(i, []).append(k)
@@ -204,7 +240,7 @@ def _check_structure(model: onnx.ModelProto) -> None:
     if pending:
         # a tensor nobody produces is the root cause; otherwise the stuck nodes wait on each other
         for node in pending:
-            for i in node.input:
+            for i in list(node.input) + outer_reads(node):
                 if i not in available and i not in produced:
                     raise GraphpruneError(
                         f"invalid ONNX graph: node '{node.name or node.op_type}' reads undefined tensor '{i}'"
@@ -339,7 +375,7 @@ def to_ir(model: onnx.ModelProto, n_inputs: int | None = None,
             name = f"{name}_{i}"
         used_names.add(name)
         attrs = {a.name: _attr_value(a) for a in n.attribute}
-        nodes.append(Node(name, n.op_type, list(n.input), list(n.output), attrs, n.domain))
+        nodes.append(Node(name, n.op_type, list(n.input), list(n.output), attrs, n.domain, outer_reads(n)))
     return Graph(
         nodes=nodes,
         shapes=shapes,
@@ -382,7 +418,19 @@ def skeleton(model: onnx.ModelProto, limit: int = 4096) -> tuple[onnx.ModelProto
     g.initializer.extend(kept_inits)
     for name, t in moved.items():
         g.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+    if model.ir_version < 4:
+        list_initializers_as_inputs(light)
     return light, {name: t for name, t in moved.items()}
+
+
+def list_initializers_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """IR < 4 requires every initializer to also be a graph input; normalisation keeps them apart,
+    so checked and written IR 3 models get them re-listed (after the real inputs, current dims)."""
+    listed = {i.name for i in model.graph.input}
+    for t in model.graph.initializer:
+        if t.name not in listed:
+            model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return model
 
 
 def probe_shapes(model: onnx.ModelProto, pinned: onnx.ModelProto, known: set[str]) -> dict[str, tuple[int, ...]]:

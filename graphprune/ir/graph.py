@@ -19,6 +19,9 @@ class Node:
     outputs: list[str]
     attrs: dict[str, Any] = field(default_factory=dict)
     domain: str = ""
+    # tensors of the enclosing graph read inside this op's subgraphs (If/Loop/Scan bodies): consumers
+    # like explicit inputs, but with no input slot the rewriter could adapt, so their channels are kept
+    implicit: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -43,7 +46,7 @@ class Graph:
             for t in node.outputs:
                 if t:
                     self._producer[t] = node
-            for t in node.inputs:
+            for t in node.inputs + node.implicit:
                 if t:
                     self._consumers.setdefault(t, []).append(node)
         self.node_by_name = {n.name: n for n in self.nodes}

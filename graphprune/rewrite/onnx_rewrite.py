@@ -108,4 +108,8 @@ def rewrite_onnx(proto: onnx.ModelProto, analysis: Analysis, removed: frozenset[
     _replace_permute_chains(model, analysis, masks)
     # stale intermediate shapes would contradict the new channel counts; inference re-derives them
     del model.graph.value_info[:]
+    if model.ir_version < 4:
+        from graphprune.frontends.onnx_frontend import list_initializers_as_inputs
+
+        list_initializers_as_inputs(model)
     return model

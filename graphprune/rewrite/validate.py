@@ -11,6 +11,7 @@ from graphprune.ir.graph import Graph
 
 def random_feed(proto: onnx.ModelProto, graph: Graph, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs shaped as analysed (dynamic batch pinned to 1), deterministic for a seed."""
+    _check_run_size(graph)
     rng = np.random.default_rng(seed)
     feed = {}
     for inp in proto.graph.input:
@@ -25,15 +26,132 @@ def random_feed(proto: onnx.ModelProto, graph: Graph, seed: int = 0) -> dict[str
     return feed
 
 
-def run_onnx(proto: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int = 0) -> list[np.ndarray]:
+# one validation run must fit the machine: no tensor of the analysed shapes above this many elements
+MAX_TENSOR_ELEMENTS = 1 << 28
+
+
+def _check_run_size(graph: Graph) -> None:
+    """Refuse in one line before allocating, instead of a MemoryError deep inside numpy or ORT."""
+    from math import prod
+
+    for name, shape in graph.shapes.items():
+        n = prod(shape)
+        if n > MAX_TENSOR_ELEMENTS:
+            raise GraphpruneError(
+                f"too large to validate: tensor '{name}' has shape {list(shape)} ({n:,} elements, limit "
+                f"{MAX_TENSOR_ELEMENTS:,}); pass a smaller --input-shape")
+
+
+def run_onnx(proto: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int = 0,
+             optimize: bool = True) -> list[np.ndarray]:
+    """Outputs of one onnxruntime CPU run; optimize=False runs every op as written (no fusions or
+    layout transforms, which can run a kernel on data whose shape the plain kernel would refuse)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # failures surface as one GraphpruneError line, not ORT's log
     if threads:
         opts.intra_op_num_threads = threads
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if proto.ByteSize() >= 2**31 - 2**24:
+        return _run_large(proto, feed, opts)
     sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return sess.run(None, feed)
+
+
+def _run_large(proto: onnx.ModelProto, feed: dict[str, np.ndarray], opts) -> list[np.ndarray]:
+    """A model over protobuf's 2 GB limit runs from a temp folder, its weights in external data."""
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    from graphprune.frontends.external import write_model
+
+    with tempfile.TemporaryDirectory(prefix="graphprune-validate-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        write_model(proto, path, external=True)
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        return sess.run(None, feed)
+
+
+def _scoped_shapes(graph: onnx.GraphProto, outer: dict[str, tuple[int | None, ...]]) -> dict[str, tuple[int | None, ...]]:
+    shapes = dict(outer)
+    for t in graph.initializer:
+        shapes[t.name] = tuple(int(d) for d in t.dims)
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            shapes[vi.name] = tuple(int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim)
+    return shapes
+
+
+def _attr_int(node: onnx.NodeProto, name: str, default: int) -> int:
+    for a in node.attribute:
+        if a.name == name:
+            return int(a.i)
+    return default
+
+
+def channel_mismatches(model: onnx.ModelProto) -> list[str]:
+    """Weighted ops (at any subgraph depth) whose weight disagrees with the channels they receive.
+
+    Checked directly on shapes, because neither strict shape inference (it does not compare Conv
+    channels) nor an optimised onnxruntime run (a layout transform can run a Conv on the wrong
+    width when it is a multiple of 4) catches every case. `model` should be shape-inferred.
+    """
+    problems: list[str] = []
+    stack = [(model.graph, {})]
+    while stack:
+        graph, outer = stack.pop()
+        shapes = _scoped_shapes(graph, outer)
+        for n in graph.node:
+            def shape(k: int) -> tuple[int | None, ...] | None:
+                return shapes.get(n.input[k]) if k < len(n.input) and n.input[k] else None
+
+            x, w = shape(0), shape(1)
+            what = f"{n.op_type} '{n.name or n.output[0]}'"
+            if n.op_type in ("Conv", "ConvTranspose") and x and w and len(x) >= 2 and len(w) >= 2:
+                group = _attr_int(n, "group", 1)
+                want = w[1] * group if n.op_type == "Conv" else w[0]
+                if x[1] is not None and w[1] is not None and w[0] is not None and x[1] != want:
+                    problems.append(f"{what} expects {want} input channels, receives {x[1]}")
+            elif n.op_type == "Gemm" and x and w and len(x) == 2 and len(w) == 2:
+                k_a = x[0] if _attr_int(n, "transA", 0) else x[1]
+                k_b = w[1] if _attr_int(n, "transB", 0) else w[0]
+                if None not in (k_a, k_b) and k_a != k_b:
+                    problems.append(f"{what} multiplies {k_a} features by a weight for {k_b}")
+            elif n.op_type == "MatMul" and x and w and len(x) >= 1 and len(w) >= 2:
+                if None not in (x[-1], w[-2]) and x[-1] != w[-2]:
+                    problems.append(f"{what} multiplies {x[-1]} features by a weight for {w[-2]}")
+            elif n.op_type in ("BatchNormalization", "InstanceNormalization") and x and w and len(x) >= 2:
+                if None not in (x[1], w[0]) and x[1] != w[0]:
+                    problems.append(f"{what} normalises {x[1]} channels with {w[0]} scales")
+            for a in n.attribute:
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    stack.append((sub, shapes))
+    return problems
+
+
+def compare_to_masked(reference: list[np.ndarray], got: list[np.ndarray]) -> str | None:
+    """None if the pruned outputs equal the consumer-masked original's, else what differs.
+
+    Positions where the reference itself is not finite (NaN weights in the input) are skipped.
+    """
+    for k, (r, g) in enumerate(zip(reference, got)):
+        r = np.asarray(r, dtype=np.float64)
+        g = np.asarray(g, dtype=np.float64)
+        if r.shape != g.shape:
+            return f"output #{k} has shape {g.shape}, the masked original {r.shape}"
+        ok = np.isfinite(r)
+        if not ok.any():
+            continue
+        diff = float(np.max(np.abs(np.where(ok, r - g, 0.0)), initial=0.0))
+        scale = float(np.max(np.abs(r[ok]), initial=0.0))
+        if not diff <= 1e-4 + 1e-3 * scale:
+            return f"output #{k} differs from the masked original by {diff:.3g} (scale {scale:.3g})"
+    return None
 
 
 def custom_domains(model: onnx.ModelProto) -> list[str]:
@@ -63,12 +181,20 @@ def validate(model: onnx.ModelProto, feed: dict[str, np.ndarray], expected_shape
         inferred = shape_inference.infer_shapes(light, check_type=True, strict_mode=True, data_prop=True)
     except Exception as exc:
         raise GraphpruneError(f"pruned model failed shape inference: {str(exc).splitlines()[0][:200]}") from None
+    problems = channel_mismatches(inferred)
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise GraphpruneError(f"pruned model is inconsistent: {problems[0]}{more}")
     if run:
         try:
             outputs = run_onnx(model, feed)
+            # again with every graph optimisation off: each op runs as written, on the shapes it gets
+            plain = run_onnx(model, feed, optimize=False)
         except Exception as exc:
             raise GraphpruneError(f"pruned model failed to run in onnxruntime: {str(exc).splitlines()[0][:200]}") from None
         got = [tuple(o.shape) for o in outputs]
+        if got != [tuple(o.shape) for o in plain]:
+            raise GraphpruneError("pruned model gives different output shapes with onnxruntime's optimisations off")
     else:
         from graphprune.frontends.onnx_frontend import _shape_of
 
@@ -81,3 +207,23 @@ def validate(model: onnx.ModelProto, feed: dict[str, np.ndarray], expected_shape
     if got != [tuple(s) for s in expected_shapes]:
         raise GraphpruneError(f"pruned model output shapes {got} differ from the original {expected_shapes}")
     return inferred
+
+
+def check_against_masked(original: onnx.ModelProto, analysis, removed, slim: onnx.ModelProto,
+                         feed: dict[str, np.ndarray]) -> None:
+    """The correctness oracle as a validation stage: the slim model must compute what the original
+    computes with the removed channels' consumers zeroed. Catches an analysis that missed a
+    consumer (the slim model would still run, with different numbers)."""
+    from graphprune.rewrite.masking import mask_consumers_onnx
+
+    if not removed:
+        return
+    try:
+        reference = run_onnx(mask_consumers_onnx(original, analysis, removed), feed)
+        got = run_onnx(slim, feed)
+    except Exception as exc:
+        raise GraphpruneError(f"pruned model failed to run in onnxruntime: {str(exc).splitlines()[0][:200]}") from None
+    problem = compare_to_masked(reference, got)
+    if problem:
+        raise GraphpruneError(f"pruned model is not equivalent to the original with the removed channels masked: "
+                              f"{problem}; nothing written")
