@@ -111,7 +111,7 @@ def _said_dry_run(gate: Any) -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write the pruned ONNX model.")
+@click.option("-o", "--output", type=click.Path(), help="Where to write the pruned ONNX model.")
 @click.option("--target-flops", type=float, help="Fraction of MACs (FLOPs) to keep, e.g. 0.4.")
 @click.option("--target-params", type=float, help="Fraction of parameters to keep.")
 @click.option("--target-latency", type=float, help="Fraction of measured latency to keep.")
@@ -123,7 +123,7 @@ def _said_dry_run(gate: Any) -> None:
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--calib", type=click.Path(dir_okay=False), help="Calibration data for data-driven methods (di): .npz with x, y.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of tables.")
-@click.option("--report", "report_html", type=click.Path(dir_okay=False), help="Write a self-contained HTML report.")
+@click.option("--report", "report_html", type=click.Path(), help="Write a self-contained HTML report.")
 @click.option("--overwrite", is_flag=True, help="Allow an output to be the input file (or its external data).")
 @click.option("--dry-run", is_flag=True, help="Plan and validate, write nothing.")
 def prune(model: str, output: str | None, target_flops: float | None, target_params: float | None,

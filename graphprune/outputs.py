@@ -236,11 +236,13 @@ class OutputGate:
             raise GraphpruneError(f"{what} {given} is a directory; give a file name")
         real = os.path.realpath(given)
         try:
-            st = os.stat(real)
+            st = os.stat(given)  # the kernel follows every link, /proc's magic ones included
         except FileNotFoundError:
             st = None
         except OSError as exc:
             raise GraphpruneError(f"{what} {given}: {exc.strerror}") from None
+        if st is not None and not os.path.exists(real):
+            raise GraphpruneError(f"{what} {given} resolves to an open file or pipe, not a path graphprune can replace")
         if st is not None and not stat.S_ISREG(st.st_mode):
             raise GraphpruneError(f"{what} {given} is {_kind(st.st_mode)}; graphprune writes regular files only")
         if real.startswith(("/proc/", "/sys/")) or real in ("/proc", "/sys"):

@@ -54,7 +54,9 @@ def run_onnx(proto: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int =
         opts.intra_op_num_threads = threads
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if proto.ByteSize() >= 2**31 - 2**24:
+    from graphprune.frontends import external
+
+    if proto.ByteSize() >= external.PROTO_LIMIT:
         return _run_large(proto, feed, opts)
     sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return sess.run(None, feed)
