@@ -140,7 +140,7 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
     from graphprune.outputs import OutputGate
 
     # every output is checked before any work: input/external-data files, devices, same file twice, folder
-    gate = run_guarded(OutputGate, [model], overwrite=overwrite, dry_run=dry_run)
+    gate = run_guarded(OutputGate, [model, *([calib] if calib else [])], overwrite=overwrite, dry_run=dry_run)
     for path, what in ((output, "-o"), (report_html, "--report")):
         if path:
             run_guarded(gate.claim, path, what)

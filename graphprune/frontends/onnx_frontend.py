@@ -416,8 +416,10 @@ def skeleton(model: onnx.ModelProto, limit: int = 4096) -> tuple[onnx.ModelProto
     g.output.extend(graph.output)
     g.value_info.extend(graph.value_info)
     g.initializer.extend(kept_inits)
+    listed = {i.name for i in g.input}  # IR 3 models list initializers as inputs already
     for name, t in moved.items():
-        g.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+        if name not in listed:
+            g.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
     if model.ir_version < 4:
         list_initializers_as_inputs(light)
     return light, {name: t for name, t in moved.items()}
