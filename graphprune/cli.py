@@ -120,7 +120,7 @@ def _said_dry_run(gate: Any) -> None:
 @click.option("--round-to", type=int, default=1, show_default=True, help="Keep channel counts multiples of N.")
 @click.option("--ignore", multiple=True, help="Node or parameter name (glob) whose channels are never pruned.")
 @click.option("--input-shape", help="Static input shape for dynamic models, e.g. 1,3,224,224.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--calib", type=click.Path(dir_okay=False), help="Calibration data for data-driven methods (di): .npz with x, y.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of tables.")
 @click.option("--report", "report_html", type=click.Path(), help="Write a self-contained HTML report.")
@@ -137,6 +137,8 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
         fail("missing -o/--output (or pass --dry-run)")
     if target_flops is None and target_params is None and target_latency is None:
         fail("give a target: --target-flops, --target-params or --target-latency")
+    if seed < 0:
+        fail(f"--seed must be a non-negative integer, got {seed}")
     from graphprune.outputs import OutputGate
 
     # every output is checked before any work: input/external-data files, devices, same file twice, folder

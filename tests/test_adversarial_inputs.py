@@ -237,20 +237,25 @@ def test_validation_cannot_be_fooled_by_a_body_consumer(tmp_path, monkeypatch, k
         graphprune.prune(str(src), removed=set(group.classes[: len(group.classes) // 2]))
 
 
-def test_masked_original_comparison_catches_a_missed_consumer(tmp_path, monkeypatch):
-    """A consumer dropped from the analysis gives a model that runs; the oracle stage refuses it."""
-    from graphprune.rewrite import validate
+def test_masked_original_comparison_catches_wrong_numbers(tmp_path, monkeypatch):
+    """A rewrite that keeps the wrong channels gives a model with the right shapes that runs fine;
+    only the comparison with the consumer-masked original can refuse it - and does."""
+    from graphprune.rewrite import onnx_rewrite, validate
 
     src = tmp_path / "m.onnx"
     onnx.save(conv_chain(), str(src))
-    analysis = graphprune.analyze(str(src))
-    slim_ok = graphprune.prune(str(src), target_flops=0.6)
-    assert "equals masked original" in slim_ok.report["validation"]
+    assert "equals masked original" in graphprune.prune(str(src), target_flops=0.6).report["validation"]
+    real = onnx_rewrite.param_indices
+
+    def first_k(analysis, masks):  # keeps the first k channels instead of the chosen ones
+        return {p: {ax: np.arange(len(idx)) for ax, idx in axes.items()} for p, axes in real(analysis, masks).items()}
+
+    monkeypatch.setattr(onnx_rewrite, "param_indices", first_k)
+    with pytest.raises(GraphpruneError, match="not equivalent to the original with the removed channels masked"):
+        graphprune.prune(str(src), target_flops=0.6)
     reference = [np.ones((1, 4), np.float32)]
     assert validate.compare_to_masked(reference, [np.ones((1, 4), np.float32)]) is None
-    assert "differs" in validate.compare_to_masked(reference, [np.full((1, 4), 1.5, np.float32)])
     assert validate.compare_to_masked([np.array([np.nan, 1.0])], [np.array([0.0, 1.0])]) is None
-    assert analysis.groups
 
 
 @pytest.mark.parametrize("depth", [1, 3, 12])

@@ -75,7 +75,7 @@ class Space:
 
 
 # more labels than this in one layout op are not tracked element by element: the op is frozen
-MAX_LABELS = 1 << 22
+MAX_LABELS = 1 << 16
 
 
 class TooLarge(Exception):
