@@ -114,7 +114,10 @@ def import_onnx(model: onnx.ModelProto | str | Path) -> Any:
     require_tvm()
     from tvm.relax.frontend.onnx import from_onnx
 
-    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    from graphprune.frontends.onnx_frontend import read_model
+
+    # external data only from the model's folder, under the loader rules (frontends/external.py)
+    proto = model if isinstance(model, onnx.ModelProto) else read_model(str(model))[0]
     try:
         return from_onnx(proto, keep_params_in_input=False)
     except Exception as exc:  # the frontend raises many types
@@ -370,7 +373,7 @@ def _flatten(out: Any) -> list[Any]:
 
 
 def graph_input_names(model: onnx.ModelProto | str | Path) -> list[str]:
-    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
     inits = {i.name for i in proto.graph.initializer}
     return [i.name for i in proto.graph.input if i.name not in inits]
 
