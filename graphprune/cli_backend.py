@@ -53,7 +53,7 @@ def _parse_duration(text: str) -> float:
 
 
 def _measure(model: str, backend: str, target: str, runs: int, warmup: int, threads: int,
-             db: str | None, rpc: Any) -> dict:
+             db: str | None, rpc: Any, mcpu: str = "generic") -> dict:
     from graphprune.backends.macs import count_macs
     from graphprune.backends.ort_backend import measure_ort, random_inputs
 
@@ -63,7 +63,7 @@ def _measure(model: str, backend: str, target: str, runs: int, warmup: int, thre
     else:
         from graphprune.backends import tvm_backend as tb
 
-        tgt = tb.make_target(target, num_cores=threads or None)
+        tgt = tb.make_target(target, num_cores=threads or None, mcpu=None if mcpu == "generic" else mcpu)
         mod = tb.import_onnx(model)
         ex = tb.compile_tuned(mod, tgt, db) if db else tb.compile_untuned(mod, tgt)
         coverage = tb.kernel_coverage(mod, tgt, db)
@@ -88,12 +88,13 @@ def _measure(model: str, backend: str, target: str, runs: int, warmup: int, thre
 @click.option("--warmup", default=5, show_default=True, help="Untimed runs before timing.")
 @click.option("--threads", default=1, show_default=True, help="Intra-op threads (ORT) / cores (TVM).")
 @click.option("--db", type=click.Path(file_okay=False), help="TVM: compile with this tuning database.")
+@click.option("--mcpu", default="native", show_default=True, help="TVM: LLVM CPU ('native', 'generic' or a name).")
 @click.option("--rpc-tracker", help="TVM: measure on a remote device, tracker host:port.")
 @click.option("--rpc-key", default="graphprune", show_default=True, help="TVM: device key at the tracker.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @_one_line_errors
 def bench(model: str, compare: str | None, backend: str, target: str, runs: int, warmup: int, threads: int,
-          db: str | None, rpc_tracker: str | None, rpc_key: str, json_path: str | None) -> None:
+          db: str | None, mcpu: str, rpc_tracker: str | None, rpc_key: str, json_path: str | None) -> None:
     """Latency (median, p90, spread) of MODEL, and of --compare, with speed-up vs MAC ratio."""
     from graphprune.backends.latency import speedup
 
@@ -106,7 +107,7 @@ def bench(model: str, compare: str | None, backend: str, target: str, runs: int,
         from graphprune.backends.tvm_backend import parse_tracker
 
         rpc = parse_tracker(rpc_tracker, rpc_key)
-    rows = [_measure(m, backend, target, runs, warmup, threads, db, rpc) for m in [model, compare] if m]
+    rows = [_measure(m, backend, target, runs, warmup, threads, db, rpc, mcpu) for m in [model, compare] if m]
     table = Table(title=f"latency ({backend}{'/' + target if backend == 'tvm' else ''}, {runs} runs)")
     for col in ("model", "MMACs", "median ms", "p90 ms", "stdev ms", "spread"):
         table.add_column(col, justify="left" if col == "model" else "right")
@@ -137,6 +138,9 @@ def bench(model: str, compare: str | None, backend: str, target: str, runs: int,
               help="Tuning database directory (JSON); reused on later runs.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Export the compiled library (.so).")
 @click.option("--num-cores", type=int, help="Cores of the device to tune for (default: this machine's).")
+@click.option("--mcpu", default="native", show_default=True,
+              help="LLVM CPU to generate code for ('native': this machine's; 'generic': baseline x86-64). "
+              "Give the device's CPU when tuning over RPC.")
 @click.option("--rpc-tracker", help="Measure candidates on a remote device, tracker host:port.")
 @click.option("--rpc-key", default="graphprune", show_default=True)
 @click.option("--retune", is_flag=True, help="Tune kernels even when the database already has them.")
@@ -145,7 +149,7 @@ def bench(model: str, compare: str | None, backend: str, target: str, runs: int,
 @_one_line_errors
 def tune(model: str, target: str, trials: int | None, time_budget: str | None, trials_per_task: int | None,
          db_dir: str, output: str | None,
-         num_cores: int | None, rpc_tracker: str | None, rpc_key: str, retune: bool, no_check: bool,
+         num_cores: int | None, mcpu: str, rpc_tracker: str | None, rpc_key: str, retune: bool, no_check: bool,
          json_path: str | None) -> None:
     """MetaSchedule-tune MODEL with TVM, reusing the database in --db; optionally export a library."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -157,7 +161,7 @@ def tune(model: str, target: str, trials: int | None, time_budget: str | None, t
         trials = 64 if budget_s is None else 1 << 30
     if trials < 1:
         raise GraphpruneError(f"--trials must be at least 1, got {trials}")
-    tgt = tb.make_target(target, num_cores=num_cores)
+    tgt = tb.make_target(target, num_cores=num_cores, mcpu=None if mcpu == "generic" else mcpu)
     rpc = tb.parse_tracker(rpc_tracker, rpc_key) if rpc_tracker else None
     mod = tb.import_onnx(model)
     with Progress(TextColumn("[bold]tuning[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
