@@ -152,3 +152,14 @@ def test_bench_never_claims_tuned_without_records(conv_model, tmp_path):
     first = rows[0] if isinstance(rows, list) else rows
     assert first["tuned"] is False and first["kernels_tuned"] == 0 and first["kernels_default"]
     assert np.isfinite(first["latency"]["median_ms"])
+
+
+def test_time_budget_ends_a_kernel_after_its_batch(conv_model, tmp_path):
+    """The budget runs out during the first batch: that batch is kept, the kernel is ended, and the
+    state says it is not complete, so the next run resumes it."""
+    db = tmp_path / "db"
+    result = tb.tune(tb.import_onnx(conv_model), tb.make_target("llvm", num_cores=2), db, trials=1000,
+                     time_budget_s=1.0)
+    assert result.stopped == "time budget" and 0 < result.new_trials < 1000
+    (entry,) = json.loads((db / tb.STATE_FILE).read_text()).values()
+    assert entry["complete"] is False and entry["measured"] == result.new_trials == _records(db)

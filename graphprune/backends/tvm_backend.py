@@ -247,8 +247,9 @@ class RPCSpec:
     session_timeout_sec: int = 60
 
 
-def _progress_callback(on_batch: Callable[[str, int, float | None], None]) -> Any:
-    """A MetaSchedule measure callback that reports each measured batch and its fastest run (ms)."""
+def _progress_callback(on_batch: Callable[..., None]) -> Any:
+    """A MetaSchedule measure callback that reports each measured batch and its fastest run (ms), with
+    the scheduler and task id so the receiver can end the task (a time budget)."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
@@ -258,7 +259,7 @@ def _progress_callback(on_batch: Callable[[str, int, float | None], None]) -> An
             name = str(task_scheduler.tasks_[task_id].ctx.task_name)
             runs = [float(sum(float(x) for x in r.run_secs) / len(r.run_secs)) * 1e3
                     for r in runner_results if r.error_msg is None and r.run_secs]
-            on_batch(name, len(measure_candidates), min(runs) if runs else None)
+            on_batch(name, len(measure_candidates), min(runs) if runs else None, task_scheduler, task_id)
 
     return _Progress()
 
@@ -356,10 +357,12 @@ def tune(
 ) -> TuneResult:
     """MetaSchedule-tune every fused kernel of `mod`, recording into the JSON database in `db_dir`.
 
-    Kernels are tuned in rounds of a few batches each, heaviest first, one kernel per MetaSchedule
-    call: its measured candidates are joined and committed to the database after every batch, so a
-    run that is stopped (Ctrl-C, SIGTERM, `time_budget_s`) keeps all but the batch in flight, and the
-    next run resumes from the per-kernel counts in `graphprune_tuning_state.json`. Kernels already
+    Kernels are tuned one per MetaSchedule call, heaviest first: with a single task the scheduler joins
+    and commits each batch of candidates as soon as it is measured (with many tasks it only joins
+    after dispatching every task once, so an early stop lost everything). A run that is stopped
+    (Ctrl-C, SIGTERM, `time_budget_s`) keeps all but the batch in flight, and the next run resumes
+    from the per-kernel counts in `graphprune_tuning_state.json`. With a time budget each kernel
+    gets the share of the remaining time that its FLOPs have of the remaining work. Kernels already
     complete in the database are skipped (unless `retune`): a second run costs zero trials, and a
     pruned variant only tunes the kernels whose shapes changed.
     """
@@ -367,7 +370,6 @@ def tune(
     from tvm.s_tir import meta_schedule as ms
 
     t0 = time.perf_counter()
-    deadline = None if time_budget_s is None else t0 + float(time_budget_s)
     db_path = Path(db_dir)
     fused = _fuse_for_tuning(mod, target)
     extracted = ms.relax_integration.extract_tasks(fused, target)
@@ -396,7 +398,7 @@ def tune(
     best: dict[str, float] = {}
     current: dict[str, str] = {}
 
-    def _on_batch(name: str, n: int, best_ms: float | None) -> None:
+    def _on_batch(name: str, n: int, best_ms: float | None, scheduler: Any = None, task_id: int = 0) -> None:
         counts[name] = counts.get(name, 0) + n
         if best_ms is not None:
             best[name] = min(best.get(name, best_ms), best_ms)
@@ -405,6 +407,9 @@ def tune(
         _save_state(db_path, state)  # the records of this batch are in the database already
         if on_trials:
             on_trials(name, n, best.get(name))
+        if current.get("deadline") is not None and time.perf_counter() >= current["deadline"] and scheduler:
+            current["terminated"] = True
+            scheduler.terminate_task(task_id)
 
     stopped = None
     if todo:
@@ -417,41 +422,43 @@ def tune(
         builder = ms.builder.LocalBuilder(max_workers=num_cores, timeout_sec=120, initializer=_worker_init)
         runner = _runner(rpc, target)
         cost_model_kind = "xgb" if importlib.util.find_spec("xgboost") else "random"
-        cost_models = {key: ms.CostModel.create(cost_model_kind) for _, key in todo}
         # the state is saved right after the database commit, before the (slow) cost-model update
         default_callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
         callbacks = default_callbacks[:1] + [_progress_callback(_on_batch)] + default_callbacks[1:]
-        chunk = max(trials_per_iter, 2 * trials_per_iter)
         budget_left = trials
-        active = list(range(len(todo)))
+        # the budget is for measuring; task extraction and search set-up above are not counted
+        deadline = None if time_budget_s is None else time.perf_counter() + float(time_budget_s)
+        work = [_task_flops(t) * t.weight for t, _ in todo]
         try:
-            while active and budget_left > 0 and stopped is None:
-                for i in list(active):
-                    (task, key), ctx, weight = todo[i], contexts[i], weights[i]
-                    want = min(chunk, remaining[key], budget_left)
-                    if want <= 0:
-                        active.remove(i)
-                        continue
-                    if deadline is not None and time.perf_counter() >= deadline:
-                        stopped = "time budget"
-                        break
-                    current["key"] = key
-                    got_before = counts.get(task.task_name, 0)
-                    ms.tune.tune_tasks(
-                        tasks=[ctx], task_weights=[weight], work_dir=str(db_path), max_trials_global=want,
-                        max_trials_per_task=want, num_trials_per_iter=min(trials_per_iter, want), builder=builder,
-                        runner=runner, database=database, cost_model=cost_models[key], measure_callbacks=callbacks,
-                        task_scheduler="round-robin",
-                    )
-                    got = counts.get(task.task_name, 0) - got_before
-                    remaining[key] -= got
-                    budget_left -= got
-                    if got < want:  # the search space is exhausted: nothing more to find here
-                        remaining[key] = 0
-                    if remaining[key] <= 0:
-                        state.setdefault(key, {"task": task.task_name, "measured": 0})["complete"] = True
-                        _save_state(db_path, state)
-                        active.remove(i)
+            for i, ((task, key), ctx, weight) in enumerate(zip(todo, contexts, weights)):
+                want = min(remaining[key], budget_left)
+                if want <= 0:
+                    continue
+                now = time.perf_counter()
+                if deadline is not None and now >= deadline:
+                    stopped = "time budget"
+                    break
+                # each kernel gets the share of the time left that its FLOPs have of the work left
+                share = work[i] / sum(work[i:]) if sum(work[i:]) > 0 else 1.0 / (len(todo) - i)
+                current.update(key=key, deadline=None if deadline is None else now + (deadline - now) * share,
+                               terminated=False)
+                got_before = counts.get(task.task_name, 0)
+                ms.tune.tune_tasks(
+                    tasks=[ctx], task_weights=[weight], work_dir=str(db_path), max_trials_global=want,
+                    max_trials_per_task=want, num_trials_per_iter=min(trials_per_iter, want), builder=builder,
+                    runner=runner, database=database, cost_model=cost_model_kind, measure_callbacks=callbacks,
+                    task_scheduler="round-robin",
+                )
+                got = counts.get(task.task_name, 0) - got_before
+                remaining[key] -= got
+                budget_left -= got
+                if got < want and not current["terminated"]:  # the search space is exhausted
+                    remaining[key] = 0
+                if remaining[key] <= 0:
+                    state.setdefault(key, {"task": task.task_name, "measured": 0})["complete"] = True
+                    _save_state(db_path, state)
+                elif current["terminated"]:
+                    stopped = "time budget"
         except Exception as exc:
             raise GraphpruneError(f"tuning failed: {str(exc).strip().splitlines()[-1]}") from exc
     for (task, key) in todo:
