@@ -17,13 +17,15 @@ removes those whose process (on this host) is gone, so a SIGKILLed run does not 
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
+import signal
 import socket
 import stat
 import tempfile
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from graphprune.errors import GraphpruneError
 
@@ -114,6 +116,22 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C/SIGTERM/SIGHUP while a temp file is created and its name stored, so an interrupt
+    can never land between the two (the file would exist with nobody to remove it)."""
+    sigs = {signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    except (AttributeError, ValueError, OSError):  # no POSIX signal masks here
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def atomic_write(path: str, fill: Callable[[Any], None] | None = None, *,
                  fill_path: Callable[[str], None] | None = None, shown: str | None = None) -> None:
     """Write `path` atomically: `fill(fh)` (or `fill_path(tmp)`) writes the temp file, then rename.
@@ -124,15 +142,14 @@ def atomic_write(path: str, fill: Callable[[Any], None] | None = None, *,
     directory = os.path.dirname(os.path.abspath(path)) or "."
     if not os.path.isdir(directory):
         raise GraphpruneError(f"cannot write {shown}: output folder does not exist: {directory}")
-    try:
-        # libraries that pick a format by extension (TVM: .so / .tar) see the output's extension
-        ext = os.path.splitext(path)[1] if fill_path is not None else ""
-        ext = ext if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", ext) else ""
-        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=".tmp" + ext, dir=directory)
-    except OSError as exc:
-        raise GraphpruneError(os_error_line(exc, shown)) from None
+    # libraries that pick a format by extension (TVM: .so / .tar) see the output's extension
+    ext = os.path.splitext(path)[1] if fill_path is not None else ""
+    ext = ext if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", ext) else ""
+    fd, tmp = -1, ""
     try:
         try:
+            with _signals_deferred():
+                fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=".tmp" + ext, dir=directory)
             # mkstemp makes 0600 files; the output gets the mode a plain open() would give it
             os.chmod(tmp, new_file_mode(path))
             if fill is not None:
@@ -158,10 +175,11 @@ def atomic_write(path: str, fill: Callable[[Any], None] | None = None, *,
                 os.close(fd)
             except OSError:
                 pass
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        if tmp:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         raise
 
 
@@ -267,16 +285,17 @@ class OutputGate:
     def _probe_folder(self, folder: str, what: str, given: str) -> None:
         """Create and remove a temp file: catches read-only file systems and missing permissions up front."""
         clean_stale_temps(folder)
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=".tmp", dir=folder)
-        except OSError as exc:
-            raise GraphpruneError(f"{what} {given}: {os_error_line(exc, given).split(': ', 1)[1]} "
-                                  f"(output folder {folder})") from None
-        os.close(fd)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        with _signals_deferred():  # create and remove with no interrupt in between
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=".tmp", dir=folder)
+            except OSError as exc:
+                raise GraphpruneError(f"{what} {given}: {os_error_line(exc, given).split(': ', 1)[1]} "
+                                      f"(output folder {folder})") from None
+            os.close(fd)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
     def real(self, path: str | os.PathLike) -> str:
         """The resolved path of an output claimed earlier (claims it now if it was not)."""
