@@ -252,7 +252,7 @@ class Config:
         return kw
 
 
-ACT = os.environ.get("OCR_BENCH_ACT_METHOD", "activation")  # the activation-aware criterion's name
+ACT = os.environ.get("OCR_BENCH_ACT_METHOD", "act")  # the activation-aware criterion's name
 
 
 def configs(quick: bool) -> list[Config]:
@@ -282,9 +282,9 @@ def available(cfg: Config) -> str | None:
         if kind == "recover" and "recover" not in params:
             return "prune() has no recover option yet"
         if kind == "method":
-            from graphprune.passes import methods
+            from graphprune import api
 
-            known = set(CRITERIA) | set(getattr(methods, "CALIB_METHODS", ())) | set(getattr(methods, "METHODS", ()))
+            known = set(CRITERIA) | set(getattr(api, "ACT_METHODS", ()))
             if value not in known:
                 return f"no method {value!r} yet"
         if kind == "strategy" and value not in getattr(allocate, "STRATEGIES", ("global", "uniform")):
@@ -299,7 +299,7 @@ def prune_one(path: Path, shape: tuple[int, ...], target: float, cfg: Config, ca
     supported = set(inspect.signature(graphprune.prune).parameters)
     result = graphprune.prune(str(path), input_shape={"x": shape}, target_flops=target, **cfg.kwargs(calib, supported))
     wall = time.perf_counter() - t
-    times = result.report.get("times", {})
+    times = result.report.get("time", {})
     recovery = {k: v for k, v in times.items() if k not in ("load_s", "analyze_s", "rewrite_s", "validate_s", "total_s")}
     kept = {g.id: result.plan.kept.get(g.id) for g in result.analysis.prunable_groups}
     return {"model": result.model, "flops": result.plan.achieved, "prune_s": wall, "times": times,

@@ -31,7 +31,7 @@ from graphprune.errors import GraphpruneError
 from graphprune.passes.allocate import IncrementalCost, Plan, _chunks, allocate
 
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
-DEFAULT_SAMPLES = 16
+DEFAULT_SAMPLES = 8
 Progress = Callable[[str], None]
 
 
