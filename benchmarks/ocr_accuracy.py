@@ -255,7 +255,12 @@ class Config:
 ACT = os.environ.get("OCR_BENCH_ACT_METHOD", "act")  # the activation-aware criterion's name
 
 
-def configs(quick: bool) -> list[Config]:
+def configs(quick: bool, only: list[str] | None = None) -> list[Config]:
+    rows = _all_configs(quick)
+    return [r for r in rows if r.label in only] if only else rows
+
+
+def _all_configs(quick: bool) -> list[Config]:
     sens = "strategy:sensitivity"
     act = "method:" + ACT
     rows = [Config(m, m) for m in (["l1"] if quick else ["l1", "fpgm", "bn_scale"])]
@@ -316,7 +321,7 @@ def ocr_table(a, paths, fonts) -> dict:
     base = text_scores(ctc_decode(run_batches(session(str(paths["rec"]), a.threads), ev), charset), labels)
     print(f"original PP-OCRv4 rec: char {100 * base['char_acc']:.2f}%  line {100 * base['line_acc']:.2f}%")
     rows = []
-    for cfg in configs(a.quick):
+    for cfg in configs(a.quick, a.rows):
         why = available(cfg)
         if why:
             print(f"  {cfg.label:34s} unavailable: {why}")
@@ -355,7 +360,7 @@ def cls_table(a, paths, fonts) -> dict:
     base = acc(str(paths["cls"]))
     print(f"original direction classifier: accuracy {100 * base:.2f}%")
     rows = []
-    for cfg in configs(quick=True):
+    for cfg in configs(True, a.rows):
         why = available(cfg)
         if why:
             rows.append({"config": cfg.label, "unavailable": why})
@@ -392,7 +397,7 @@ def digits_table(a) -> dict:
           f"accuracy {100 * base:.2f}%")
     calib = tr.x[torch.randperm(len(tr.x), generator=torch.Generator().manual_seed(1))[: a.calib]]
     rows = []
-    for cfg in configs(a.quick):
+    for cfg in configs(a.quick, a.rows):
         why = available(cfg)
         if why:
             rows.append({"config": cfg.label, "unavailable": why})
@@ -495,6 +500,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     p.add_argument("--digits-epochs", type=int, default=8)
     p.add_argument("--skip", nargs="*", default=[], choices=["ocr", "cls", "digits"])
+    p.add_argument("--rows", nargs="*", help="only the pipelines with these labels (e.g. 'act + lsq')")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--doc", default=str(ROOT / "docs" / "accuracy.md"))
     a = p.parse_args()
