@@ -492,24 +492,15 @@ def _linear(low: _Lowering, fx: torch.fx.Node) -> None:
     low.emit(fx, op, [x, *params], attrs)
 
 
-@converts("conv1d", "conv2d", "conv3d")
+@converts("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 def _conv(low: _Lowering, fx: torch.fx.Node) -> None:
-    """F.conv*d(x, weight, bias, stride, padding, dilation, groups) on a module's own parameters."""
+    """F.conv*d / F.conv_transpose*d(x, weight, bias, ..., groups as argument 6) on own parameters."""
     x = _x(fx, low)
     params = low.constant_operands(fx.args[1], _arg(fx.args, fx.kwargs, 2, "bias", None))
     if x is None or params is None:
         return low.unknown(fx, _fname(fx))
-    groups = _arg(fx.args, fx.kwargs, 6, "groups", 1)
-    low.emit(fx, "Conv", [x, *params], {"group": int(groups)})
-
-
-@converts("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
-def _conv_transpose(low: _Lowering, fx: torch.fx.Node) -> None:
-    x = _x(fx, low)
-    params = low.constant_operands(fx.args[1], _arg(fx.args, fx.kwargs, 2, "bias", None))
-    if x is None or params is None:
-        return low.unknown(fx, _fname(fx))
-    low.emit(fx, "ConvTranspose", [x, *params], {"group": int(_arg(fx.args, fx.kwargs, 6, "groups", 1))})
+    op = "ConvTranspose" if _bare(fx).startswith("conv_transpose") else "Conv"
+    low.emit(fx, op, [x, *params], {"group": int(_arg(fx.args, fx.kwargs, 6, "groups", 1))})
 
 
 def _batch_norm(low: _Lowering, fx: torch.fx.Node, weight: Any, bias: Any, mean: Any, var: Any) -> None:
