@@ -159,6 +159,7 @@ def main() -> int:
     ap.add_argument("--paths", nargs="*", default=["torch", "onnx", "torch_pruning"])
     ap.add_argument("--timeout", type=int, default=240, help="seconds per model and path")
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out, run the rest")
     args = ap.parse_args()
 
     import torch
@@ -169,7 +170,13 @@ def main() -> int:
     signal.signal(signal.SIGALRM, _alarm)
     sample = [s for s in SAMPLE if not args.models or s[0] in args.models]
     rows = []
+    if args.resume and os.path.exists(args.out):
+        with open(args.out) as f:
+            rows = [r for r in json.load(f)["rows"] if all(p in r for p in args.paths)]
+    done = {r["model"] for r in rows}
     for k, (name, family, size) in enumerate(sample, 1):
+        if name in done:
+            continue
         row = {"model": name, "family": family, "input": [1, 3, size, size]}
         for path in args.paths:
             t0 = time.perf_counter()
