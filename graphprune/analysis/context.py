@@ -47,6 +47,8 @@ class Ctx:
         self.bindings: list[Binding] = []
         self.macs: list[MacTerm] = []
         self.frozen_nodes: dict[str, str] = {}
+        # ops that do arithmetic the cost model cannot count (node -> why): reported, never silently 0
+        self.unknown_costs: dict[str, str] = {}
         # layout chains (e.g. channel shuffle: Reshape -> Transpose -> Reshape) that net out to a pure
         # channel permutation: pending dense tensor -> (start tensor, chain nodes) while walking, and
         # resolved end tensor -> (start tensor, chain nodes); rewriters replace those chains by a Gather

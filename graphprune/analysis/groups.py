@@ -127,7 +127,7 @@ class Analysis:
 
     def param_names(self) -> list[str]:
         """Floating-point constants read by some op: the model's parameters."""
-        used = {t for n in self.graph.nodes for t in n.inputs}
+        used = _used_tensors(self.graph)
         return [
             name for name, v in self.graph.constants.items()
             if name in used and np.issubdtype(v.dtype, np.floating) and v.size > 1
@@ -149,6 +149,17 @@ class Analysis:
 
     def params(self, removed: set[int] | frozenset[int] = frozenset()) -> float:
         return self.cost("params", removed)
+
+
+def _used_tensors(graph: Graph) -> set[str]:
+    """Tensors read by any op, including ops inside subgraph bodies (which read outer weights)."""
+    used: set[str] = set()
+    for n in graph.nodes:
+        used.update(n.inputs)
+        for v in n.attrs.values():
+            if isinstance(v, Graph):
+                used |= _used_tensors(v)
+    return used
 
 
 def analyze_graph(graph: Graph) -> Analysis:

@@ -12,6 +12,10 @@ import numpy as np
 from graphprune.ir.graph import Graph, Node
 
 BOUND_INPUTS = {"Slice": (1, 2, 3, 4), "Split": (1,)}
+COMPARE = {"Equal": np.equal, "Greater": np.greater, "Less": np.less, "And": np.logical_and, "Or": np.logical_or,
+           "GreaterOrEqual": np.greater_equal, "LessOrEqual": np.less_equal}
+FOLDABLE = {"Shape", "Size", "Identity", "Cast", "Gather", "Unsqueeze", "Squeeze", "Concat", "Add", "Sub", "Mul", "Div",
+            "Not", *COMPARE}
 
 
 def _axes(node: Node, values: list) -> list[int] | None:
@@ -31,8 +35,11 @@ def _eval(node: Node, vals: list[np.ndarray | None], graph: Graph) -> np.ndarray
         return s[int(node.attrs.get("start", 0)): node.attrs.get("end")]
     if any(v is None for v in vals if v is not ...):
         return None
-    if op in ("Identity", "Cast"):
+    if op == "Identity":
         return a
+    if op == "Cast":
+        to = node.attrs.get("to")
+        return a.astype(bool) if to == 9 else a
     if op == "Gather":
         return np.take(a, vals[1].astype(np.int64), axis=int(node.attrs.get("axis", 0)))
     if op == "Unsqueeze":
@@ -47,6 +54,12 @@ def _eval(node: Node, vals: list[np.ndarray | None], graph: Graph) -> np.ndarray
         return np.concatenate([np.atleast_1d(v) for v in vals], axis=int(node.attrs.get("axis", 0)))
     if op in ("Add", "Sub", "Mul"):
         return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}[op](a, vals[1])
+    if op == "Size":
+        return np.array(a.size, dtype=np.int64)
+    if op in COMPARE:
+        return COMPARE[op](a, vals[1])
+    if op == "Not":
+        return np.logical_not(a)
     if op == "Div":
         b = vals[1]
         if np.issubdtype(a.dtype, np.integer):
@@ -55,33 +68,41 @@ def _eval(node: Node, vals: list[np.ndarray | None], graph: Graph) -> np.ndarray
     return None
 
 
+def shape_value(graph: Graph, tensor: str, visited: set[str] | None = None, depth: int = 0) -> np.ndarray | None:
+    """The value of a small tensor computed from constants and static shapes, or None.
+
+    `visited` collects the nodes the value was computed through.
+    """
+    visited = set() if visited is None else visited
+    if tensor in graph.constants:
+        return graph.constants[tensor]
+    if depth > 32:
+        return None
+    node = graph.producer(tensor)
+    if node is None or node.op_type not in FOLDABLE or node.outputs[0] != tensor:
+        return None
+    if node.op_type == "Shape":
+        vals: list = []
+    else:
+        vals = [shape_value(graph, t, visited, depth + 1) if t else None for t in node.inputs]
+        if any(v is None for v, t in zip(vals, node.inputs) if t):
+            return None
+    try:
+        out = _eval(node, vals, graph)
+    except Exception:  # noqa: BLE001 - anything numpy rejects is simply not foldable
+        return None
+    if out is not None:
+        visited.add(node.name)
+    return out
+
+
 def fold_bounds(graph: Graph) -> None:
     """Turn computable Slice/Split bound operands into constants of the IR (never of the written model)."""
     candidates: dict[str, set[str]] = {}  # bound tensor -> nodes computing it
     cache: dict[str, np.ndarray | None] = {}
 
     def evaluate(tensor: str, visited: set[str], depth: int = 0) -> np.ndarray | None:
-        if tensor in graph.constants:
-            return graph.constants[tensor]
-        if depth > 32:
-            return None
-        node = graph.producer(tensor)
-        if node is None or node.op_type not in ("Shape", "Identity", "Cast", "Gather", "Unsqueeze", "Squeeze",
-                                                 "Concat", "Add", "Sub", "Mul", "Div"):
-            return None
-        if node.op_type == "Shape":
-            vals: list = []
-        else:
-            vals = [evaluate(t, visited, depth + 1) if t else None for t in node.inputs]
-            if any(v is None for v, t in zip(vals, node.inputs) if t):
-                return None
-        try:
-            out = _eval(node, vals, graph)
-        except Exception:
-            return None
-        if out is not None:
-            visited.add(node.name)
-        return out
+        return shape_value(graph, tensor, visited, depth)
 
     for node in graph.nodes:
         for idx in BOUND_INPUTS.get(node.op_type, ()):

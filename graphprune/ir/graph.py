@@ -31,6 +31,8 @@ class Graph:
     name: str = "graph"
     # nodes whose values were folded into constants for analysis (e.g. Shape chains computing bounds)
     folded_nodes: set[str] = field(default_factory=set)
+    # which If branch the cost model counts ("then"/"else"); None counts the larger one
+    branch: str | None = None
 
     def __post_init__(self) -> None:
         self.reindex()
