@@ -97,12 +97,14 @@ def prune(
     scores: dict[int, float] | None = None,
     removed: set[int] | frozenset[int] | None = None,
     progress: Progress | None = None,
+    allow_floor: bool = False,
     **method_options: Any,
 ) -> PruneResult:
     """Prune `model` to a cost target and return the validated slim model with a report.
 
     ONNX models (path or ModelProto) come back as a ModelProto; nn.Modules as a smaller nn.Module.
     Pass `scores` to use your own importance, or `removed` to apply an explicit plan.
+    A target below what pruning can reach is an error unless `allow_floor` (then the floor is kept).
     """
     if _is_torch_module(model):
         from graphprune.torch_prune import prune_module
@@ -142,7 +144,7 @@ def prune(
                 scores = score_classes(analysis, method, seed=seed, loaded=loaded, **method_options)
             say("allocating the budget")
             plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=round_to,
-                            protected=ignored_classes(analysis, list(ignore)))
+                            protected=ignored_classes(analysis, list(ignore)), allow_floor=allow_floor)
     else:
         base = analysis.macs()
         plan = Plan(frozenset(removed), "macs", 1.0, base, analysis.macs(removed))

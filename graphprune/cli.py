@@ -36,6 +36,9 @@ def run_guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
     except KeyboardInterrupt:
         click.echo("graphprune: interrupted; no output written", err=True)
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - a bug inside analysis or rewrite is still one line, exit 2
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        fail(f"internal error ({type(exc).__name__}): {first}")
 
 
 def parse_shape(value: str | None) -> dict[str, tuple[int, ...]] | None:
@@ -109,10 +112,11 @@ def _terminate_as_interrupt() -> None:
 @click.option("--report", "report_html", type=click.Path(dir_okay=False), help="Write a self-contained HTML report.")
 @click.option("--overwrite", is_flag=True, help="Allow -o to be the input file.")
 @click.option("--dry-run", is_flag=True, help="Plan and validate, write nothing.")
+@click.option("--allow-floor", is_flag=True, help="Accept the floor when the target is below it (else exit 2).")
 def prune(model: str, output: str | None, target_flops: float | None, target_params: float | None,
           target_latency: float | None, method: str, strategy: str, round_to: int, ignore: tuple[str, ...],
           input_shape: str | None, seed: int, calib: str | None, as_json: bool, report_html: str | None, overwrite: bool,
-          dry_run: bool) -> None:
+          dry_run: bool, allow_floor: bool) -> None:
     """Prune MODEL (ONNX) to a FLOPs/params/latency target and write a validated slim model."""
     from graphprune import api
 
@@ -129,7 +133,7 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
         result = run_guarded(
             api.prune, model, target_flops=target_flops, target_params=target_params,
             target_latency=target_latency, method=method, strategy=strategy, round_to=round_to,
-            ignore=ignore, seed=seed, input_shape=shapes, progress=say,
+            ignore=ignore, seed=seed, input_shape=shapes, progress=say, allow_floor=allow_floor,
             **({"calib": calib} if calib else {}),
         )
         if output and not dry_run:

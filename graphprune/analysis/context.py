@@ -111,7 +111,8 @@ class Ctx:
         shape = self.shape(tensor)
         if tuple(labels.shape) != tuple(shape):
             raise Unresolved(f"layout mismatch on '{tensor}'")
-        for axis in prefer:
+        # the preferred axes first, then any other axis that carries whole channels
+        for axis in list(prefer) + [a for a in range(len(shape)) if a not in {p % max(len(shape), 1) for p in prefer}]:
             if len(shape) < 2:
                 break
             ids = resolve_axis(labels, axis % len(shape))
@@ -148,7 +149,14 @@ class Ctx:
             raise Unresolved(f"'{tensor}' has no channel axis to bind '{param}' to")
         if value.shape[axis] * divisor != len(sp.ids):
             raise Unresolved(f"'{param}' axis {axis} does not match channels of '{tensor}'")
-        self.bindings.append(Binding(param, axis, tensor, role, node.name, divisor))
+        self._bind_with_sources(param, axis, tensor, role, node.name, divisor)
+
+    def _bind_with_sources(self, param: str, axis: int, tensor: str, role: str, node: str, divisor: int) -> None:
+        """A derived constant (dequantised weight) is not in the written model: bind what it comes from."""
+        self.bindings.append(Binding(param, axis, tensor, role, node, divisor))
+        for source, axis_map in self.graph.aliases.get(param, ()):
+            if axis < len(axis_map) and axis_map[axis] is not None:
+                self._bind_with_sources(source, axis_map[axis], tensor, role, node, divisor)
 
     def mac(self, node: Node, base: float, *tensors: str) -> None:
         self.macs.append(MacTerm(node.name, float(base), tuple(tensors)))

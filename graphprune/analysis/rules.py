@@ -520,11 +520,32 @@ def layout(ctx: Ctx, node: Node) -> None:
 def shape_reader(ctx: Ctx, node: Node) -> None:
     """Shape/Size read channel counts as data: pruning would silently change them.
 
-    Unless the frontend folded this read into constant bounds that the rewriter rewrites.
+    Unless the frontend folded this read into constant bounds that the rewriter rewrites, or every
+    use of the Shape picks dims other than the channel axis (the batch size for an initial state).
     """
     if node.name in ctx.graph.folded_nodes:
         return
-    ctx.freeze_tensor(node.inputs[0], f"channel count read by {node.op_type} '{node.name}'")
+    x = node.inputs[0]
+    axis = ctx.axis_of(x)
+    if node.op_type == "Shape" and axis is not None and _reads_other_dims(ctx, node, axis):
+        return
+    ctx.freeze_tensor(x, f"channel count read by {node.op_type} '{node.name}'")
+
+
+def _reads_other_dims(ctx: Ctx, node: Node, axis: int) -> bool:
+    """True if each consumer of Shape(x) only gathers constant indices other than x's channel axis."""
+    rank = ctx.rank(node.inputs[0])
+    start = int(node.attrs.get("start", 0)) % (rank + 1) if node.attrs.get("start", 0) < 0 else int(node.attrs.get("start", 0))
+    users = ctx.graph.consumers(node.outputs[0])
+    if not users or node.outputs[0] in ctx.graph.outputs:
+        return False
+    for user in users:
+        if user.op_type != "Gather" or user.inputs[0] != node.outputs[0] or not ctx.is_const(user.inputs[1]):
+            return False
+        picked = {(int(i) % rank) if start == 0 else int(i) + start for i in np.ravel(ctx.const(user.inputs[1]))}
+        if axis in picked:
+            return False
+    return True
 
 
 def no_channels(ctx: Ctx, node: Node) -> None:
@@ -747,12 +768,43 @@ def fix_conv(ctx: Ctx, node: Node, masks: dict[str, np.ndarray]) -> NodeEdit | N
     return None
 
 
+def _reshaped(target: np.ndarray, in_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The output shape Reshape produces for `target` (0 copies, -1 infers), or None if invalid."""
+    dims = [in_shape[i] if d == 0 and i < len(in_shape) else int(d) for i, d in enumerate(target)]
+    if dims.count(-1) > 1:
+        return None
+    if -1 in dims:
+        rest = prod(d for d in dims if d != -1)
+        if rest == 0 or prod(in_shape) % rest:
+            return None
+        dims[dims.index(-1)] = prod(in_shape) // rest
+    return tuple(dims)
+
+
+def _pruned_shape(ctx: Ctx, tensor: str, masks: dict[str, np.ndarray]) -> tuple[int, ...]:
+    shape = list(ctx.shape(tensor))
+    if tensor in masks and ctx.axis_of(tensor) is not None:
+        shape[ctx.axis_of(tensor)] = _kept(masks, tensor)
+    return tuple(shape)
+
+
 def fix_reshape(ctx: Ctx, node: Node, masks: dict[str, np.ndarray]) -> NodeEdit | None:
     out = node.outputs[0]
     if out not in masks or node.op_type != "Reshape":
         return None
     axis = ctx.axis_of(out)
-    shape = np.array(ctx.const(node.inputs[1]), dtype=np.int64).copy()
+    target = node.inputs[1]
+    if ctx.graph.producer(target) is not None:
+        # a target computed at run time from Shape reads (folded for analysis): keep the computation
+        # (dynamic dims stay dynamic) if, given the pruned shapes, it yields the pruned output shape
+        from graphprune.frontends.fold import shape_value
+
+        pruned = {t: _pruned_shape(ctx, t, masks) for t in masks}
+        again = shape_value(ctx.graph, target, shapes=pruned, recompute=True)
+        if again is not None and _reshaped(again, pruned.get(node.inputs[0], ctx.shape(node.inputs[0]))) \
+                == _pruned_shape(ctx, out, masks):
+            return None
+    shape = np.array(ctx.const(target), dtype=np.int64).copy()
     if shape[axis] <= 0 or shape[axis] == _kept(masks, out):
         return None
     shape[axis] = _kept(masks, out)
@@ -801,8 +853,8 @@ def fix_slice(ctx: Ctx, node: Node, masks: dict[str, np.ndarray]) -> NodeEdit | 
 
 def fix_resize(ctx: Ctx, node: Node, masks: dict[str, np.ndarray]) -> NodeEdit | None:
     out = node.outputs[0]
-    if out not in masks or len(node.inputs) < 4 or not node.inputs[3]:
-        return None
+    if out not in masks or len(node.inputs) < 4 or not node.inputs[3] or not ctx.is_const(node.inputs[3]):
+        return None  # sizes computed at run time from Shape reads follow the pruned tensor by themselves
     sizes = np.array(ctx.const(node.inputs[3]), dtype=np.int64).copy()
     axis = ctx.axis_of(out)
     sizes[axis] = _kept(masks, out)

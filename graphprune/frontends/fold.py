@@ -11,11 +11,11 @@ import numpy as np
 
 from graphprune.ir.graph import Graph, Node
 
-BOUND_INPUTS = {"Slice": (1, 2, 3, 4), "Split": (1,)}
+BOUND_INPUTS = {"Slice": (1, 2, 3, 4), "Split": (1,), "Reshape": (1,)}
 COMPARE = {"Equal": np.equal, "Greater": np.greater, "Less": np.less, "And": np.logical_and, "Or": np.logical_or,
            "GreaterOrEqual": np.greater_equal, "LessOrEqual": np.less_equal}
 FOLDABLE = {"Shape", "Size", "Identity", "Cast", "Gather", "Unsqueeze", "Squeeze", "Concat", "Add", "Sub", "Mul", "Div",
-            "Not", *COMPARE}
+            "Not", "Slice", *COMPARE}
 
 
 def _axes(node: Node, values: list) -> list[int] | None:
@@ -24,11 +24,12 @@ def _axes(node: Node, values: list) -> list[int] | None:
     return [int(a) for a in np.ravel(values[1])] if len(values) > 1 and values[1] is not None else None
 
 
-def _eval(node: Node, vals: list[np.ndarray | None], graph: Graph) -> np.ndarray | None:
+def _eval(node: Node, vals: list[np.ndarray | None], graph: Graph,
+          shapes: dict[str, tuple[int, ...]] | None = None) -> np.ndarray | None:
     op = node.op_type
     a = vals[0] if vals else None
     if op == "Shape":
-        shape = graph.shape(node.inputs[0])
+        shape = (shapes or {}).get(node.inputs[0]) or graph.shape(node.inputs[0])
         if shape is None:
             return None
         s = np.array(shape, dtype=np.int64)
@@ -60,6 +61,9 @@ def _eval(node: Node, vals: list[np.ndarray | None], graph: Graph) -> np.ndarray
         return COMPARE[op](a, vals[1])
     if op == "Not":
         return np.logical_not(a)
+    if op == "Slice" and len(vals) >= 3 and a.ndim == 1:
+        step = int(np.ravel(vals[4])[0]) if len(vals) > 4 and vals[4] is not None else 1
+        return a[int(np.ravel(vals[1])[0]):int(np.ravel(vals[2])[0]):step]
     if op == "Div":
         b = vals[1]
         if np.issubdtype(a.dtype, np.integer):
@@ -68,13 +72,15 @@ def _eval(node: Node, vals: list[np.ndarray | None], graph: Graph) -> np.ndarray
     return None
 
 
-def shape_value(graph: Graph, tensor: str, visited: set[str] | None = None, depth: int = 0) -> np.ndarray | None:
+def shape_value(graph: Graph, tensor: str, visited: set[str] | None = None, depth: int = 0,
+                shapes: dict[str, tuple[int, ...]] | None = None, recompute: bool = False) -> np.ndarray | None:
     """The value of a small tensor computed from constants and static shapes, or None.
 
-    `visited` collects the nodes the value was computed through.
+    `visited` collects the nodes the value was computed through; `shapes` overrides tensor shapes
+    (the pruned ones), and `recompute` re-evaluates folded values instead of reading the fold.
     """
     visited = set() if visited is None else visited
-    if tensor in graph.constants:
+    if tensor in graph.constants and not (recompute and graph.producer(tensor) is not None):
         return graph.constants[tensor]
     if depth > 32:
         return None
@@ -84,11 +90,11 @@ def shape_value(graph: Graph, tensor: str, visited: set[str] | None = None, dept
     if node.op_type == "Shape":
         vals: list = []
     else:
-        vals = [shape_value(graph, t, visited, depth + 1) if t else None for t in node.inputs]
+        vals = [shape_value(graph, t, visited, depth + 1, shapes, recompute) if t else None for t in node.inputs]
         if any(v is None for v, t in zip(vals, node.inputs) if t):
             return None
     try:
-        out = _eval(node, vals, graph)
+        out = _eval(node, vals, graph, shapes)
     except Exception:  # noqa: BLE001 - anything numpy rejects is simply not foldable
         return None
     if out is not None:
@@ -97,35 +103,62 @@ def shape_value(graph: Graph, tensor: str, visited: set[str] | None = None, dept
 
 
 def fold_bounds(graph: Graph) -> None:
-    """Turn computable Slice/Split bound operands into constants of the IR (never of the written model)."""
-    candidates: dict[str, set[str]] = {}  # bound tensor -> nodes computing it
-    cache: dict[str, np.ndarray | None] = {}
-
-    def evaluate(tensor: str, visited: set[str], depth: int = 0) -> np.ndarray | None:
-        return shape_value(graph, tensor, visited, depth)
-
+    """Turn computable Slice/Split bounds and Reshape targets into constants of the IR (never of the
+    written model). Each computation is folded only if closed: its values feed nothing but bounds."""
+    bound_consumers = {n.name for n in graph.nodes if n.op_type in BOUND_INPUTS}
     for node in graph.nodes:
         for idx in BOUND_INPUTS.get(node.op_type, ()):
             if idx >= len(node.inputs) or not node.inputs[idx] or node.inputs[idx] in graph.constants:
                 continue
             visited: set[str] = set()
-            value = evaluate(node.inputs[idx], visited)
-            if value is None:
+            value = shape_value(graph, node.inputs[idx], visited)
+            if value is None or not visited:
                 continue
-            candidates[node.inputs[idx]] = visited
-            cache[node.inputs[idx]] = value
-    if not candidates:
-        return
-    all_nodes = set().union(*candidates.values())
-    bound_consumers = {n.name for n in graph.nodes if n.op_type in BOUND_INPUTS}
-    closed = True
-    for name in all_nodes:
-        for out in graph.node_by_name[name].outputs:
-            for c in graph.consumers(out):
-                if c.name not in all_nodes and c.name not in bound_consumers:
-                    closed = False
-    if not closed:
-        return
-    for tensor, value in cache.items():
-        graph.constants[tensor] = np.asarray(value, dtype=np.int64)
-    graph.folded_nodes.update(all_nodes)
+            closed = all(c.name in visited or c.name in bound_consumers
+                         for name in visited for out in graph.node_by_name[name].outputs
+                         for c in graph.consumers(out))
+            if closed:
+                graph.constants[node.inputs[idx]] = np.asarray(value, dtype=np.int64)
+                graph.folded_nodes.update(visited)
+
+
+def fold_dequantized_weights(graph: Graph) -> None:
+    """DequantizeLinear of constant integers (a QDQ model's weights and biases) becomes a float
+    constant of the IR, so the float rules see a weight; the written model keeps the integers.
+
+    Bindings on the folded tensor are forwarded (graph.aliases) to the integer tensor and to a
+    per-channel scale / zero point along the same axis; per-tensor ones are left as they are.
+    """
+    for node in graph.nodes:
+        if node.op_type == "Identity" and node.inputs[0] in graph.aliases and node.outputs[0] not in graph.constants:
+            value = graph.constants[node.inputs[0]]
+            graph.constants[node.outputs[0]] = value
+            graph.aliases[node.outputs[0]] = [(node.inputs[0], tuple(range(value.ndim)))]
+            graph.folded_nodes.add(node.name)
+            continue
+        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+            continue
+        ins = [t for t in node.inputs if t]
+        if not all(t in graph.constants for t in ins) or node.outputs[0] in graph.constants:
+            continue
+        q = graph.constants[node.inputs[0]]
+        scale = graph.constants[node.inputs[1]]
+        zp = graph.constants[node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2] else None
+        if q.ndim == 0 or scale.ndim > 1 or (zp is not None and zp.shape != scale.shape):
+            continue  # blocked quantisation: not handled
+        axis = int(node.attrs.get("axis", 1)) % q.ndim
+        view = [1] * q.ndim
+        if scale.size > 1:
+            if scale.shape[0] != q.shape[axis]:
+                continue
+            view[axis] = scale.size
+        zero = 0 if zp is None else zp.astype(np.float64).reshape(view)
+        value = (q.astype(np.float64) - zero) * scale.astype(np.float64).reshape(view)
+        out = node.outputs[0]
+        graph.constants[out] = value.astype(scale.dtype)
+        maps = [(node.inputs[0], tuple(range(q.ndim)))]
+        if scale.size > 1:
+            follow = tuple(0 if a == axis else None for a in range(q.ndim))
+            maps += [(t, follow) for t in node.inputs[1:3] if t]
+        graph.aliases[out] = maps
+        graph.folded_nodes.add(node.name)

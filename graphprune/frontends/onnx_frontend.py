@@ -15,7 +15,7 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from graphprune.errors import GraphpruneError
-from graphprune.frontends.fold import fold_bounds, shape_value
+from graphprune.frontends.fold import fold_bounds, fold_dequantized_weights, shape_value
 from graphprune.ir.graph import Graph, Node
 
 BATCH_DIM_NAMES = {"n", "N", "batch", "batch_size", "batchsize", "b", "B"}
@@ -543,6 +543,7 @@ def _load_checked(model: onnx.ModelProto, path: str | None,
     for name, shape in probe_shapes(model, pinned, set(graph.shapes)).items():
         graph.shapes.setdefault(name, shape)
     lower_subgraphs(graph, analysed)
+    fold_dequantized_weights(graph)
     fold_bounds(graph)
     # the IR's node names must match the proto's, so the rewriter can find nodes by index
     return LoadedModel(proto=model, graph=graph, source=path)
