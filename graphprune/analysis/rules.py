@@ -566,6 +566,8 @@ def _rnn_macs(ctx: Ctx, node: Node) -> tuple[float, float]:
     """
     xs = ctx.shape(node.inputs[0])
     ws, rs = ctx.shape(node.inputs[1]), ctx.shape(node.inputs[2])
+    if len(xs) != 3 or len(ws) != 3 or xs[-1] != ws[2]:
+        raise Unresolved(f"{node.op_type} input shape {xs} does not match its weight {ws}")
     steps = xs[0] * xs[1]  # seq * batch, whichever the layout
     return float(steps * ws[0] * ws[1] * ws[2]), float(steps * rs[0] * rs[1] * rs[2])
 
@@ -808,6 +810,13 @@ def fix_reshape(ctx: Ctx, node: Node, masks: dict[str, np.ndarray]) -> NodeEdit 
     if shape[axis] <= 0 or shape[axis] == _kept(masks, out):
         return None
     shape[axis] = _kept(masks, out)
+    if ctx.graph.producer(target) is not None and not int(node.attrs.get("allowzero", 0)):
+        # the constant replaces a run-time target: dims copied from the input (a batch, a dynamic
+        # width) are written as 0 ("copy"), so they stay dynamic
+        in_shape = ctx.shape(node.inputs[0])
+        for i in range(min(len(shape), len(in_shape))):
+            if i != axis and shape[i] == in_shape[i] and i != ctx.axis_of(node.inputs[0]):
+                shape[i] = 0
     return NodeEdit(inputs={1: shape})
 
 
@@ -854,10 +863,18 @@ def fix_slice(ctx: Ctx, node: Node, masks: dict[str, np.ndarray]) -> NodeEdit | 
 def fix_resize(ctx: Ctx, node: Node, masks: dict[str, np.ndarray]) -> NodeEdit | None:
     out = node.outputs[0]
     if out not in masks or len(node.inputs) < 4 or not node.inputs[3] or not ctx.is_const(node.inputs[3]):
-        return None  # sizes computed at run time from Shape reads follow the pruned tensor by themselves
+        return None
     sizes = np.array(ctx.const(node.inputs[3]), dtype=np.int64).copy()
     axis = ctx.axis_of(out)
     sizes[axis] = _kept(masks, out)
+    if ctx.graph.producer(node.inputs[3]) is not None:
+        # sizes computed at run time (folded for analysis): keep them if they follow the pruning
+        from graphprune.frontends.fold import shape_value
+
+        again = shape_value(ctx.graph, node.inputs[3], recompute=True,
+                            shapes={t: _pruned_shape(ctx, t, masks) for t in masks})
+        if again is not None and np.array_equal(np.asarray(again, dtype=np.int64), sizes):
+            return None
     return NodeEdit(inputs={3: sizes})
 
 

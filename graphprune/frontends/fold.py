@@ -8,10 +8,11 @@ constant bounds for the pruned tensor. A fold is accepted only if the bound subg
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from graphprune.ir.graph import Graph, Node
 
-BOUND_INPUTS = {"Slice": (1, 2, 3, 4), "Split": (1,), "Reshape": (1,)}
+BOUND_INPUTS = {"Slice": (1, 2, 3, 4), "Split": (1,), "Reshape": (1,), "Resize": (3,)}
 COMPARE = {"Equal": np.equal, "Greater": np.greater, "Less": np.less, "And": np.logical_and, "Or": np.logical_or,
            "GreaterOrEqual": np.greater_equal, "LessOrEqual": np.less_equal}
 FOLDABLE = {"Shape", "Size", "Identity", "Cast", "Gather", "Unsqueeze", "Squeeze", "Concat", "Add", "Sub", "Mul", "Div",
@@ -106,20 +107,30 @@ def fold_bounds(graph: Graph) -> None:
     """Turn computable Slice/Split bounds and Reshape targets into constants of the IR (never of the
     written model). Each computation is folded only if closed: its values feed nothing but bounds."""
     bound_consumers = {n.name for n in graph.nodes if n.op_type in BOUND_INPUTS}
+    found: dict[str, tuple[np.ndarray, set[str]]] = {}  # bound tensor -> (value, nodes computing it)
     for node in graph.nodes:
         for idx in BOUND_INPUTS.get(node.op_type, ()):
-            if idx >= len(node.inputs) or not node.inputs[idx] or node.inputs[idx] in graph.constants:
+            t = node.inputs[idx] if idx < len(node.inputs) else ""
+            if not t or t in graph.constants or t in found:
                 continue
             visited: set[str] = set()
-            value = shape_value(graph, node.inputs[idx], visited)
-            if value is None or not visited:
-                continue
-            closed = all(c.name in visited or c.name in bound_consumers
-                         for name in visited for out in graph.node_by_name[name].outputs
-                         for c in graph.consumers(out))
-            if closed:
-                graph.constants[node.inputs[idx]] = np.asarray(value, dtype=np.int64)
-                graph.folded_nodes.update(visited)
+            value = shape_value(graph, t, visited)
+            if value is not None and visited:
+                found[t] = (value, visited)
+    # computations may share nodes (one Shape read feeding several targets): drop, until none is
+    # left to drop, every computation whose nodes feed anything besides accepted computations and bounds
+    while True:
+        inside = set().union(*(v for _, v in found.values())) if found else set()
+        open_ = [t for t, (_, v) in found.items()
+                 if any(c.name not in inside and c.name not in bound_consumers
+                        for name in v for out in graph.node_by_name[name].outputs for c in graph.consumers(out))]
+        if not open_:
+            break
+        for t in open_:
+            del found[t]
+    for t, (value, visited) in found.items():
+        graph.constants[t] = np.asarray(value, dtype=np.int64)
+        graph.folded_nodes.update(visited)
 
 
 def fold_dequantized_weights(graph: Graph) -> None:
@@ -162,3 +173,77 @@ def fold_dequantized_weights(graph: Graph) -> None:
             maps += [(t, follow) for t in node.inputs[1:3] if t]
         graph.aliases[out] = maps
         graph.folded_nodes.add(node.name)
+
+
+# pure ops whose all-constant instances are folded into initializers of the model that gets rewritten
+FOLD_OPS = frozenset({
+    "Reshape", "Unsqueeze", "Squeeze", "Transpose", "Flatten", "Cast", "Identity", "Add", "Sub", "Mul", "Div",
+    "Neg", "Sqrt", "Reciprocal", "Pow", "Exp", "Concat", "Gather", "Slice", "Expand", "Tile", "Range",
+    "ConstantOfShape", "Shape", "Size", "Squeeze", "Clip", "Max", "Min", "Abs", "Equal", "Not", "Where",
+})
+FOLD_LIMIT = 1 << 22  # elements: a fold must not blow a small constant up into a huge one
+
+
+def fold_constant_nodes(model: onnx.ModelProto) -> int:
+    return fold_graph_constants(model.graph, list(model.opset_import))
+
+
+def fold_graph_constants(graph: onnx.GraphProto, opsets: list) -> int:
+    """Replace ops whose inputs are all initializers by their value (exporters' bias reshapes, scale
+    arithmetic), so the rules see constants instead of freezing at a Reshape of a constant.
+
+    Dequantisation is never folded (the written model stays quantised), nor ops with subgraphs or
+    outside the pure FOLD_OPS set. Returns how many nodes were folded.
+    """
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    values = {t.name: t for t in graph.initializer}
+    keep: list[onnx.NodeProto] = []
+    folded_nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        ins = [i for i in node.input if i]
+        if (node.op_type not in FOLD_OPS or node.domain not in ("", "ai.onnx") or not ins
+                or any(i not in values for i in ins) or len(node.output) != 1):
+            keep.append(node)
+            continue
+        try:
+            arrays = {i: numpy_helper.to_array(values[i]) for i in ins}
+            tiny = helper.make_graph([node], "fold", [], [helper.make_empty_tensor_value_info(node.output[0])],
+                                     initializer=[values[i] for i in ins])
+            out = ReferenceEvaluator(helper.make_model(tiny, opset_imports=opsets)).run(None, {})[0]
+            if np.asarray(out).size > max(FOLD_LIMIT, max(a.size for a in arrays.values())):
+                raise ValueError("fold too large")
+        except Exception:  # noqa: BLE001 - anything the evaluator cannot do simply stays an op
+            keep.append(node)
+            continue
+        tensor = numpy_helper.from_array(np.asarray(out), node.output[0])
+        graph.initializer.append(tensor)
+        values[tensor.name] = tensor
+        folded_nodes.append(node)
+    folded = len(folded_nodes)
+    if folded:
+        del graph.node[:]
+        graph.node.extend(keep)
+        # an initializer that only fed folded nodes is dropped (reads inside subgraphs count, at any depth)
+        fed = {i for n in folded_nodes for i in n.input}
+        used = _reads(graph) | {o.name for o in graph.output}
+        live = [t for t in graph.initializer if t.name not in fed or t.name in used]
+        if len(live) != len(graph.initializer):
+            del graph.initializer[:]
+            graph.initializer.extend(live)
+    return folded
+
+
+def _reads(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name read by a node of `graph` or of any subgraph inside it."""
+    names: set[str] = set()
+    for n in graph.node:
+        names.update(n.input)
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                names |= _reads(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    names |= _reads(g)
+    return names

@@ -15,7 +15,8 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from graphprune.errors import GraphpruneError
-from graphprune.frontends.fold import fold_bounds, fold_dequantized_weights, shape_value
+from graphprune.frontends.fold import (fold_bounds, fold_constant_nodes, fold_dequantized_weights, fold_graph_constants,
+                                       shape_value)
 from graphprune.ir.graph import Graph, Node
 
 BATCH_DIM_NAMES = {"n", "N", "batch", "batch_size", "batchsize", "b", "B"}
@@ -409,6 +410,18 @@ def _graph_ir(g: onnx.GraphProto, outer_shapes: dict[str, tuple[int, ...]],
     """
     body = onnx.GraphProto()
     body.CopyFrom(g)
+    # this copy is only costed: constants become initializers and constant arithmetic (computed
+    # pads, say) is folded, so shape inference can see through it
+    kept_nodes = []
+    for n in body.node:
+        v = _constant_value(n) if n.op_type == "Constant" and n.domain in ("", "ai.onnx") else None
+        if v is not None:
+            body.initializer.append(numpy_helper.from_array(v, n.output[0]))
+        else:
+            kept_nodes.append(n)
+    del body.node[:]
+    body.node.extend(kept_nodes)
+    fold_graph_constants(body, opsets)
     for _ in range(16):
         consts = {t.name: tensor_to_array(t) for t in body.initializer}
         for n in body.node:
@@ -497,13 +510,18 @@ def probe_shapes(model: onnx.ModelProto, pinned: onnx.ModelProto, known: set[str
         opts.log_severity_level = 4
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        from graphprune.rewrite.validate import compared_constants
+
         rng = np.random.default_rng(0)
+        enums = compared_constants(model)
         feed = {}
         for inp in probe.graph.input:
             dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
             dtype = helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
-            feed[inp.name] = (rng.standard_normal(dims) if np.issubdtype(dtype, np.floating)
-                              else np.zeros(dims)).astype(dtype)
+            if np.issubdtype(dtype, np.floating):
+                feed[inp.name] = rng.standard_normal(dims).astype(dtype)
+            else:
+                feed[inp.name] = np.full(dims, (enums.get(inp.name) or [0])[0]).astype(dtype)
         values = sess.run(missing, feed)
     except Exception:
         return {}
@@ -526,6 +544,7 @@ def _load_checked(model: onnx.ModelProto, path: str | None,
     # structure first: misordered nodes are reordered, cycles and dangling tensors get a precise message
     model = normalize(model)
     _check_structure(model)
+    fold_constant_nodes(model)
     _check_inputs(model)
     light, _ = skeleton(model)
     try:
