@@ -111,8 +111,7 @@ class Ctx:
         shape = self.shape(tensor)
         if tuple(labels.shape) != tuple(shape):
             raise Unresolved(f"layout mismatch on '{tensor}'")
-        # the preferred axes first, then any other axis that carries whole channels
-        for axis in list(prefer) + [a for a in range(len(shape)) if a not in {p % max(len(shape), 1) for p in prefer}]:
+        for axis in prefer:
             if len(shape) < 2:
                 break
             ids = resolve_axis(labels, axis % len(shape))

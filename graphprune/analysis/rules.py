@@ -487,14 +487,17 @@ def layout(ctx: Ctx, node: Node) -> None:
     oshape = ctx.shape(out)
     if node.op_type == "Reshape" and not ctx.is_const(node.inputs[1]):
         raise Unresolved("reshape target is computed at run time")
+    prefer: tuple[int, ...] = (1, -1)
     if node.op_type == "Transpose":
         perm = node.attrs.get("perm") or list(reversed(range(labels.ndim)))
         moved = np.transpose(labels, perm)
+        if ctx.axis_of(x) is not None:  # an axis-form input: its channel axis moves to perm.index(axis)
+            prefer = (list(perm).index(ctx.axis_of(x)), 1, -1)
     else:
         if labels.size != prod(oshape):
             raise Unresolved("element count changes")
         moved = labels.reshape(oshape)
-    ctx.set_dense(out, moved)
+    ctx.set_dense(out, moved, prefer)
     start, nodes = ctx.chains.get(x, (x, []))
     nodes = nodes + [node.name]
     if ctx.axis_of(out) is None:
@@ -765,7 +768,8 @@ def _kept(masks: dict[str, np.ndarray], tensor: str) -> int:
 
 def fix_conv(ctx: Ctx, node: Node, masks: dict[str, np.ndarray]) -> NodeEdit | None:
     g = int(node.attrs.get("group", 1))
-    if g > 1 and ctx.const(node.inputs[SLOTS[node.op_type][1]]).shape[1] == 1 and node.inputs[0] in masks:
+    if g > 1 and ctx.const(node.inputs[SLOTS[node.op_type][1]]).shape[1] == 1 and node.inputs[0] in masks \
+            and ctx.axis_of(node.inputs[0]) == 1:
         return NodeEdit(attrs={"group": _kept(masks, node.inputs[0])})
     return None
 
