@@ -69,7 +69,7 @@ def test_cnn_lstm_counts_the_lstm_and_prunes_its_input_width(tmp_path):
     np.testing.assert_allclose(run_onnx(result.model, feed)[0], ref, rtol=1e-4, atol=1e-4)
 
 
-def _if_wrapped_cnn(path):
+def _if_wrapped_cnn(path, read="x"):
     """A prunable top-level CNN next to an If whose branches convolve the (frozen) model input.
 
     The condition depends on input values (unknown statically), so the cost model counts the larger
@@ -80,11 +80,13 @@ def _if_wrapped_cnn(path):
     def const(name, shape):
         return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
 
+    cin = 3 if read == "x" else 32
+
     def branch(name, cout, k):
         return helper.make_graph(
-            [helper.make_node("Conv", ["x", f"{name}_w"], [f"{name}_y"], pads=[k // 2] * 4)],
+            [helper.make_node("Conv", [read, f"{name}_w"], [f"{name}_y"], pads=[k // 2] * 4)],
             name, [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [1, cout, 16, 16])],
-            initializer=[const(f"{name}_w", (cout, 3, k, k))])
+            initializer=[const(f"{name}_w", (cout, cin, k, k))])
 
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1] * 4),
@@ -116,6 +118,15 @@ def test_if_wrapped_cnn_counts_the_larger_branch(tmp_path):
     feed = random_feed(loaded.proto, loaded.graph, seed=1)
     independent = _independent_ratio(src, result, feed)
     assert abs(result.report["achieved"] - independent) <= 0.005, (result.report["achieved"], independent)
+
+
+def test_tensor_read_inside_a_branch_keeps_its_channels(tmp_path):
+    src = _if_wrapped_cnn(tmp_path / "if_reads_hidden.onnx", read="r1")
+    analysis = graphprune.analyze(src)
+    assert analysis.is_frozen(int(analysis.roots["r1"][0]))
+    assert "subgraph" in analysis.frozen_reason[int(analysis.roots["r1"][0])]
+    with pytest.raises(graphprune.GraphpruneError, match="floor"):
+        graphprune.prune(src, target_flops=0.6)
 
 
 def test_if_branch_decided_by_static_shapes_is_the_one_counted():

@@ -621,7 +621,24 @@ def einsum(ctx: Ctx, node: Node) -> None:
     raise Unresolved("channels through Einsum are not traced")
 
 
+def _outer_reads(body: Any) -> set[str]:
+    """Tensors a body (and the bodies inside it) reads from enclosing scopes."""
+    own = set(body.inputs) | set(body.constants) | {o for n in body.nodes for o in n.outputs}
+    reads = {t for n in body.nodes for t in n.inputs if t}
+    for n in body.nodes:
+        for v in n.attrs.values():
+            if hasattr(v, "nodes"):
+                reads |= _outer_reads(v)
+    return reads - own
+
+
 def control_flow(ctx: Ctx, node: Node) -> None:
+    """If/Loop/Scan: channels are not traced through bodies, so every tensor a body reads from the
+    enclosing graph keeps its channels (a pruned one would no longer fit the body's weights)."""
+    for v in node.attrs.values():
+        if hasattr(v, "nodes"):
+            for t in sorted(_outer_reads(v)):
+                ctx.freeze_tensor(t, f"read inside the {node.op_type} '{node.name}' subgraph")
     raise Unresolved(f"channels through {node.op_type} subgraphs are not traced")
 
 
