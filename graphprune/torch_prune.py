@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from graphprune.api import Progress, PruneResult, _parse_target, score_classes
+from graphprune.api import Progress, PruneResult, _parse_target, _sensitivity_options, score_classes
 from graphprune.errors import GraphpruneError
 from graphprune.frontends.fx_frontend import TracedModule, analyze_traced, trace_module
 from graphprune.passes.allocate import Plan, allocate, ignored_classes
@@ -81,6 +81,7 @@ def prune_module(
     times["analyze_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    extra_report: dict[str, Any] = {}
     if removed is None:
         kind, target = _parse_target(target_flops, target_params, None)
         if method in TRAINING_METHODS:
@@ -98,9 +99,21 @@ def prune_module(
                     scores = taylor(analysis, model=work, **opts)
                 else:
                     scores = score_classes(analysis, method, seed=seed, **opts)
-            say("allocating the budget")
-            plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=round_to,
-                            protected=ignored_classes(analysis, list(ignore)))
+            protected = ignored_classes(analysis, list(ignore))
+            if strategy == "sensitivity":
+                from graphprune.passes.sensitivity import TorchMaskedRunner, calibration_feeds, sensitivity_allocate
+
+                say("sensitivity: measuring each group on calibration data")
+                sopts = _sensitivity_options(opts)
+                feeds = calibration_feeds(opts.get("calib"), ["input"], sopts["samples"], batch=sopts["samples"])
+                runner = TorchMaskedRunner(analysis, [f["input"] for f in feeds])
+                plan, sens = sensitivity_allocate(analysis, scores, runner, target=target, kind=kind,
+                                                  round_to=round_to, protected=protected, progress=say, **sopts)
+                extra_report["sensitivity"] = sens.to_json()
+            else:
+                say("allocating the budget")
+                plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=round_to,
+                                protected=protected)
     else:
         plan = Plan(frozenset(removed), "macs", 1.0, analysis.macs(), analysis.macs(removed))
     times["plan_s"] = time.perf_counter() - t
@@ -117,6 +130,7 @@ def prune_module(
     times["total_s"] = time.perf_counter() - t0
     report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_to, times=times,
                           source=f"torch:{type(model).__name__}")
+    report.update(extra_report)
     report["module_type"] = type(slim).__name__
     return PruneResult(slim, analysis, plan, report)
 
