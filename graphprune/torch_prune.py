@@ -10,7 +10,7 @@ from torch import nn
 
 from graphprune.api import Progress, PruneResult, _parse_target, _sensitivity_options, score_classes
 from graphprune.errors import GraphpruneError
-from graphprune.frontends.fx_frontend import TracedModule, analyze_traced, trace_module
+from graphprune.frontends.fx_frontend import TracedModule, analyze_traced, eval_mode, trace_module
 from graphprune.passes.allocate import Plan, allocate, ignored_classes
 from graphprune.passes.methods import PLAN_METHODS, TRAINING_METHODS, di_plan, training_method_error
 from graphprune.report.summary import build_report
@@ -23,14 +23,8 @@ def _flat_tensors(out: Any) -> list[torch.Tensor]:
 
 def _run(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
     """Forward in eval mode without touching BN statistics, restoring each module's mode."""
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            return _flat_tensors(model(*inputs))
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with eval_mode(model), torch.no_grad():
+        return _flat_tensors(model(*inputs))
 
 
 def _validate(slim: nn.Module, traced: TracedModule) -> None:
@@ -71,7 +65,7 @@ def prune_module(
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     work = model if inplace else copy.deepcopy(model)
-    say("tracing with torch.fx")
+    say("capturing the module (torch.fx, else torch.export)")
     traced = trace_module(work, example_inputs)
     times["load_s"] = time.perf_counter() - t0
 
@@ -132,6 +126,9 @@ def prune_module(
                           source=f"torch:{type(model).__name__}")
     report.update(extra_report)
     report["module_type"] = type(slim).__name__
+    report["frontend"] = traced.frontend
+    if traced.fallback_reason:
+        report["frontend_fallback_reason"] = f"torch.fx: {traced.fallback_reason}"
     return PruneResult(slim, analysis, plan, report)
 
 
