@@ -106,12 +106,16 @@ def prune(
     scores: dict[int, float] | None = None,
     removed: set[int] | frozenset[int] | None = None,
     progress: Progress | None = None,
+    allow_floor: bool = False,
+    input_values: dict[str, float] | None = None,
     **method_options: Any,
 ) -> PruneResult:
     """Prune `model` to a cost target and return the validated slim model with a report.
 
     ONNX models (path or ModelProto) come back as a ModelProto; nn.Modules as a smaller nn.Module.
     Pass `scores` to use your own importance, or `removed` to apply an explicit plan.
+    A target below what pruning can reach is an error unless `allow_floor` (then the floor is kept).
+    `input_values` fixes inputs of the validation feed (e.g. a sample rate the model checks).
     """
     if _is_torch_module(model):
         from graphprune.torch_prune import prune_module
@@ -164,7 +168,7 @@ def prune(
             else:
                 say("allocating the budget")
                 plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=round_to,
-                                protected=protected)
+                                protected=protected, allow_floor=allow_floor)
     else:
         base = analysis.macs()
         plan = Plan(frozenset(removed), "macs", 1.0, base, analysis.macs(removed))
@@ -177,7 +181,7 @@ def prune(
 
     t = time.perf_counter()
     say("validating (checker, shape inference, onnxruntime)")
-    feed = random_feed(loaded.proto, loaded.graph, seed)
+    feed = random_feed(loaded.proto, loaded.graph, seed, values=input_values)
     expected = [loaded.graph.shape(o) for o in loaded.graph.outputs]
     custom = custom_domains(loaded.proto)
     if custom:

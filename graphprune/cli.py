@@ -36,6 +36,9 @@ def run_guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
     except KeyboardInterrupt:
         click.echo("graphprune: interrupted; no output written", err=True)
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - a bug inside analysis or rewrite is still one line, exit 2
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        fail(f"internal error ({type(exc).__name__}): {first}")
 
 
 def parse_shape(value: str | None) -> dict[str, tuple[int, ...]] | None:
@@ -53,6 +56,20 @@ def parse_shape(value: str | None) -> dict[str, tuple[int, ...]] | None:
         raise GraphpruneError(f"bad --input-shape {value!r}: dims must be positive")
     if list(out) == ["#0"]:
         return {"": out["#0"]}
+    return out
+
+
+def parse_values(items: tuple[str, ...]) -> dict[str, float]:
+    """('sr=16000', ...) -> {'sr': 16000.0}."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise GraphpruneError(f"bad --input-value {item!r}: expected NAME=NUMBER, e.g. sr=16000") from None
+        if not sep or not name:
+            raise GraphpruneError(f"bad --input-value {item!r}: expected NAME=NUMBER, e.g. sr=16000")
     return out
 
 
@@ -110,10 +127,13 @@ def _terminate_as_interrupt() -> None:
 @click.option("--report", "report_html", type=click.Path(dir_okay=False), help="Write a self-contained HTML report.")
 @click.option("--overwrite", is_flag=True, help="Allow -o to be the input file.")
 @click.option("--dry-run", is_flag=True, help="Plan and validate, write nothing.")
+@click.option("--allow-floor", is_flag=True, help="Accept the floor when the target is below it (else exit 2).")
+@click.option("--input-value", "input_values", multiple=True, metavar="NAME=V",
+              help="Fix an input of the validation run, e.g. sr=16000 (repeatable).")
 def prune(model: str, output: str | None, target_flops: float | None, target_params: float | None,
           target_latency: float | None, method: str, strategy: str, round_to: int, ignore: tuple[str, ...],
           input_shape: str | None, seed: int, calib: str | None, as_json: bool, report_html: str | None, overwrite: bool,
-          dry_run: bool) -> None:
+          dry_run: bool, allow_floor: bool, input_values: tuple[str, ...]) -> None:
     """Prune MODEL (ONNX) to a FLOPs/params/latency target and write a validated slim model."""
     from graphprune import api
 
@@ -125,12 +145,14 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
         fail(f"output {output} is the input file; pass --overwrite to replace it")
     _terminate_as_interrupt()
     shapes = run_guarded(parse_shape, input_shape)
+    values = run_guarded(parse_values, input_values)
     status, say = _progress_printer(not as_json and sys.stderr.isatty())
     try:
         result = run_guarded(
             api.prune, model, target_flops=target_flops, target_params=target_params,
             target_latency=target_latency, method=method, strategy=strategy, round_to=round_to,
-            ignore=ignore, seed=seed, input_shape=shapes, progress=say,
+            ignore=ignore, seed=seed, input_shape=shapes, progress=say, allow_floor=allow_floor,
+            input_values=values or None,
             **({"calib": calib} if calib else {}),
         )
         if output and not dry_run:

@@ -139,6 +139,7 @@ def allocate(
     round_to: int = 1,
     protected: set[int] | None = None,
     tolerance: float = 0.002,
+    allow_floor: bool = False,
     normalize: bool = True,
 ) -> Plan:
     """Pick classes to remove so that cost(kind) <= target * original cost, as tightly as possible.
@@ -149,6 +150,9 @@ def allocate(
     scales can be ranked together; scores that are already comparable across groups (measured
     sensitivity prices: damage per unit of cost) pass normalize=False, and then the chunk that finally
     closes the gap is the set-aside one of least damage (score x cost saved), not of least overshoot.
+
+    A target below the floor (every prunable channel removed) is an error naming the floor, unless
+    allow_floor: then the floor plan is returned and its `achieved` shows the miss.
     """
     if not 0 < target <= 1:
         raise GraphpruneError(f"target must be a fraction in (0, 1], got {target}")
@@ -159,10 +163,17 @@ def allocate(
     cost = IncrementalCost(analysis, kind)
     goal = target * cost.base_total
     removed: set[int] = set()
+    if cost.base_total <= 0:
+        raise GraphpruneError(f"the model has no counted {kind} (no op the cost model counts): "
+                              "nothing to reduce; see the uncounted ops in `graphprune inspect`")
     if cost.total <= goal:
         return _plan(analysis, cost, removed, kind, target)
     if not chunks:
-        raise GraphpruneError("no prunable channel groups: every channel is frozen, protected or ignored")
+        if allow_floor:
+            return _plan(analysis, cost, removed, kind, target)
+        raise GraphpruneError(f"target {kind} {target:g} is not reachable: no prunable channel groups (every channel "
+                              "is frozen, protected or ignored), the floor is 1.000 of the original; "
+                              "pass --allow-floor to accept the floor")
     next_chunk = {gid: 0 for gid in chunks}
     if strategy == "uniform":
         _uniform(analysis, chunks, cost, goal, removed, next_chunk)
@@ -204,10 +215,10 @@ def allocate(
             c = chunks[gid][i + 1]
             heapq.heappush(heap, (sum(scores.get(r, 0.0) for r in c) / len(c), gid, i + 1))
     _fill_back(chunks, taken, cost, goal, removed, round_to)
-    if cost.total > goal * (1 + 1e-9):
+    if cost.total > goal * (1 + 1e-9) and not allow_floor:
         raise GraphpruneError(
             f"target {kind} {target:g} is not reachable: removing every prunable channel leaves "
-            f"{cost.total / cost.base_total:.3f} of the original"
+            f"{cost.total / cost.base_total:.3f} of the original (the floor); pass --allow-floor to accept it"
         )
     return _plan(analysis, cost, removed, kind, target)
 

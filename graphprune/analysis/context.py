@@ -47,6 +47,8 @@ class Ctx:
         self.bindings: list[Binding] = []
         self.macs: list[MacTerm] = []
         self.frozen_nodes: dict[str, str] = {}
+        # ops that do arithmetic the cost model cannot count (node -> why): reported, never silently 0
+        self.unknown_costs: dict[str, str] = {}
         # layout chains (e.g. channel shuffle: Reshape -> Transpose -> Reshape) that net out to a pure
         # channel permutation: pending dense tensor -> (start tensor, chain nodes) while walking, and
         # resolved end tensor -> (start tensor, chain nodes); rewriters replace those chains by a Gather
@@ -146,7 +148,14 @@ class Ctx:
             raise Unresolved(f"'{tensor}' has no channel axis to bind '{param}' to")
         if value.shape[axis] * divisor != len(sp.ids):
             raise Unresolved(f"'{param}' axis {axis} does not match channels of '{tensor}'")
-        self.bindings.append(Binding(param, axis, tensor, role, node.name, divisor))
+        self._bind_with_sources(param, axis, tensor, role, node.name, divisor)
+
+    def _bind_with_sources(self, param: str, axis: int, tensor: str, role: str, node: str, divisor: int) -> None:
+        """A derived constant (dequantised weight) is not in the written model: bind what it comes from."""
+        self.bindings.append(Binding(param, axis, tensor, role, node, divisor))
+        for source, axis_map in self.graph.aliases.get(param, ()):
+            if axis < len(axis_map) and axis_map[axis] is not None:
+                self._bind_with_sources(source, axis_map[axis], tensor, role, node, divisor)
 
     def mac(self, node: Node, base: float, *tensors: str) -> None:
         self.macs.append(MacTerm(node.name, float(base), tuple(tensors)))

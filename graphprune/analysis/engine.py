@@ -5,7 +5,7 @@ import logging
 from math import prod
 
 from graphprune.analysis.context import Ctx, Unresolved
-from graphprune.analysis.rules import RULES
+from graphprune.analysis.rules import NO_MAC_OPS, RULES
 from graphprune.ir.graph import Graph, Node
 
 log = logging.getLogger("graphprune.analysis")
@@ -13,24 +13,41 @@ log = logging.getLogger("graphprune.analysis")
 STANDARD_DOMAINS = ("", "ai.onnx")
 
 
-def _static_macs(ctx: Ctx, node: Node) -> None:
-    """MACs of a frozen weighted op: they still count towards the model's total."""
+def count_fixed_cost(ctx: Ctx, node: Node) -> None:
+    """A frozen op's MACs still count towards the model's total, by the same formula as its rule.
+
+    An op the table has no formula for, or whose formula cannot be evaluated (unknown shapes, a
+    Loop without a constant trip count), is listed as uncounted instead of silently costing 0.
+    """
+    entry = RULES.get(node.op_type) if node.domain in STANDARD_DOMAINS else None
+    if entry is None:
+        if node.domain in STANDARD_DOMAINS and node.op_type in NO_MAC_OPS:
+            return
+        ctx.unknown_costs[node.name] = f"no cost formula for {node.domain + '::' if node.domain else ''}{node.op_type}"
+        return
+    if entry.cost is None:
+        return
     try:
-        if node.op_type == "MatMul":
-            ctx.mac(node, prod(ctx.shape(node.outputs[0])) * ctx.shape(node.inputs[0])[-1])
-        elif node.op_type in ("Conv", "ConvTranspose") and ctx.is_const(node.inputs[1]):
-            w = ctx.const(node.inputs[1])
-            # Conv iterates over output positions, ConvTranspose over input positions
-            ref = ctx.shape(node.outputs[0] if node.op_type == "Conv" else node.inputs[0])
-            ctx.mac(node, ref[0] * w.shape[0] * w.shape[1] * prod(w.shape[2:]) * prod(ref[2:]))
-        elif node.op_type == "Linear" and ctx.is_const(node.inputs[1]):
-            w = ctx.const(node.inputs[1])
-            ctx.mac(node, prod(ctx.shape(node.inputs[0])[:-1]) * w.shape[0] * w.shape[1])
-        elif node.op_type == "Gemm" and ctx.is_const(node.inputs[1]):
-            w = ctx.const(node.inputs[1])
-            ctx.mac(node, ctx.shape(node.inputs[0])[0] * w.shape[0] * w.shape[1])
-    except Exception:  # noqa: BLE001 - malformed weights (wrong rank) must not escape the freeze fallback
-        pass
+        ctx.mac(node, entry.cost(ctx, node))
+    except Exception as exc:  # noqa: BLE001 - malformed weights or unknown shapes: say so in the report
+        ctx.unknown_costs[node.name] = f"{node.op_type}: {exc}"
+
+
+def graph_macs(sub: Graph, outer: Graph, branch: str | None = None) -> float:
+    """MACs of a subgraph body (If branch, Loop/Scan body): every op by its table formula.
+
+    The body sees the enclosing graph's constants and shapes. Raises Unresolved when any op's cost
+    is unknown, so the enclosing op is reported as uncounted rather than undercounted.
+    """
+    merged = Graph(sub.nodes, {**outer.shapes, **sub.shapes}, {**outer.constants, **sub.constants},
+                   sub.inputs, sub.outputs, sub.name, branch=branch if branch is not None else outer.branch)
+    ctx = Ctx(merged)
+    for node in merged.nodes:
+        count_fixed_cost(ctx, node)
+    if ctx.unknown_costs:
+        name, why = next(iter(ctx.unknown_costs.items()))
+        raise Unresolved(f"cost of '{name}' inside the body is unknown ({why})")
+    return float(sum(m.base for m in ctx.macs))
 
 
 def freeze_op(ctx: Ctx, node: Node, reason: str) -> None:
@@ -63,6 +80,7 @@ def run_rules(graph: Graph) -> Ctx:
             reason = f"unsupported op {where}{node.op_type} '{node.name}'"
             log.info("freezing channels around %s", reason)
             freeze_op(ctx, node, reason)
+            count_fixed_cost(ctx, node)
             continue
         n_bind, n_mac = len(ctx.bindings), len(ctx.macs)
         try:
@@ -76,13 +94,13 @@ def run_rules(graph: Graph) -> Ctx:
             reason = f"{node.op_type} '{node.name}': {exc}"
             log.info("freezing channels around %s", reason)
             freeze_op(ctx, node, reason)
-            _static_macs(ctx, node)
+            count_fixed_cost(ctx, node)
         except Exception as exc:  # a rule bug must never take the user's run down: freeze instead
             del ctx.bindings[n_bind:], ctx.macs[n_mac:]
             reason = f"{node.op_type} '{node.name}': analysis error {type(exc).__name__}: {exc}"
             log.warning("freezing channels around %s", reason)
             freeze_op(ctx, node, reason)
-            _static_macs(ctx, node)
+            count_fixed_cost(ctx, node)
     for t in graph.outputs:
         ctx.freeze_tensor(t, "model output")
     _couple_shared_params(ctx)

@@ -126,11 +126,16 @@ class Analysis:
         raise ValueError(f"unknown cost kind {kind!r}")
 
     def param_names(self) -> list[str]:
-        """Floating-point constants read by some op: the model's parameters."""
-        used = {t for n in self.graph.nodes for t in n.inputs}
+        """Floating-point constants read by some op: the model's parameters (a QDQ weight counts once,
+        as its dequantised value; integer weights of QLinearConv/ConvInteger count as they are)."""
+        used = _used_tensors(self.graph)
+        from graphprune.analysis.rules import SLOTS
+
+        quant_weights = {n.inputs[SLOTS[n.op_type][1]] for n in self.graph.nodes
+                         if n.op_type in ("ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul")}
         return [
             name for name, v in self.graph.constants.items()
-            if name in used and np.issubdtype(v.dtype, np.floating) and v.size > 1
+            if name in used and v.size > 1 and (np.issubdtype(v.dtype, np.floating) or name in quant_weights)
         ]
 
     def cost(self, kind: str, removed: set[int] | frozenset[int] = frozenset()) -> float:
@@ -149,6 +154,19 @@ class Analysis:
 
     def params(self, removed: set[int] | frozenset[int] = frozenset()) -> float:
         return self.cost("params", removed)
+
+
+def _used_tensors(graph: Graph) -> set[str]:
+    """Tensors read by any op, including ops inside subgraph bodies (which read outer weights)."""
+    used: set[str] = set()
+    for n in graph.nodes:
+        if n.name in graph.folded_nodes:
+            continue  # read only to derive a constant (a dequantised weight) that is counted itself
+        used.update(n.inputs)
+        for v in n.attrs.values():
+            if isinstance(v, Graph):
+                used |= _used_tensors(v)
+    return used
 
 
 def analyze_graph(graph: Graph) -> Analysis:

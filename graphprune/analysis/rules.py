@@ -18,6 +18,7 @@ from graphprune.analysis.spaces import Space
 from graphprune.ir.graph import Node
 
 Rule = Callable[[Ctx, Node], None]
+Cost = Callable[[Ctx, Node], float]
 
 
 @dataclass
@@ -41,6 +42,9 @@ class OpRule:
     # "first": only input 0 carries channels; any other non-constant input with channels (indices,
     # shapes, pads computed from activations) is frozen by the engine. "all": every input is data.
     operands: str = "first"
+    # base multiply-accumulates of the unpruned op; the rule scales them by kept channels, and the
+    # engine counts them unscaled when it freezes the op (one formula per op type, used both ways)
+    cost: "Cost | None" = None
 
 
 def _ints(ctx: Ctx, node: Node, attr: str, index: int) -> list[int] | None:
@@ -225,19 +229,45 @@ def reduce(ctx: Ctx, node: Node) -> None:
 # --------------------------------------------------------------------------------------------
 # weighted ops
 # --------------------------------------------------------------------------------------------
+# Operand slots of the weighted ops: (data input, weight, bias, per-output-channel quantisation params).
+# Quantised forms keep their weights as integers; per-channel scales and zero points are sliced with them.
+SLOTS: dict[str, tuple[int, int, int | None, tuple[int, ...]]] = {
+    "Conv": (0, 1, 2, ()),
+    "ConvTranspose": (0, 1, 2, ()),
+    "ConvInteger": (0, 1, None, (3,)),
+    "QLinearConv": (0, 3, 8, (4, 5)),
+    "MatMul": (0, 1, None, ()),
+    "MatMulInteger": (0, 1, None, (3,)),
+    "QLinearMatMul": (0, 3, None, (4, 5)),
+}
+
+
+def _slot(node: Node, idx: int | None) -> str | None:
+    return node.inputs[idx] if idx is not None and len(node.inputs) > idx and node.inputs[idx] else None
+
+
 def _weighted_operands(ctx: Ctx, node: Node) -> tuple[str, str, str | None, np.ndarray]:
-    """(input, weight, bias or None, weight value) of a Conv/ConvTranspose; the weight must be constant."""
-    x, w = node.inputs[0], node.inputs[1]
-    b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
+    """(input, weight, bias or None, weight value) of a conv-like op; the weight must be constant."""
+    xi, wi, bi, _ = SLOTS[node.op_type]
+    x, w, b = node.inputs[xi], node.inputs[wi], _slot(node, bi)
     if not ctx.is_const(w):
         raise Unresolved("weight is not a constant")
     return x, w, b, ctx.const(w)
 
 
+def _bind_quant_params(ctx: Ctx, node: Node, out: str, axis: int) -> None:
+    """Per-output-channel weight scales / zero points follow the filters; per-tensor ones stay."""
+    for idx in SLOTS[node.op_type][3]:
+        p = _slot(node, idx)
+        if p and ctx.is_const(p) and ctx.const(p).size > 1:
+            ctx.bind(p, axis, out, "out", node)
+
+
 def _consume_input(ctx: Ctx, node: Node, x: str, in_ids: np.ndarray | None, w: str, w_axis: int, out: str,
-                   base: float, divisor: int = 1) -> None:
+                   divisor: int = 1) -> None:
     """Bind the weight's input axis to x's channels and count MACs over both sides; an input whose
     channels cannot be traced is frozen and only the output side scales the MACs."""
+    base = macs_of(ctx, node)
     if in_ids is None:
         ctx.freeze_tensor(x, f"input channels of {node.name} cannot be traced")
         ctx.mac(node, base, out)
@@ -247,21 +277,21 @@ def _consume_input(ctx: Ctx, node: Node, x: str, in_ids: np.ndarray | None, w: s
 
 
 def conv(ctx: Ctx, node: Node) -> None:
+    """Conv, ConvInteger and QLinearConv: filters along axis 0 of the weight, inputs along axis 1."""
     x, w, b, W = _weighted_operands(ctx, node)
     out = node.outputs[0]
     g = int(node.attrs.get("group", 1))
     cout, cin_g = W.shape[0], W.shape[1]
-    oshape = ctx.shape(out)
-    base = oshape[0] * cout * cin_g * prod(W.shape[2:]) * prod(oshape[2:])
     in_ids = _channel(ctx, x, 1)
     out_ids = ctx.new(out, 1)
     ctx.bind(w, 0, out, "out", node)
     if b:
         ctx.bind(b, 0, out, "out", node)
+    _bind_quant_params(ctx, node, out, 0)
     if g == 1 or in_ids is None:
         if g > 1:  # groups tie outputs to inputs that cannot be traced
             ctx.uf.freeze(out_ids, f"grouped conv {node.name} with untraceable input")
-        _consume_input(ctx, node, x, in_ids, w, 1, out, base)
+        _consume_input(ctx, node, x, in_ids, w, 1, out)
         return
     cin = len(in_ids)
     if cin != cin_g * g or cout % g:
@@ -271,13 +301,13 @@ def conv(ctx: Ctx, node: Node) -> None:
         # depthwise (channel multiplier cout_g): input channel k feeds outputs k*m .. k*m+m-1
         for j in range(cout_g):
             ctx.union(in_ids, out_ids[j::cout_g])
-        ctx.mac(node, base, out)
+        ctx.mac(node, macs_of(ctx, node), out)
         return
     # grouped: prune the same in-group index in every group so the group count stays valid
     for k in range(1, g):
         ctx.union(in_ids[:cin_g], in_ids[k * cin_g:(k + 1) * cin_g])
         ctx.union(out_ids[:cout_g], out_ids[k * cout_g:(k + 1) * cout_g])
-    _consume_input(ctx, node, x, in_ids, w, 1, out, base, divisor=g)
+    _consume_input(ctx, node, x, in_ids, w, 1, out, divisor=g)
 
 
 def conv_transpose(ctx: Ctx, node: Node) -> None:
@@ -286,14 +316,12 @@ def conv_transpose(ctx: Ctx, node: Node) -> None:
     g = int(node.attrs.get("group", 1))
     if g != 1:
         raise Unresolved("grouped ConvTranspose")
-    xshape = ctx.shape(x)
-    base = xshape[0] * W.shape[0] * W.shape[1] * prod(W.shape[2:]) * prod(xshape[2:])
     in_ids = _channel(ctx, x, 1)
     ctx.new(out, 1)
     ctx.bind(w, 1, out, "out", node)
     if b:
         ctx.bind(b, 0, out, "out", node)
-    _consume_input(ctx, node, x, in_ids, w, 0, out, base)
+    _consume_input(ctx, node, x, in_ids, w, 0, out)
 
 
 def batchnorm(ctx: Ctx, node: Node) -> None:
@@ -314,16 +342,15 @@ def _dense_layer(ctx: Ctx, node: Node, x: str, w: str, bias: str | None, feature
 
     Shared by Gemm (rows of a 2-D input), MatMul (last axis) and torch's Linear (last axis).
     """
-    W = ctx.const(w)
-    xshape = ctx.shape(x)
-    base = prod(xshape[:feature_axis % len(xshape)]) * W.shape[0] * W.shape[1]
     out = node.outputs[0]
     in_ids = _channel(ctx, x, feature_axis)
     ctx.new(out, feature_axis)
     ctx.bind(w, n_axis, out, "out", node)
     if bias:
         ctx.bind(bias, ctx.const(bias).ndim - 1, out, "out", node)
-    _consume_input(ctx, node, x, in_ids, w, k_axis, out, base)
+    if node.op_type in SLOTS:
+        _bind_quant_params(ctx, node, out, -1)
+    _consume_input(ctx, node, x, in_ids, w, k_axis, out)
 
 
 def gemm(ctx: Ctx, node: Node) -> None:
@@ -345,7 +372,8 @@ def gemm(ctx: Ctx, node: Node) -> None:
 
 
 def matmul(ctx: Ctx, node: Node) -> None:
-    a, bw = node.inputs[0], node.inputs[1]
+    """MatMul, MatMulInteger and QLinearMatMul with a constant 2-D right operand."""
+    a, bw = node.inputs[SLOTS[node.op_type][0]], node.inputs[SLOTS[node.op_type][1]]
     if not ctx.is_const(bw) or ctx.const(bw).ndim != 2:
         raise Unresolved("product of two activations (e.g. attention) or batched weight")
     if ctx.is_const(a):
@@ -459,14 +487,17 @@ def layout(ctx: Ctx, node: Node) -> None:
     oshape = ctx.shape(out)
     if node.op_type == "Reshape" and not ctx.is_const(node.inputs[1]):
         raise Unresolved("reshape target is computed at run time")
+    prefer: tuple[int, ...] = (1, -1)
     if node.op_type == "Transpose":
         perm = node.attrs.get("perm") or list(reversed(range(labels.ndim)))
         moved = np.transpose(labels, perm)
+        if ctx.axis_of(x) is not None:  # an axis-form input: its channel axis moves to perm.index(axis)
+            prefer = (list(perm).index(ctx.axis_of(x)), 1, -1)
     else:
         if labels.size != prod(oshape):
             raise Unresolved("element count changes")
         moved = labels.reshape(oshape)
-    ctx.set_dense(out, moved)
+    ctx.set_dense(out, moved, prefer)
     start, nodes = ctx.chains.get(x, (x, []))
     nodes = nodes + [node.name]
     if ctx.axis_of(out) is None:
@@ -492,11 +523,32 @@ def layout(ctx: Ctx, node: Node) -> None:
 def shape_reader(ctx: Ctx, node: Node) -> None:
     """Shape/Size read channel counts as data: pruning would silently change them.
 
-    Unless the frontend folded this read into constant bounds that the rewriter rewrites.
+    Unless the frontend folded this read into constant bounds that the rewriter rewrites, or every
+    use of the Shape picks dims other than the channel axis (the batch size for an initial state).
     """
     if node.name in ctx.graph.folded_nodes:
         return
-    ctx.freeze_tensor(node.inputs[0], f"channel count read by {node.op_type} '{node.name}'")
+    x = node.inputs[0]
+    axis = ctx.axis_of(x)
+    if node.op_type == "Shape" and axis is not None and _reads_other_dims(ctx, node, axis):
+        return
+    ctx.freeze_tensor(x, f"channel count read by {node.op_type} '{node.name}'")
+
+
+def _reads_other_dims(ctx: Ctx, node: Node, axis: int) -> bool:
+    """True if each consumer of Shape(x) only gathers constant indices other than x's channel axis."""
+    rank = ctx.rank(node.inputs[0])
+    start = int(node.attrs.get("start", 0)) % (rank + 1) if node.attrs.get("start", 0) < 0 else int(node.attrs.get("start", 0))
+    users = ctx.graph.consumers(node.outputs[0])
+    if not users or node.outputs[0] in ctx.graph.outputs:
+        return False
+    for user in users:
+        if user.op_type != "Gather" or user.inputs[0] != node.outputs[0] or not ctx.is_const(user.inputs[1]):
+            return False
+        picked = {(int(i) % rank) if start == 0 else int(i) + start for i in np.ravel(ctx.const(user.inputs[1]))}
+        if axis in picked:
+            return False
+    return True
 
 
 def no_channels(ctx: Ctx, node: Node) -> None:
@@ -531,6 +583,227 @@ def multihead_attention(ctx: Ctx, node: Node) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# recurrent layers, quantisation, control flow
+# --------------------------------------------------------------------------------------------
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def _rnn_macs(ctx: Ctx, node: Node) -> tuple[float, float]:
+    """(input-projection, recurrent) MACs of LSTM/GRU/RNN: per direction, gate and time step.
+
+    X is [seq, batch, input] (layout 0) or [batch, seq, input]; W is [dirs, gates*hidden, input]
+    and R [dirs, gates*hidden, hidden], so each step costs gates*hidden*(input + hidden) per sample.
+    """
+    xs = ctx.shape(node.inputs[0])
+    ws, rs = ctx.shape(node.inputs[1]), ctx.shape(node.inputs[2])
+    if len(xs) != 3 or len(ws) != 3 or xs[-1] != ws[2]:
+        raise Unresolved(f"{node.op_type} input shape {xs} does not match its weight {ws}")
+    steps = xs[0] * xs[1]  # seq * batch, whichever the layout
+    return float(steps * ws[0] * ws[1] * ws[2]), float(steps * rs[0] * rs[1] * rs[2])
+
+
+def recurrent(ctx: Ctx, node: Node) -> None:
+    """LSTM/GRU/RNN: the input width is a consumer (W's input columns); the hidden size stays."""
+    x, w = node.inputs[0], node.inputs[1]
+    if not ctx.is_const(w):
+        raise Unresolved("weight is not a constant")
+    in_macs, rec_macs = _rnn_macs(ctx, node)
+    in_ids = _channel(ctx, x, -1)
+    for t in node.outputs:
+        if t and ctx.graph.shape(t):
+            ctx.new(t, -1, frozen=f"hidden size of {node.op_type} '{node.name}' (kept whole)")
+    if in_ids is None:
+        ctx.freeze_tensor(x, f"input channels of {node.name} cannot be traced")
+        ctx.mac(node, in_macs)
+    else:
+        ctx.bind(w, 2, x, "in", node)
+        ctx.mac(node, in_macs, x)
+    ctx.mac(node, rec_macs)
+
+
+def quant_linear(ctx: Ctx, node: Node) -> None:
+    """QuantizeLinear/DequantizeLinear: elementwise; a per-channel scale along the channel axis is
+    bound to it. The dequantisation of a constant weight is folded by the frontend (its output is a
+    constant whose slicing is forwarded to the integer weight, scale and zero point)."""
+    x = node.inputs[0]
+    if ctx.is_const(x) or ctx.space(x) is None:
+        return
+    scale = ctx.const(node.inputs[1])
+    if scale.size <= 1:
+        sp = _data_space(ctx, x, "quantisation of a reshaped layout")
+        ctx.set_axis(node.outputs[0], sp.axis, sp.ids)
+        return
+    axis = int(node.attrs.get("axis", 1)) % ctx.rank(x)
+    ids = _channel(ctx, x, axis)
+    if ids is None:
+        raise Unresolved("per-channel quantisation along an axis without channels")
+    out = node.outputs[0]
+    ctx.set_axis(out, axis, ids)
+    for p in node.inputs[1:3]:
+        if p and ctx.const(p).size > 1:
+            ctx.bind(p, 0, out, "coupled", node)
+
+
+def einsum(ctx: Ctx, node: Node) -> None:
+    raise Unresolved("channels through Einsum are not traced")
+
+
+def _outer_reads(body: Any) -> set[str]:
+    """Tensors a body (and the bodies inside it) reads from enclosing scopes."""
+    own = set(body.inputs) | set(body.constants) | {o for n in body.nodes for o in n.outputs}
+    reads = {t for n in body.nodes for t in n.inputs if t}
+    for n in body.nodes:
+        for v in n.attrs.values():
+            if hasattr(v, "nodes"):
+                reads |= _outer_reads(v)
+    return reads - own
+
+
+def control_flow(ctx: Ctx, node: Node) -> None:
+    """If/Loop/Scan: channels are not traced through bodies, so every tensor a body reads from the
+    enclosing graph keeps its channels (a pruned one would no longer fit the body's weights)."""
+    for v in node.attrs.values():
+        if hasattr(v, "nodes"):
+            for t in sorted(_outer_reads(v)):
+                ctx.freeze_tensor(t, f"read inside the {node.op_type} '{node.name}' subgraph")
+    raise Unresolved(f"channels through {node.op_type} subgraphs are not traced")
+
+
+# -- cost formulas: base MACs of the unpruned op, one per op type --------------------------------
+def _conv_macs(ctx: Ctx, node: Node) -> float:
+    """Conv iterates over output positions: N * Cout * Cin/g * prod(kernel) * prod(output spatial)."""
+    w = ctx.shape(node.inputs[SLOTS[node.op_type][1]])
+    out = ctx.shape(node.outputs[0])
+    return float(out[0] * w[0] * w[1] * prod(w[2:]) * prod(out[2:]))
+
+
+def _conv_transpose_macs(ctx: Ctx, node: Node) -> float:
+    """ConvTranspose iterates over input positions: N * Cin * Cout/g * prod(kernel) * prod(input spatial)."""
+    w = ctx.shape(node.inputs[1])
+    x = ctx.shape(node.inputs[0])
+    return float(x[0] * w[0] * w[1] * prod(w[2:]) * prod(x[2:]))
+
+
+def _matmul_macs(ctx: Ctx, node: Node) -> float:
+    """Every output element is a K-long dot product (weights or two activations, as in attention)."""
+    xi, wi = SLOTS[node.op_type][:2]
+    a, b = ctx.shape(node.inputs[xi]), ctx.shape(node.inputs[wi])
+    k = a[-1] if a else 1
+    out = ctx.shape(node.outputs[0])
+    if len(a) == 1 and len(b) == 1:
+        return float(k)
+    return float(prod(out) * k)
+
+
+def _gemm_macs(ctx: Ctx, node: Node) -> float:
+    a = ctx.shape(node.inputs[0])
+    k = a[0] if int(node.attrs.get("transA", 0)) else a[-1]
+    return float(prod(ctx.shape(node.outputs[0])) * k)
+
+
+def _linear_macs(ctx: Ctx, node: Node) -> float:
+    x, w = ctx.shape(node.inputs[0]), ctx.shape(node.inputs[1])
+    return float(prod(x[:-1]) * w[0] * w[1])
+
+
+def _einsum_macs(ctx: Ctx, node: Node) -> float:
+    """A contraction of n operands multiplies n-1 times per point of the joint index space."""
+    eq = str(node.attrs.get("equation", "")).replace(" ", "")
+    lhs = eq.split("->")[0].split(",")
+    ops = [t for t in node.inputs if t]
+    if len(lhs) != len(ops) or len(ops) < 2 or any("..." in term for term in lhs):
+        if len(ops) == 1:
+            return 0.0
+        raise Unresolved(f"Einsum equation '{eq}' with broadcast dims")
+    sizes: dict[str, int] = {}
+    for term, t in zip(lhs, ops):
+        for letter, d in zip(term, ctx.shape(t)):
+            sizes[letter] = max(sizes.get(letter, 1), d)
+    return float((len(ops) - 1) * prod(sizes.values()))
+
+
+def _rnn_total(ctx: Ctx, node: Node) -> float:
+    return sum(_rnn_macs(ctx, node))
+
+
+def _subgraph_macs(ctx: Ctx, graph: Any, chooser: str | None = None) -> float:
+    from graphprune.analysis.engine import graph_macs
+
+    return graph_macs(graph, ctx.graph, chooser)
+
+
+def _if_macs(ctx: Ctx, node: Node) -> float:
+    """If: the larger branch, or the one --branch picks (then/else)."""
+    branches = {"then": node.attrs.get("then_branch"), "else": node.attrs.get("else_branch")}
+    if any(b is None or not hasattr(b, "nodes") for b in branches.values()):
+        raise Unresolved("If branches were not lowered")
+    from graphprune.frontends.fold import shape_value
+
+    cond = shape_value(ctx.graph, node.inputs[0])
+    choice = ctx.graph.branch
+    if cond is not None and np.asarray(cond).size == 1:  # decided by static shapes: the branch it takes
+        choice = "then" if bool(np.asarray(cond).ravel()[0]) else "else"
+    costs = {k: _subgraph_macs(ctx, b) for k, b in branches.items()}
+    return costs[choice] if choice in costs else max(costs.values())
+
+
+def _loop_macs(ctx: Ctx, node: Node) -> float:
+    """Loop: body MACs times the trip count, which must be a constant (else the cost is unknown)."""
+    body = node.attrs.get("body")
+    trip = node.inputs[0] if node.inputs else ""
+    if not trip or not ctx.is_const(trip):
+        raise Unresolved("Loop trip count is not a constant")
+    return float(int(np.asarray(ctx.const(trip)).ravel()[0])) * _subgraph_macs(ctx, body)
+
+
+def _scan_macs(ctx: Ctx, node: Node) -> float:
+    """Scan: body MACs once per slice of the first scan input along its scan axis."""
+    body = node.attrs.get("body")
+    n_scan = int(node.attrs.get("num_scan_inputs", 1))
+    n_state = len(node.inputs) - n_scan
+    axes = node.attrs.get("scan_input_axes") or [0] * n_scan
+    first = ctx.shape(node.inputs[n_state])
+    return float(first[int(axes[0]) % len(first)]) * _subgraph_macs(ctx, body)
+
+
+# ops without a channel rule that still do no multiply-accumulates (data movement, indexing, compares)
+NO_MAC_OPS = frozenset({
+    "Expand", "Tile", "ScatterND", "ScatterElements", "GatherND", "GatherElements", "NonZero", "TopK",
+    "ArgMax", "ArgMin", "CumSum", "Trilu", "OneHot", "DepthToSpace", "SpaceToDepth", "NonMaxSuppression",
+    "EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Compress",
+    "ReverseSequence", "Unique", "LessOrEqual", "GreaterOrEqual", "SequenceAt", "SequenceConstruct",
+    "SequenceEmpty", "SequenceInsert", "SequenceLength", "SplitToSequence", "ConcatFromSequence",
+    "DynamicQuantizeLinear", "Constant", "CastLike", "Bernoulli", "Shrink", "Optional", "OptionalGetElement",
+    "OptionalHasElement",
+})
+
+COSTS: dict[str, Cost] = {
+    "Conv": _conv_macs,
+    "ConvInteger": _conv_macs,
+    "QLinearConv": _conv_macs,
+    "ConvTranspose": _conv_transpose_macs,
+    "MatMul": _matmul_macs,
+    "MatMulInteger": _matmul_macs,
+    "QLinearMatMul": _matmul_macs,
+    "Gemm": _gemm_macs,
+    "Linear": _linear_macs,
+    "Einsum": _einsum_macs,
+    "LSTM": _rnn_total,
+    "GRU": _rnn_total,
+    "RNN": _rnn_total,
+    "If": _if_macs,
+    "Loop": _loop_macs,
+    "Scan": _scan_macs,
+}
+
+
+def macs_of(ctx: Ctx, node: Node) -> float:
+    """Base MACs of `node` by the table's formula for its op type (0 for ops that do no MACs)."""
+    fn = COSTS.get(node.op_type)
+    return fn(ctx, node) if fn is not None else 0.0
+
+
+# --------------------------------------------------------------------------------------------
 # fixes: attribute / shape-operand updates after slicing (frontend-neutral; applied by rewriters)
 # --------------------------------------------------------------------------------------------
 def _kept(masks: dict[str, np.ndarray], tensor: str) -> int:
@@ -539,9 +812,30 @@ def _kept(masks: dict[str, np.ndarray], tensor: str) -> int:
 
 def fix_conv(ctx: Ctx, node: Node, masks: dict[str, np.ndarray]) -> NodeEdit | None:
     g = int(node.attrs.get("group", 1))
-    if g > 1 and ctx.const(node.inputs[1]).shape[1] == 1 and node.inputs[0] in masks:
+    if g > 1 and ctx.const(node.inputs[SLOTS[node.op_type][1]]).shape[1] == 1 and node.inputs[0] in masks \
+            and ctx.axis_of(node.inputs[0]) == 1:
         return NodeEdit(attrs={"group": _kept(masks, node.inputs[0])})
     return None
+
+
+def _reshaped(target: np.ndarray, in_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The output shape Reshape produces for `target` (0 copies, -1 infers), or None if invalid."""
+    dims = [in_shape[i] if d == 0 and i < len(in_shape) else int(d) for i, d in enumerate(target)]
+    if dims.count(-1) > 1:
+        return None
+    if -1 in dims:
+        rest = prod(d for d in dims if d != -1)
+        if rest == 0 or prod(in_shape) % rest:
+            return None
+        dims[dims.index(-1)] = prod(in_shape) // rest
+    return tuple(dims)
+
+
+def _pruned_shape(ctx: Ctx, tensor: str, masks: dict[str, np.ndarray]) -> tuple[int, ...]:
+    shape = list(ctx.shape(tensor))
+    if tensor in masks and ctx.axis_of(tensor) is not None:
+        shape[ctx.axis_of(tensor)] = _kept(masks, tensor)
+    return tuple(shape)
 
 
 def fix_reshape(ctx: Ctx, node: Node, masks: dict[str, np.ndarray]) -> NodeEdit | None:
@@ -549,10 +843,28 @@ def fix_reshape(ctx: Ctx, node: Node, masks: dict[str, np.ndarray]) -> NodeEdit 
     if out not in masks or node.op_type != "Reshape":
         return None
     axis = ctx.axis_of(out)
-    shape = np.array(ctx.const(node.inputs[1]), dtype=np.int64).copy()
+    target = node.inputs[1]
+    if ctx.graph.producer(target) is not None:
+        # a target computed at run time from Shape reads (folded for analysis): keep the computation
+        # (dynamic dims stay dynamic) if, given the pruned shapes, it yields the pruned output shape
+        from graphprune.frontends.fold import shape_value
+
+        pruned = {t: _pruned_shape(ctx, t, masks) for t in masks}
+        again = shape_value(ctx.graph, target, shapes=pruned, recompute=True)
+        if again is not None and _reshaped(again, pruned.get(node.inputs[0], ctx.shape(node.inputs[0]))) \
+                == _pruned_shape(ctx, out, masks):
+            return None
+    shape = np.array(ctx.const(target), dtype=np.int64).copy()
     if shape[axis] <= 0 or shape[axis] == _kept(masks, out):
         return None
     shape[axis] = _kept(masks, out)
+    if ctx.graph.producer(target) is not None and not int(node.attrs.get("allowzero", 0)):
+        # the constant replaces a run-time target: dims copied from the input (a batch, a dynamic
+        # width) are written as 0 ("copy"), so they stay dynamic
+        in_shape = ctx.shape(node.inputs[0])
+        for i in range(min(len(shape), len(in_shape))):
+            if i != axis and shape[i] == in_shape[i] and i != ctx.axis_of(node.inputs[0]):
+                shape[i] = 0
     return NodeEdit(inputs={1: shape})
 
 
@@ -598,11 +910,19 @@ def fix_slice(ctx: Ctx, node: Node, masks: dict[str, np.ndarray]) -> NodeEdit | 
 
 def fix_resize(ctx: Ctx, node: Node, masks: dict[str, np.ndarray]) -> NodeEdit | None:
     out = node.outputs[0]
-    if out not in masks or len(node.inputs) < 4 or not node.inputs[3]:
+    if out not in masks or len(node.inputs) < 4 or not node.inputs[3] or not ctx.is_const(node.inputs[3]):
         return None
     sizes = np.array(ctx.const(node.inputs[3]), dtype=np.int64).copy()
     axis = ctx.axis_of(out)
     sizes[axis] = _kept(masks, out)
+    if ctx.graph.producer(node.inputs[3]) is not None:
+        # sizes computed at run time (folded for analysis): keep them if they follow the pruning
+        from graphprune.frontends.fold import shape_value
+
+        again = shape_value(ctx.graph, node.inputs[3], recompute=True,
+                            shapes={t: _pruned_shape(ctx, t, masks) for t in masks})
+        if again is not None and np.array_equal(np.asarray(again, dtype=np.int64), sizes):
+            return None
     return NodeEdit(inputs={3: sizes})
 
 
@@ -650,11 +970,23 @@ _ANALYZE: dict[str, Rule] = {
     "Size": shape_reader,
     "ConstantOfShape": no_channels,
     "Range": no_channels,
+    # quantised forms of the weighted ops share their float rules
+    "ConvInteger": conv,
+    "QLinearConv": conv,
+    "MatMulInteger": matmul,
+    "QLinearMatMul": matmul,
+    "QuantizeLinear": quant_linear,
+    "DequantizeLinear": quant_linear,
+    **{op: recurrent for op in GATES},
+    "Einsum": einsum,
+    **{op: control_flow for op in ("If", "Loop", "Scan")},
     "MultiheadAttention": multihead_attention,
 }
 
 _FIXES: dict[str, Fix] = {
     "Conv": fix_conv,
+    "ConvInteger": fix_conv,
+    "QLinearConv": fix_conv,
     "Reshape": fix_reshape,
     "Split": fix_split,
     "Slice": fix_slice,
@@ -663,5 +995,6 @@ _FIXES: dict[str, Fix] = {
 
 # the single op table both frontends and every rewriter read
 RULES: dict[str, OpRule] = {
-    op: OpRule(fn, _FIXES.get(op), "all" if fn in (elementwise, concat) else "first") for op, fn in _ANALYZE.items()
+    op: OpRule(fn, _FIXES.get(op), "all" if fn in (elementwise, concat) else "first", COSTS.get(op))
+    for op, fn in _ANALYZE.items()
 }

@@ -15,7 +15,8 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from graphprune.errors import GraphpruneError
-from graphprune.frontends.fold import fold_bounds
+from graphprune.frontends.fold import (fold_bounds, fold_constant_nodes, fold_dequantized_weights, fold_graph_constants,
+                                       shape_value)
 from graphprune.ir.graph import Graph, Node
 
 BATCH_DIM_NAMES = {"n", "N", "batch", "batch_size", "batchsize", "b", "B"}
@@ -342,6 +343,119 @@ def to_ir(model: onnx.ModelProto, n_inputs: int | None = None,
     )
 
 
+def _body_nodes(g: onnx.GraphProto) -> list[Node]:
+    return [Node(n.name or f"{g.name}/{n.op_type}_{i}", n.op_type, list(n.input), list(n.output),
+                 {a.name: _attr_value(a) for a in n.attribute if a.type != onnx.AttributeProto.GRAPH}, n.domain)
+            for i, n in enumerate(g.node)]
+
+
+def _infer_body(body: onnx.GraphProto, outer_shapes: dict[str, tuple[int, ...]],
+                outer_consts: dict[str, np.ndarray], opsets: list) -> dict[str, tuple[int, ...]]:
+    """Shapes inside a body, inferred on its own with the outer tensors it reads pinned to the
+    shapes (and small values) known outside: the enclosing model's inference often leaves them open."""
+    produced = {o for n in body.node for o in n.output} | {i.name for i in body.input} | {t.name for t in body.initializer}
+    outer_refs = sorted({i for n in body.node for i in n.input if i and i not in produced})
+    alone = onnx.GraphProto()
+    alone.CopyFrom(body)
+    for name in outer_refs:
+        value = outer_consts.get(name)
+        if value is not None and value.size <= 4096:
+            alone.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        elif name in outer_shapes:
+            dtype = onnx.TensorProto.FLOAT if value is None else helper.np_dtype_to_tensor_dtype(value.dtype)
+            alone.input.append(helper.make_tensor_value_info(name, dtype, list(outer_shapes[name])))
+    shapes: dict[str, tuple[int, ...]] = {}
+    try:
+        model = helper.make_model(alone, opset_imports=opsets)
+        inferred = shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        graph = inferred.graph
+    except Exception:  # noqa: BLE001 - best effort: unknown shapes make the enclosing op's cost unknown
+        graph = body
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        sh = _shape_of(vi)
+        if sh is not None:
+            shapes[vi.name] = sh
+    return shapes
+
+
+def _inline_decided_if(body: onnx.GraphProto, shapes: dict[str, tuple[int, ...]],
+                       consts: dict[str, np.ndarray]) -> bool:
+    """Replace the first If whose condition follows from static shapes by the branch it takes."""
+    ir = Graph(_body_nodes(body), shapes, consts, [], [])
+    for k, n in enumerate(body.node):
+        if n.op_type != "If" or n.domain not in ("", "ai.onnx"):
+            continue
+        cond = shape_value(ir, n.input[0])
+        if cond is None or np.asarray(cond).size != 1:
+            continue
+        name = "then_branch" if bool(np.asarray(cond).ravel()[0]) else "else_branch"
+        branch = next(a.g for a in n.attribute if a.name == name)
+        taken = [copy.deepcopy(x) for x in branch.node]
+        taken += [helper.make_node("Identity", [src.name], [dst], name=f"{n.name}/{name}/out{j}")
+                  for j, (src, dst) in enumerate(zip(branch.output, n.output))]
+        body.initializer.extend(branch.initializer)
+        nodes = list(body.node)
+        del body.node[:]
+        body.node.extend(nodes[:k] + taken + nodes[k + 1:])
+        return True
+    return False
+
+
+def _graph_ir(g: onnx.GraphProto, outer_shapes: dict[str, tuple[int, ...]],
+              outer_consts: dict[str, np.ndarray], opsets: list) -> Graph:
+    """Lower a subgraph body (If branch, Loop/Scan body) for the cost model.
+
+    Ifs inside the body whose condition is decided by static shapes (an unbatched-input check,
+    say) are replaced by the branch they take, so the shapes after them become known.
+    """
+    body = onnx.GraphProto()
+    body.CopyFrom(g)
+    # this copy is only costed: constants become initializers and constant arithmetic (computed
+    # pads, say) is folded, so shape inference can see through it
+    kept_nodes = []
+    for n in body.node:
+        v = _constant_value(n) if n.op_type == "Constant" and n.domain in ("", "ai.onnx") else None
+        if v is not None:
+            body.initializer.append(numpy_helper.from_array(v, n.output[0]))
+        else:
+            kept_nodes.append(n)
+    del body.node[:]
+    body.node.extend(kept_nodes)
+    fold_graph_constants(body, opsets)
+    for _ in range(16):
+        consts = {t.name: tensor_to_array(t) for t in body.initializer}
+        for n in body.node:
+            if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.output) == 1:
+                v = _constant_value(n)
+                if v is not None:
+                    consts[n.output[0]] = v
+        shapes = _infer_body(body, outer_shapes, outer_consts, opsets)
+        if not _inline_decided_if(body, {**outer_shapes, **shapes}, {**outer_consts, **consts}):
+            break
+    nodes = _body_nodes(body)
+    known = {**outer_shapes, **shapes}
+    for node, n in zip(nodes, body.node):
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                node.attrs[a.name] = _graph_ir(a.g, known, {**outer_consts, **consts}, opsets)
+    return Graph(nodes=nodes, shapes=shapes, constants=consts, inputs=[i.name for i in body.input],
+                 outputs=[o.name for o in body.output], name=body.name or "body")
+
+
+def lower_subgraphs(graph: Graph, model: onnx.ModelProto) -> None:
+    """Replace If/Loop/Scan graph attributes of the IR by lowered IR bodies (costed, not pruned)."""
+    by_name = {n.name: n for n in graph.nodes}
+    protos = list(model.graph.node)
+    for i, node in enumerate(graph.nodes):
+        proto = protos[i] if i < len(protos) else None
+        if proto is None or not any(a.type == onnx.AttributeProto.GRAPH for a in proto.attribute):
+            continue
+        for a in proto.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                by_name[node.name].attrs[a.name] = _graph_ir(a.g, graph.shapes, graph.constants,
+                                                             list(model.opset_import))
+
+
 def skeleton(model: onnx.ModelProto, limit: int = 4096) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """A weightless copy for checker and shape inference (serialising 500 MB of weights costs seconds).
 
@@ -396,13 +510,18 @@ def probe_shapes(model: onnx.ModelProto, pinned: onnx.ModelProto, known: set[str
         opts.log_severity_level = 4
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        from graphprune.rewrite.validate import compared_constants
+
         rng = np.random.default_rng(0)
+        enums = compared_constants(model)
         feed = {}
         for inp in probe.graph.input:
             dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
             dtype = helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
-            feed[inp.name] = (rng.standard_normal(dims) if np.issubdtype(dtype, np.floating)
-                              else np.zeros(dims)).astype(dtype)
+            if np.issubdtype(dtype, np.floating):
+                feed[inp.name] = rng.standard_normal(dims).astype(dtype)
+            else:
+                feed[inp.name] = np.full(dims, (enums.get(inp.name) or [0])[0]).astype(dtype)
         values = sess.run(missing, feed)
     except Exception:
         return {}
@@ -425,6 +544,7 @@ def _load_checked(model: onnx.ModelProto, path: str | None,
     # structure first: misordered nodes are reordered, cycles and dangling tensors get a precise message
     model = normalize(model)
     _check_structure(model)
+    fold_constant_nodes(model)
     _check_inputs(model)
     light, _ = skeleton(model)
     try:
@@ -441,6 +561,8 @@ def _load_checked(model: onnx.ModelProto, path: str | None,
     graph = to_ir(analysed, n_inputs=n_real, moved=moved)
     for name, shape in probe_shapes(model, pinned, set(graph.shapes)).items():
         graph.shapes.setdefault(name, shape)
+    lower_subgraphs(graph, analysed)
+    fold_dequantized_weights(graph)
     fold_bounds(graph)
     # the IR's node names must match the proto's, so the rewriter can find nodes by index
     return LoadedModel(proto=model, graph=graph, source=path)

@@ -31,6 +31,12 @@ class Graph:
     name: str = "graph"
     # nodes whose values were folded into constants for analysis (e.g. Shape chains computing bounds)
     folded_nodes: set[str] = field(default_factory=set)
+    # constants the frontend derived from other constants (a dequantised weight): derived tensor ->
+    # [(source constant, source axis per derived axis, None where the source does not follow it)];
+    # slicing the derived tensor slices its sources, which are what the written model holds
+    aliases: dict[str, list[tuple[str, tuple[int | None, ...]]]] = field(default_factory=dict)
+    # which If branch the cost model counts ("then"/"else"); None counts the larger one
+    branch: str | None = None
 
     def __post_init__(self) -> None:
         self.reindex()

@@ -111,6 +111,7 @@ def inspect_analysis(analysis: Analysis, removed: frozenset[int] = frozenset(), 
         },
         "groups": rows,
         "frozen_ops": dict(analysis.ctx.frozen_nodes),
+        "uncounted_cost_ops": dict(analysis.ctx.unknown_costs),
         "graph": graph_view(analysis, removed),
     }
 

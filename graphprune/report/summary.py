@@ -86,8 +86,23 @@ def build_report(analysis: Analysis, plan: Plan, *, method: str, strategy: str, 
             "total": sum(g.size for g in analysis.groups),
         },
         "frozen_ops": dict(analysis.ctx.frozen_nodes),
+        "cost_model": cost_note(analysis),
+        "target_met": bool((achieved[target_kind] if plan.kind in achieved else plan.achieved) <= plan.target + 1e-9),
         "groups": group_rows(analysis, plan.removed),
         "time": {k: round(v, 4) for k, v in times.items()},
+    }
+
+
+def cost_note(analysis: Analysis) -> dict[str, Any]:
+    """What the MAC count covers: exact over counted ops, and which ops it could not count."""
+    unknown = dict(analysis.ctx.unknown_costs)
+    return {
+        "counted_ops": len({m.node for m in analysis.mac_terms}),
+        "uncounted_ops": unknown,
+        "exact": not unknown,
+        "note": ("MACs of every op that multiplies weights or activations are counted"
+                 if not unknown else
+                 f"ratios are exact over counted MACs only: {len(unknown)} op(s) have an unknown cost"),
     }
 
 
@@ -121,6 +136,11 @@ def render_tables(report: dict[str, Any], console: Any, max_groups: int = 40) ->
         f"error {report['target_error']:.3%}  method {report['method']}/{report['strategy']}  "
         f"time {report['time'].get('total_s', 0):.2f}s"
     )
+    cm = report.get("cost_model") or {}
+    if cm.get("uncounted_ops"):
+        console.print(f"[yellow]{cm['note']}: {', '.join(list(cm['uncounted_ops'])[:5])}[/yellow]")
+    if report.get("target_met") is False:
+        console.print("[yellow]target not met: this is the floor (--allow-floor)[/yellow]")
     groups = Table(title="channel groups", show_header=True)
     for col in ("group", "channels", "kept", "MACs share", "state", "layers"):
         groups.add_column(col, justify="right" if col in ("channels", "kept", "MACs share") else "left")

@@ -33,7 +33,11 @@ def node_edits(analysis: Analysis, masks: dict[str, np.ndarray]) -> dict[int, No
         entry = RULES.get(node.op_type)
         if entry is None or entry.fix is None or node.name in analysis.ctx.frozen_nodes:
             continue
-        edit = entry.fix(analysis.ctx, node, masks)
+        try:
+            edit = entry.fix(analysis.ctx, node, masks)
+        except Exception as exc:  # a fix that cannot be computed must not become a traceback
+            raise GraphpruneError(f"cannot rewrite {node.op_type} '{node.name}' for the pruned channels: "
+                                  f"{type(exc).__name__}: {exc}") from None
         if edit is not None:
             edits[i] = edit
     return edits
