@@ -69,6 +69,17 @@ class ImagePreprocess:
         return np.ascontiguousarray(x.transpose(2, 0, 1) if self.layout == "NCHW" else x)
 
 
+Chunks = Callable[[int, int, int], Iterator[Batch]]  # (start, stop, size) -> batches of samples [start, stop)
+
+
+def _sliced(get: Callable[[int, int], Batch]) -> Chunks:
+    """Chunks of a random-access source."""
+    def chunks(start: int, stop: int, size: int) -> Iterator[Batch]:
+        for i in range(start, stop, max(1, size)):
+            yield get(i, min(i + size, stop))
+    return chunks
+
+
 @dataclass
 class Calibration:
     """Validated calibration inputs: `n` samples, delivered as batches of a dict input name -> array.
@@ -78,21 +89,20 @@ class Calibration:
 
     names: list[str]
     n: int
-    _get: Callable[[int, int], Batch]  # (start, stop) -> batch
+    _chunks: Chunks
     source: str = "arrays"
     meta: dict[str, Any] = field(default_factory=dict)
 
     def batches(self, size: int, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
         stop = self.n if stop is None else min(stop, self.n)
-        for i in range(start, stop, max(1, size)):
-            yield self._get(i, min(i + size, stop))
+        return self._chunks(start, stop, max(1, size))
 
     def subset(self, start: int, stop: int) -> "Calibration":
         """Samples [start, stop) as a Calibration of their own (e.g. a held-out split)."""
         stop = min(stop, self.n)
-        get = self._get
-        return Calibration(self.names, max(0, stop - start), lambda a, b: get(start + a, start + b),
-                           self.source, dict(self.meta))
+        chunks = self._chunks
+        return Calibration(self.names, max(0, stop - start),
+                           lambda a, b, size: chunks(start + a, start + b, size), self.source, dict(self.meta))
 
 
 def _input_specs(graph: Any) -> dict[str, tuple[int, ...]]:
@@ -144,7 +154,7 @@ def _from_arrays(arrays: dict[str, Any], specs: dict[str, tuple[int, ...]], what
         raise GraphpruneError(f"calibration arrays have different sample counts {counts}")
     n = next(iter(counts.values()))
     data = {k: v.astype(dtypes.get(k, np.float32), copy=False) for k, v in checked.items()}
-    return Calibration(list(specs), n, lambda a, b: {k: v[a:b] for k, v in data.items()}, what)
+    return Calibration(list(specs), n, _sliced(lambda a, b: {k: v[a:b] for k, v in data.items()}), what)
 
 
 def _from_npz(path: str, specs: dict[str, tuple[int, ...]], dtypes: dict[str, Any]) -> Calibration:
@@ -185,34 +195,76 @@ def _from_folder(path: str, specs: dict[str, tuple[int, ...]], pre: ImagePreproc
     def get(a: int, b: int) -> Batch:
         return {name: np.stack([pre.load(f) for f in files[a:b]]).astype(dtype, copy=False)}
 
-    return Calibration([name], len(files), get, f"folder {path}")
+    return Calibration([name], len(files), _sliced(get), f"folder {path}")
+
+
+def _as_batch(item: Any, names: list[str]) -> dict[str, Any]:
+    if isinstance(item, dict):
+        batch = item
+    elif isinstance(item, (list, tuple)) and len(names) > 1:
+        batch = dict(zip(names, item))
+    else:
+        batch = {names[0]: item}
+    return {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else v) for k, v in batch.items()}
 
 
 def _from_iterable(batches: Iterable[Any], specs: dict[str, tuple[int, ...]], limit: int | None,
                    dtypes: dict[str, Any]) -> Calibration:
-    """A one-shot iterable is read once (up to `limit` samples) and kept as arrays."""
-    parts: dict[str, list[np.ndarray]] = {n: [] for n in specs}
-    n = 0
+    """Batches from an iterable. A re-iterable source (a list, a DataLoader, an object whose
+    __iter__ starts over) is validated in one streaming pass and re-read on every use, so its size
+    does not bound memory; a one-shot iterator (a generator) is read once and kept."""
     names = list(specs)
+    reiterable = iter(batches) is not batches
+
+    def checked(item: Any) -> Batch:
+        part = _from_arrays(_as_batch(item, names), specs, "batch", dtypes)
+        return next(part.batches(part.n))
+
+    if reiterable:
+        n = 0
+        for item in batches:
+            n += len(next(iter(checked(item).values())))
+            if limit is not None and n >= limit:
+                break
+        if n == 0:
+            raise GraphpruneError("calibration data is empty")
+
+        def chunks(start: int, stop: int, size: int) -> Iterator[Batch]:
+            pos, pending = 0, []
+            have = 0
+            for item in batches:
+                if pos >= stop:
+                    break
+                b = checked(item)
+                k = len(next(iter(b.values())))
+                lo, hi = max(start - pos, 0), min(stop - pos, k)
+                pos += k
+                if hi <= lo:
+                    continue
+                pending.append({key: v[lo:hi] for key, v in b.items()})
+                have += hi - lo
+                while have >= size:
+                    joined = stack(pending)
+                    yield {key: v[:size] for key, v in joined.items()}
+                    rest = {key: v[size:] for key, v in joined.items()}
+                    have -= size
+                    pending = [rest] if have else []
+            if have:
+                yield stack(pending)
+        return Calibration(names, n, chunks, "iterable")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
+    n = 0
     for item in batches:
-        if isinstance(item, dict):
-            batch = item
-        elif isinstance(item, (list, tuple)) and len(names) > 1:
-            batch = dict(zip(names, item))
-        else:
-            batch = {names[0]: item}
-        batch = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else v) for k, v in batch.items()}
-        part = _from_arrays(batch, specs, "batch", dtypes)
-        got = part._get(0, part.n)
+        got = checked(item)
         for k in names:
             parts[k].append(got[k])
-        n += part.n
+        n += len(got[names[0]])
         if limit is not None and n >= limit:
             break
     if n == 0:
         raise GraphpruneError("calibration data is empty")
     data = {k: np.concatenate(v) for k, v in parts.items()}
-    return Calibration(names, n, lambda a, b: {k: v[a:b] for k, v in data.items()}, "iterable")
+    return Calibration(names, n, _sliced(lambda a, b: {k: v[a:b] for k, v in data.items()}), "iterable")
 
 
 def load_calibration(

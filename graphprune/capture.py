@@ -53,6 +53,8 @@ class OnnxRunner:
         model = with_outputs(proto, self.outputs)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        # no busy-waiting worker threads: they only burn cycles on a shared machine between small runs
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # basic optimisations (constant folding, redundant-node removal) keep every named output;
         # the layout/fusion levels would not change the numbers but cost start-up time
         opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize

@@ -239,6 +239,7 @@ class Segments:
 
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
             sess = ort.InferenceSession(sub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
             results: dict[str, list[np.ndarray]] = {o: [] for o in outs}
@@ -275,9 +276,9 @@ def reconstruct_onnx(original: onnx.ModelProto, params: OnnxParams, analysis: An
         if c.kind == "conv":
             xs, ys = analysis.graph.shape(c.x), analysis.graph.shape(c.y)
             geom = conv_geometry(c.attrs, tuple(w.shape[2:]), tuple(xs[2:]), tuple(ys[2:]))
-        fit = LayerFit(c, w, b, geom, ridge=opts.ridge, rows_per_sample=opts.rows_per_sample, seed=opts.seed + idx)
-        for j in range(n):
-            fit.add(slim.state[c.x][j], orig.state[c.x][j], j)
+        fit = LayerFit(c, w, b, geom, ridge=opts.ridge, rows_per_sample=opts.rows_per_sample, seed=opts.seed)
+        for j in range(0, n, 16):  # a few samples per call: fewer, larger Gram updates
+            fit.add(np.concatenate(slim.state[c.x][j:j + 16]), np.concatenate(orig.state[c.x][j:j + 16]), j)
         res = fit.solve()
         params.set_fit(c, res.weight, res.bias)
         rows.append({"layer": c.node, "op": c.op_type, "inputs_kept": int(c.keep_in.sum()),

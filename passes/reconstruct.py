@@ -32,21 +32,39 @@ def supports(c: Consumer, weight_ndim: int) -> bool:
     return c.kind == "dense" or (c.kind == "conv" and weight_ndim in (3, 4))
 
 
-def _unfold(x: np.ndarray, kernel: tuple[int, ...], geom: ConvGeometry) -> np.ndarray:
-    """im2col: (N, C, *S) -> (N, L, C*prod(kernel)) with columns ordered like W.reshape(out, -1)."""
-    import torch
-    import torch.nn.functional as F
+def _out_spatial(in_spatial: tuple[int, ...], kernel: tuple[int, ...], geom: ConvGeometry) -> tuple[int, ...]:
+    return tuple((in_spatial[d] + geom.pads_begin[d] + geom.pads_end[d] - geom.dilations[d] * (kernel[d] - 1) - 1)
+                 // geom.strides[d] + 1 for d in range(len(kernel)))
 
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))
-    if t.ndim == 3:  # 1-D conv as a 2-D one with a unit height
-        t = t.unsqueeze(2)
+
+def patch_rows(x: np.ndarray, kernel: tuple[int, ...], geom: ConvGeometry, pick: np.ndarray | None) -> np.ndarray:
+    """im2col rows of a 1-D/2-D conv input at chosen output positions only.
+
+    x (N, C, *S); pick (N, R) flat output positions (None: all). Returns (N, R, C*prod(kernel)) with
+    columns ordered like W.reshape(out, -1), i.e. channel-major, then kernel taps. Zero padding reads 0.
+    """
+    if x.ndim == 3:  # 1-D conv: a 2-D one with unit height
+        x = x[:, :, None, :]
         kernel = (1, *kernel)
         geom = ConvGeometry((1, *geom.strides), (1, *geom.dilations), (0, *geom.pads_begin), (0, *geom.pads_end))
-    pad = (geom.pads_begin[1], geom.pads_end[1], geom.pads_begin[0], geom.pads_end[0])
-    if any(pad):
-        t = F.pad(t, pad)
-    cols = F.unfold(t, kernel, dilation=geom.dilations, stride=geom.strides)  # (N, C*K, L)
-    return cols.transpose(1, 2).numpy()
+    n, c, h, w = x.shape
+    ho, wo = _out_spatial((h, w), kernel, geom)
+    if pick is None:
+        pick = np.broadcast_to(np.arange(ho * wo), (n, ho * wo))
+    oh, ow = pick // wo, pick % wo  # (N, R)
+    pb, pe = geom.pads_begin, geom.pads_end
+    if kernel == (1, 1) and not any(pb) and not any(pe):
+        ih, iw = oh * geom.strides[0], ow * geom.strides[1]
+        rows = x[np.arange(n)[:, None], :, ih, iw]  # (N, R, C)
+        return rows
+    xp = np.pad(x, ((0, 0), (0, 0), (pb[0], pe[0]), (pb[1], pe[1]))) if any(pb) or any(pe) else x
+    taps = []
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            ih = oh * geom.strides[0] + i * geom.dilations[0]
+            iw = ow * geom.strides[1] + j * geom.dilations[1]
+            taps.append(xp[np.arange(n)[:, None], :, ih, iw])  # (N, R, C)
+    return np.stack(taps, axis=-1).reshape(n, pick.shape[1], -1)  # (N, R, C, K) -> (N, R, C*K)
 
 
 @dataclass
@@ -95,42 +113,66 @@ class LayerFit:
         self.rows = 0
 
     # -- accumulation ------------------------------------------------------------------------------
-    def _rows(self, x: np.ndarray, conv_full: bool) -> np.ndarray:
-        """(N, L, D) rows for conv (patches), (N, L, F) for dense (feature axis last)."""
+    def _positions(self, x: np.ndarray) -> int:
         if self.c.kind == "conv":
-            return _unfold(x, tuple(self.w.shape[2:]), self.geom)
-        a = np.moveaxis(np.asarray(x, dtype=np.float64), self.c.feature_axis % x.ndim, -1)
-        return a.reshape(a.shape[0], -1, a.shape[-1])
+            spatial = x.shape[2:] if x.ndim == 4 else (1, x.shape[2])
+            kernel = tuple(self.w.shape[2:]) if x.ndim == 4 else (1, self.w.shape[2])
+            g = self.geom if x.ndim == 4 else ConvGeometry(
+                (1, *self.geom.strides), (1, *self.geom.dilations), (0, *self.geom.pads_begin), (0, *self.geom.pads_end))
+            return int(np.prod(_out_spatial(tuple(spatial), kernel, g)))
+        return int(np.prod(np.delete(np.array(x.shape[1:]), self.c.feature_axis % x.ndim - 1)))
+
+    def _rows(self, x: np.ndarray, pick: np.ndarray | None) -> np.ndarray:
+        """(N, R, D) rows: conv patches, or dense features (feature axis last) at the picked positions."""
+        if self.c.kind == "conv":
+            return patch_rows(x, tuple(self.w.shape[2:]), self.geom, pick)
+        a = np.moveaxis(x, self.c.feature_axis % x.ndim, -1)
+        a = a.reshape(a.shape[0], -1, a.shape[-1])
+        return a if pick is None else np.take_along_axis(a, pick[:, :, None], 1)
 
     def add(self, x_pruned: np.ndarray, x_orig: np.ndarray, first_sample: int) -> None:
         """Accumulate one batch: the pruned model's input (kept channels) and the original's (all)."""
-        rp, ro = self._rows(x_pruned, False), self._rows(x_orig, True)
-        n, L = rp.shape[0], rp.shape[1]
+        n = x_pruned.shape[0]
+        L = self._positions(x_pruned)
+        pick = None
         if L > self.rows_per_sample:
-            pick = np.stack([np.sort(np.random.default_rng((self.seed, first_sample + i)).choice(
+            # a fixed subset per (sample index, position count): any path feeding the same samples fits the same system
+            pick = np.stack([np.sort(np.random.default_rng((self.seed, first_sample + i, L)).choice(
                 L, self.rows_per_sample, replace=False)) for i in range(n)])
-            rp = np.take_along_axis(rp, pick[:, :, None], 1)
-            ro = np.take_along_axis(ro, pick[:, :, None], 1)
+        rp = self._rows(x_pruned, pick).astype(np.float64)
+        ro = self._rows(x_orig, pick).astype(np.float64)
         rp = rp.reshape(-1, rp.shape[-1])
         ro = ro.reshape(-1, ro.shape[-1])
         g = self.groups
         cin_kept = len(self.kin) * self.k
         cin_full = ro.shape[1] // g
-        ones = np.ones((rp.shape[0], 1))
+        from scipy.linalg.blas import dsyrk
+
         for k in range(g):
-            a = np.hstack([rp[:, k * cin_kept:(k + 1) * cin_kept], ones])
+            a = np.ascontiguousarray(rp[:, k * cin_kept:(k + 1) * cin_kept])
             y = ro[:, k * cin_full:(k + 1) * cin_full] @ self.w_full[k].T + self.b[self.outs[k]]
-            self.gram[k] += a.T @ a
-            self.xty[k] += a.T @ y
+            d = a.shape[1]
+            # [a, 1]^T [a, 1] by blocks; syrk fills the upper triangle only (half the flops)
+            self.gram[k][:d, :d] += dsyrk(1.0, a, trans=1, lower=0) if d else 0.0
+            colsum = a.sum(0)
+            self.gram[k][:d, d] += colsum
+            self.gram[k][d, d] += a.shape[0]
+            self.xty[k][:d] += a.T @ y
+            self.xty[k][d] += y.sum(0)
             self.yy[k] += np.einsum("ij,ij->j", y, y)
         self.rows += rp.shape[0]
+
+    def _full_gram(self, k: int) -> np.ndarray:
+        """The symmetric Gram matrix from its accumulated upper triangle."""
+        u = np.triu(self.gram[k])
+        return u + np.triu(u, 1).T
 
     # -- solution ----------------------------------------------------------------------------------
     def _theta0(self, k: int) -> np.ndarray:
         return np.vstack([self.w_kept[k].T, self.b[self.outs[k]][None, :]])
 
-    def _sq_error(self, k: int, theta: np.ndarray) -> float:
-        g, h = self.gram[k], self.xty[k]
+    def _sq_error(self, k: int, theta: np.ndarray, g: np.ndarray) -> float:
+        h = self.xty[k]
         return float(np.sum(self.yy[k]) - 2 * np.sum(theta * h) + np.sum(theta * (g @ theta)))
 
     def solve(self) -> FitResult:
@@ -138,7 +180,7 @@ class LayerFit:
 
         thetas, before, after, total = [], 0.0, 0.0, 0.0
         for k in range(self.groups):
-            g, h = self.gram[k], self.xty[k]
+            g, h = self._full_gram(k), self.xty[k]
             t0 = self._theta0(k)
             d = len(g) - 1
             lam = self.ridge * max(float(np.trace(g[:d, :d])) / max(d, 1), 1e-12)
@@ -149,8 +191,8 @@ class LayerFit:
             except (np.linalg.LinAlgError, ValueError):
                 theta = np.linalg.lstsq(g + np.diag(reg), h + reg[:, None] * t0, rcond=None)[0]
             thetas.append(theta)
-            before += max(self._sq_error(k, t0), 0.0)
-            after += max(self._sq_error(k, theta), 0.0)
+            before += max(self._sq_error(k, t0, g), 0.0)
+            after += max(self._sq_error(k, theta, g), 0.0)
             total += float(np.sum(self.yy[k]))
         denom = max(total, 1e-300)
         bias = np.concatenate([t[-1] for t in thetas])
