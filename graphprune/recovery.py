@@ -39,7 +39,7 @@ class RecoverOptions:
 
     mode: str = "lsq"
     ridge: float = 1e-3
-    lsq_samples: int = 128
+    lsq_samples: int = 64
     rows_per_sample: int = 256
     seed: int = 0
     progress: bool | None = None
@@ -178,6 +178,22 @@ def _effective(analysis: Analysis, c: Consumer) -> tuple[np.ndarray, np.ndarray 
     return w, b
 
 
+def new_fit(analysis: Analysis, c: Consumer, opts: RecoverOptions) -> LayerFit:
+    """An empty least-squares fit of consumer `c` from its original weights and conv geometry."""
+    w, b = _effective(analysis, c)
+    geom = None
+    if c.kind == "conv":
+        xs, ys = analysis.graph.shape(c.x), analysis.graph.shape(c.y)
+        geom = conv_geometry(c.attrs, tuple(w.shape[2:]), tuple(xs[2:]), tuple(ys[2:]))
+    return LayerFit(c, w, b, geom, ridge=opts.ridge, rows_per_sample=opts.rows_per_sample, seed=opts.seed)
+
+
+def layer_row(c: Consumer, res: Any) -> dict[str, Any]:
+    """One report row: the layer, how many inputs it kept, its relative output error before/after."""
+    return {"layer": c.node, "op": c.op_type, "inputs_kept": int(c.keep_in.sum()), "inputs": int(len(c.keep_in)),
+            "rel_err_before": res.err_before, "rel_err_after": res.err_after, "rows": res.rows}
+
+
 def apply_compensation(params: OnnxParams, cons: list[Consumer], deltas: dict[str, np.ndarray]) -> None:
     for c in cons:
         if c.node in deltas:
@@ -271,19 +287,12 @@ def reconstruct_onnx(original: onnx.ModelProto, params: OnnxParams, analysis: An
         say(f"reconstructing {c.node} ({idx + 1}/{len(fit_cons)})")
         orig.advance(_find_node(original, c.weight))
         slim.advance(_find_node(params.model, c.weight))
-        w, b = _effective(analysis, c)
-        geom = None
-        if c.kind == "conv":
-            xs, ys = analysis.graph.shape(c.x), analysis.graph.shape(c.y)
-            geom = conv_geometry(c.attrs, tuple(w.shape[2:]), tuple(xs[2:]), tuple(ys[2:]))
-        fit = LayerFit(c, w, b, geom, ridge=opts.ridge, rows_per_sample=opts.rows_per_sample, seed=opts.seed)
+        fit = new_fit(analysis, c, opts)
         for j in range(0, n, 16):  # a few samples per call: fewer, larger Gram updates
             fit.add(np.concatenate(slim.state[c.x][j:j + 16]), np.concatenate(orig.state[c.x][j:j + 16]), j)
         res = fit.solve()
         params.set_fit(c, res.weight, res.bias)
-        rows.append({"layer": c.node, "op": c.op_type, "inputs_kept": int(c.keep_in.sum()),
-                     "inputs": int(len(c.keep_in)), "rel_err_before": res.err_before,
-                     "rel_err_after": res.err_after, "rows": res.rows})
+        rows.append(layer_row(c, res))
         if bar is not None:
             bar.update(1)
     if bar is not None:

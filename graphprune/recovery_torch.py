@@ -20,9 +20,9 @@ from graphprune.calib import Calibration
 from graphprune.capture import _progress, capture_module, module_inputs
 from graphprune.passes.act_importance import ChannelStats, stat_tensors
 from graphprune.passes.compensate import compensation
-from graphprune.passes.consumers import Consumer, conv_geometry, consumers
-from graphprune.passes.reconstruct import LayerFit, supports
-from graphprune.recovery import RecoverOptions
+from graphprune.passes.consumers import Consumer, consumers
+from graphprune.passes.reconstruct import supports
+from graphprune.recovery import RecoverOptions, layer_row, new_fit
 
 
 def consumer_modules(analysis: Analysis) -> dict[str, str]:
@@ -130,16 +130,7 @@ def recover_module(original: nn.Module, slim: nn.Module, analysis: Analysis, rem
     bar = _progress(len(fit_cons), "reconstructing layers", opts.progress)
     for wave in _waves(analysis, fit_cons):
         say(f"reconstructing {len(wave)} layer(s): {wave[0].node} ...")
-        fits = {}
-        for c in wave:
-            w = np.asarray(analysis.graph.constants[c.weight], dtype=np.float64)
-            b = analysis.graph.constants.get(c.bias) if c.bias else None
-            geom = None
-            if c.kind == "conv":
-                xs, ys = analysis.graph.shape(c.x), analysis.graph.shape(c.y)
-                geom = conv_geometry(c.attrs, tuple(w.shape[2:]), tuple(xs[2:]), tuple(ys[2:]))
-            fits[c.node] = LayerFit(c, w, b, geom, ridge=opts.ridge, rows_per_sample=opts.rows_per_sample,
-                                    seed=opts.seed)
+        fits = {c.node: new_fit(analysis, c, opts) for c in wave}
         keys = {c.node: mods[c.node] for c in wave}
         for start, batch in zip(range(0, n, batch_size), lsq.batches(batch_size)):
             inputs = tuple(torch.as_tensor(batch[k]) for k in lsq.names)
@@ -152,9 +143,7 @@ def recover_module(original: nn.Module, slim: nn.Module, analysis: Analysis, rem
             m = subs_slim[mods[c.node]]
             _set_param(m, "weight", res.weight)
             _set_param(m, "bias", res.bias)
-            rows.append({"layer": c.node, "op": c.op_type, "inputs_kept": int(c.keep_in.sum()),
-                         "inputs": int(len(c.keep_in)), "rel_err_before": res.err_before,
-                         "rel_err_after": res.err_after, "rows": res.rows})
+            rows.append(layer_row(c, res))
             if bar is not None:
                 bar.update(1)
     if bar is not None:

@@ -197,7 +197,7 @@ def test_large_calibration_runs_in_bounded_memory():
     model = example_cnn()
     assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:] == [3, 32, 32]
     small, large = _peak(model, 300), _peak(model, 1500)
-    # 5x the samples (past the LSQ and held-out caps): the peak must not grow with N
+    # 5x the samples (past the LSQ-sample cap): the peak must not grow with N
     assert large < small * 1.2 + (2 << 20), (small, large)
 
 
