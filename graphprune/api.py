@@ -175,7 +175,9 @@ def prune(
 
         t = time.perf_counter()
         say("reading calibration data")
-        opts = RecoverOptions(mode=recover or "lsq", seed=seed, **(recover_options or {}))
+        # DI's calibration is its labelled search data: it keeps its exact plain-pruning output unless asked
+        opts = RecoverOptions(mode=recover or ("none" if method in PLAN_METHODS else "lsq"), seed=seed,
+                              **(recover_options or {}))
         data = prepare_calibration(calib, loaded.graph, calib_samples, calib_preprocess, method in PLAN_METHODS)
         stats = None
         if method in ACT_METHODS or opts.mode != "none":

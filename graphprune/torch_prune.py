@@ -95,7 +95,8 @@ def prune_module(
         from graphprune.recovery_torch import collect_stats_module
 
         t = time.perf_counter()
-        rec_opts = RecoverOptions(mode=recover or "lsq", seed=seed, **(recover_options or {}))
+        rec_opts = RecoverOptions(mode=recover or ("none" if method in PLAN_METHODS else "lsq"), seed=seed,
+                                  **(recover_options or {}))
         data = prepare_calibration(calib, analysis.graph, calib_samples, labelled=method in PLAN_METHODS)
         if method in ACT_METHODS or rec_opts.mode != "none":
             say("calibration statistics")
