@@ -20,6 +20,8 @@ from graphprune.rewrite.onnx_rewrite import rewrite_onnx
 from graphprune.rewrite.validate import custom_domains, masked_reference, random_feed, run_onnx, validate
 
 Progress = Callable[[str], None]
+# the activation-aware criterion (passes/act_importance.py); needs calibration data
+ACT_METHODS = {"act", "activation"}
 
 
 @dataclass
@@ -90,6 +92,30 @@ def _blame_input(original: onnx.ModelProto, feed: dict, expected: list, run: boo
         raise GraphpruneError(f"input model is invalid: {str(exc).replace('pruned model ', '', 1)}") from None
 
 
+@dataclass
+class CalibrationSplit:
+    """Calibration samples used for statistics/fitting, and the held-out ones used to report agreement."""
+
+    fit: Any
+    holdout: Any
+
+    def summary(self) -> dict[str, Any]:
+        return {"samples": self.fit.n + self.holdout.n, "fit_samples": self.fit.n,
+                "heldout_samples": self.holdout.n, "source": self.fit.source}
+
+
+def prepare_calibration(calib: Any, graph: Any, samples: int | None = None, preprocess: Any = None,
+                        labelled: bool = False) -> CalibrationSplit:
+    """Load and validate calibration data for a model's IR graph and split off held-out samples."""
+    from graphprune.calib import load_calibration, split_holdout
+
+    if labelled and isinstance(calib, tuple) and len(calib) == 2:
+        calib = calib[0]  # DI-style (inputs, labels): recovery only needs the inputs
+    data = load_calibration(calib, graph, samples=samples, preprocess=preprocess)
+    fit, hold = split_holdout(data)
+    return CalibrationSplit(fit, hold)
+
+
 def prune(
     model: Any,
     example_inputs: Any = None,
@@ -97,7 +123,7 @@ def prune(
     target_flops: float | None = None,
     target_params: float | None = None,
     target_latency: float | None = None,
-    method: str = "l1",
+    method: str | None = None,
     strategy: str = "global",
     round_to: int = 1,
     ignore: tuple[str, ...] | list[str] = (),
@@ -108,6 +134,11 @@ def prune(
     progress: Progress | None = None,
     allow_floor: bool = False,
     input_values: dict[str, float] | None = None,
+    calib: Any = None,
+    calib_samples: int | None = None,
+    calib_preprocess: Any = None,
+    recover: str | None = None,
+    recover_options: dict[str, Any] | None = None,
     **method_options: Any,
 ) -> PruneResult:
     """Prune `model` to a cost target and return the validated slim model with a report.
@@ -116,15 +147,30 @@ def prune(
     Pass `scores` to use your own importance, or `removed` to apply an explicit plan.
     A target below what pruning can reach is an error unless `allow_floor` (then the floor is kept).
     `input_values` fixes inputs of the validation feed (e.g. a sample rate the model checks).
+
+    Calibration (`calib`: arrays, a dict input name -> array, an iterable of batches, an .npz path or
+    an image folder with `calib_preprocess`) makes pruning data-aware: the default method becomes
+    "act" (activation-aware importance) and `recover` defaults to "lsq" (bias compensation, then
+    layer-wise least-squares reconstruction); "bias" compensates only, "none" skips both.
+    `recover_options` tunes RecoverOptions (ridge, lsq_samples, rows_per_sample).
+    Without `calib` nothing changes: method defaults to "l1" and no recovery runs.
     """
+    if method is None:
+        method = "act" if calib is not None else "l1"
+    if calib is None and (recover not in (None, "none") or method in ACT_METHODS):
+        raise GraphpruneError(f"{'recover=' + recover if recover not in (None, 'none') else 'method act'} "
+                              "needs calibration data (calib=... / --calib)")
     if _is_torch_module(model):
         from graphprune.torch_prune import prune_module
 
         return prune_module(
             model, example_inputs, target_flops=target_flops, target_params=target_params, method=method,
             strategy=strategy, round_to=round_to, ignore=ignore, seed=seed, scores=scores, removed=removed,
-            progress=progress, **method_options,
+            progress=progress, calib=calib, calib_samples=calib_samples, recover=recover,
+            recover_options=recover_options, **method_options,
         )
+    if method in PLAN_METHODS and calib is not None:
+        method_options["calib"] = calib
     say = progress or (lambda _msg: None)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -135,6 +181,28 @@ def prune(
     say("analysing channel dependencies")
     analysis = analyze_graph(loaded.graph)
     times["analyze_s"] = time.perf_counter() - t
+
+    data = None
+    if calib is not None:
+        from graphprune.recovery import RecoverOptions
+
+        t = time.perf_counter()
+        say("reading calibration data")
+        # DI's calibration is its labelled search data: it keeps its exact plain-pruning output unless asked
+        opts = RecoverOptions(mode=recover or ("none" if method in PLAN_METHODS else "lsq"), seed=seed,
+                              **(recover_options or {}))
+        data = prepare_calibration(calib, loaded.graph, calib_samples, calib_preprocess, method in PLAN_METHODS)
+        stats = None
+        if method in ACT_METHODS or opts.mode != "none":
+            from graphprune.recovery import collect_stats_onnx
+
+            say("calibration statistics")
+            stats = collect_stats_onnx(loaded.proto, analysis, data.fit, opts.progress)
+        if method in ACT_METHODS and scores is None and removed is None:
+            from graphprune.passes.act_importance import act_scores
+
+            scores = act_scores(analysis, stats, centered=opts.mode != "none")
+        times["calib_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     extra_report: dict[str, Any] = {}
@@ -159,11 +227,12 @@ def prune(
                 from graphprune.passes.sensitivity import OnnxMaskedRunner, calibration_feeds, sensitivity_allocate
 
                 say("sensitivity: measuring each group on calibration data")
-                opts = _sensitivity_options(method_options)
-                feeds = calibration_feeds(method_options.get("calib"), loaded.graph.inputs, opts["samples"])
+                sopts = _sensitivity_options(method_options)
+                feeds = calibration_feeds(data.fit if data is not None else method_options.get("calib"),
+                                          loaded.graph.inputs, sopts["samples"])
                 runner = OnnxMaskedRunner(loaded.proto, analysis, feeds)
                 plan, sens = sensitivity_allocate(analysis, scores, runner, target=target, kind=kind,
-                                                  round_to=round_to, protected=protected, progress=say, **opts)
+                                                  round_to=round_to, protected=protected, progress=say, **sopts)
                 extra_report["sensitivity"] = sens.to_json()
             else:
                 say("allocating the budget")
@@ -178,6 +247,16 @@ def prune(
     say("rewriting the graph")
     slim = rewrite_onnx(loaded.proto, analysis, plan.removed)
     times["rewrite_s"] = time.perf_counter() - t
+
+    recovery_report = None
+    if data is not None:
+        from graphprune.recovery import recover_onnx
+
+        t = time.perf_counter()
+        if opts.mode != "none":
+            say(f"recovering accuracy ({opts.mode})")
+        slim, recovery_report = recover_onnx(loaded.proto, slim, analysis, plan.removed, data.fit, stats, opts, say)
+        times["recover_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     say("validating (checker, shape inference, onnxruntime)")
@@ -194,7 +273,9 @@ def prune(
             expected = [tuple(o.shape) for o in run_onnx(loaded.proto, feed)]
         except Exception as exc:  # the input itself is broken; say so instead of a traceback
             raise GraphpruneError(f"input model fails to run in onnxruntime: {str(exc).splitlines()[0][:200]}") from None
-    reference = None if custom else masked_reference(loaded.proto, analysis, plan.removed, feed)
+    # recovery changes kept weights on purpose: the slim model then no longer equals the masked original
+    recovered = data is not None and opts.mode != "none"
+    reference = None if custom or recovered else masked_reference(loaded.proto, analysis, plan.removed, feed)
     try:
         validate(slim, feed, expected, run=not custom, reference=reference)
     except GraphpruneError as exc:
@@ -212,6 +293,13 @@ def prune(
                             else ["checker", "shape inference", "channel agreement",
                                   "onnxruntime run (optimised and unoptimised)"]
                             + (["equals masked original"] if reference is not None else []))
+    if data is not None:
+        from graphprune.recovery import holdout_agreement_onnx
+
+        say("agreement on held-out calibration samples")
+        recovery_report["agreement"] = holdout_agreement_onnx(loaded.proto, slim, data.holdout)
+        report["calibration"] = data.summary()
+        report["recovery"] = recovery_report
     if custom:
         report["validation_note"] = f"onnxruntime run skipped: custom op domains {custom}"
     if plan.kind == "latency":

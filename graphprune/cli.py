@@ -78,6 +78,34 @@ def parse_values(items: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
+def _calibration_options(calib: str | None, samples: int | None, size: str | None, mean: str | None,
+                         std: str | None, bgr: bool, gray: bool, layout: str, recover: str | None) -> dict[str, Any]:
+    """CLI calibration flags -> prune() keyword arguments (checked before any work starts)."""
+    from graphprune.calib import ImagePreprocess, parse_floats, parse_size
+
+    if calib is None:
+        given = [n for n, v in (("--calib-samples", samples), ("--calib-size", size), ("--calib-mean", mean),
+                                ("--calib-std", std), ("--recover", recover)) if v is not None]
+        if given:
+            raise GraphpruneError(f"{given[0]} needs --calib")
+        return {}
+    if not os.path.exists(calib):
+        raise GraphpruneError(f"calibration data not found: {calib}")
+    kw: dict[str, Any] = {"calib": calib, "calib_samples": samples}
+    if recover is not None:
+        kw["recover"] = recover
+    if os.path.isdir(calib):
+        hw = parse_size(size)
+        if hw is None:
+            raise GraphpruneError("calibration from an image folder needs --calib-size H,W")
+        kw["calib_preprocess"] = ImagePreprocess(hw, parse_floats(mean, "--calib-mean") or (0.0,),
+                                                 parse_floats(std, "--calib-std") or (1.0,), bgr=bgr,
+                                                 layout=layout, grayscale=gray)
+    elif size or mean or std:
+        raise GraphpruneError("--calib-size/--calib-mean/--calib-std apply to an image folder, not to an .npz")
+    return kw
+
+
 @click.group(cls=_DefaultToPrune, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="graphprune")
 def main() -> None:
@@ -132,14 +160,27 @@ def _said_dry_run(gate: Any) -> None:
 @click.option("--target-flops", type=float, help="Fraction of MACs (FLOPs) to keep, e.g. 0.4.")
 @click.option("--target-params", type=float, help="Fraction of parameters to keep.")
 @click.option("--target-latency", type=float, help="Fraction of measured latency to keep.")
-@click.option("--method", default="l1", show_default=True, help="Importance: l1, l2, bn_scale, fpgm, random, di, ...")
+@click.option("--method", default=None,
+              help="Importance: l1, l2, bn_scale, fpgm, random, act, di, ... [default: act with --calib, else l1]")
 @click.option("--strategy", type=click.Choice(["global", "uniform", "sensitivity"]), default="global", show_default=True,
               help="Budget per layer: global ranking, uniform ratio, or measured sensitivity (needs --calib).")
 @click.option("--round-to", type=int, default=1, show_default=True, help="Keep channel counts multiples of N.")
 @click.option("--ignore", multiple=True, help="Node or parameter name (glob) whose channels are never pruned.")
 @click.option("--input-shape", help="Static input shape for dynamic models, e.g. 1,3,224,224.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--calib", type=click.Path(dir_okay=False), help="Calibration data for data-driven methods (di): .npz with x, y.")
+@click.option("--calib", type=click.Path(), help="Unlabeled calibration inputs: .npz (one array per input, samples on "
+              "axis 0) or a folder of images (with --calib-size). For --method di: .npz with x, y.")
+@click.option("--calib-samples", type=int, help="Use the first N calibration samples (error if fewer exist).")
+@click.option("--calib-size", help="Image folder: resize to H,W.")
+@click.option("--calib-mean", help="Image folder: per-channel mean after scaling pixels to [0, 1], e.g. 0.5 or 0.485,0.456,0.406.")
+@click.option("--calib-std", help="Image folder: per-channel std, e.g. 0.5 or 0.229,0.224,0.225.")
+@click.option("--calib-bgr", is_flag=True, help="Image folder: feed channels in BGR order (default RGB).")
+@click.option("--calib-gray", is_flag=True, help="Image folder: one grayscale channel.")
+@click.option("--calib-layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True,
+              help="Image folder: tensor layout.")
+@click.option("--recover", type=click.Choice(["none", "bias", "lsq"]),
+              help="Accuracy recovery from calibration data [default: lsq with --calib]: bias compensation "
+                   "(bias), then layer-wise least-squares reconstruction (lsq).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of tables.")
 @click.option("--report", "report_html", type=click.Path(), help="Write a self-contained HTML report.")
 @click.option("--overwrite", is_flag=True, help="Allow an output to be the input file (or its external data).")
@@ -149,8 +190,10 @@ def _said_dry_run(gate: Any) -> None:
               help="Fix an input of the validation run, e.g. sr=16000 (repeatable).")
 def prune(model: str, output: str | None, target_flops: float | None, target_params: float | None,
           target_latency: float | None, method: str, strategy: str, round_to: int, ignore: tuple[str, ...],
-          input_shape: str | None, seed: int, calib: str | None, as_json: bool, report_html: str | None, overwrite: bool,
-          dry_run: bool, allow_floor: bool, input_values: tuple[str, ...]) -> None:
+          input_shape: str | None, seed: int, calib: str | None, calib_samples: int | None, calib_size: str | None,
+          calib_mean: str | None, calib_std: str | None, calib_bgr: bool, calib_gray: bool, calib_layout: str,
+          recover: str | None, as_json: bool, report_html: str | None, overwrite: bool, dry_run: bool,
+          allow_floor: bool, input_values: tuple[str, ...]) -> None:
     """Prune MODEL (ONNX) to a FLOPs/params/latency target and write a validated slim model."""
     from graphprune import api
 
@@ -170,14 +213,15 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
     _terminate_as_interrupt()
     shapes = run_guarded(parse_shape, input_shape)
     values = run_guarded(parse_values, input_values)
+    calib_kw = run_guarded(_calibration_options, calib, calib_samples, calib_size, calib_mean, calib_std, calib_bgr,
+                           calib_gray, calib_layout, recover)
     status, say = _progress_printer(not as_json and sys.stderr.isatty())
     try:
         result = run_guarded(
             api.prune, model, target_flops=target_flops, target_params=target_params,
             target_latency=target_latency, method=method, strategy=strategy, round_to=round_to,
             ignore=ignore, seed=seed, input_shape=shapes, progress=say, allow_floor=allow_floor,
-            input_values=values or None,
-            **({"calib": calib} if calib else {}),
+            input_values=values or None, **calib_kw,
         )
         if output and not dry_run:
             run_guarded(gate.write_model, result.model, output)

@@ -52,6 +52,10 @@ def prune_module(
     removed: set[int] | frozenset[int] | None = None,
     progress: Progress | None = None,
     inplace: bool = False,
+    calib: Any = None,
+    calib_samples: int | None = None,
+    recover: str | None = None,
+    recover_options: dict[str, Any] | None = None,
     **opts: Any,
 ) -> PruneResult:
     """Prune an nn.Module to a cost target; the result holds real, smaller layers.
@@ -62,9 +66,13 @@ def prune_module(
     shuffles) had to change.
     """
     say = progress or (lambda _msg: None)
+    if method in PLAN_METHODS and calib is not None:
+        opts["calib"] = calib
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     work = model if inplace else copy.deepcopy(model)
+    # recovery compares against the original, which an in-place rewrite would destroy
+    original = (copy.deepcopy(model) if inplace else model) if calib is not None else None
     say("capturing the module (torch.fx, else torch.export)")
     traced = trace_module(work, example_inputs)
     times["load_s"] = time.perf_counter() - t0
@@ -73,6 +81,25 @@ def prune_module(
     say("analysing channel dependencies")
     analysis = analyze_traced(traced)
     times["analyze_s"] = time.perf_counter() - t
+
+    data = stats = None
+    if calib is not None:
+        from graphprune.api import ACT_METHODS, prepare_calibration
+        from graphprune.recovery import RecoverOptions
+        from graphprune.recovery_torch import collect_stats_module
+
+        t = time.perf_counter()
+        rec_opts = RecoverOptions(mode=recover or ("none" if method in PLAN_METHODS else "lsq"), seed=seed,
+                                  **(recover_options or {}))
+        data = prepare_calibration(calib, analysis.graph, calib_samples, labelled=method in PLAN_METHODS)
+        if method in ACT_METHODS or rec_opts.mode != "none":
+            say("calibration statistics")
+            stats = collect_stats_module(original, analysis, data.fit, rec_opts.progress)
+        if method in ACT_METHODS and scores is None and removed is None:
+            from graphprune.passes.act_importance import act_scores
+
+            scores = act_scores(analysis, stats, centered=rec_opts.mode != "none")
+        times["calib_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     extra_report: dict[str, Any] = {}
@@ -99,8 +126,10 @@ def prune_module(
 
                 say("sensitivity: measuring each group on calibration data")
                 sopts = _sensitivity_options(opts)
-                feeds = calibration_feeds(opts.get("calib"), ["input"], sopts["samples"], batch=sopts["samples"])
-                runner = TorchMaskedRunner(analysis, [f["input"] for f in feeds])
+                names = list(analysis.graph.inputs)
+                feeds = calibration_feeds(data.fit if data is not None else opts.get("calib"), names,
+                                          sopts["samples"], batch=sopts["samples"])
+                runner = TorchMaskedRunner(analysis, [tuple(torch.as_tensor(f[n]) for n in names) for f in feeds])
                 plan, sens = sensitivity_allocate(analysis, scores, runner, target=target, kind=kind,
                                                   round_to=round_to, protected=protected, progress=say, **sopts)
                 extra_report["sensitivity"] = sens.to_json()
@@ -117,6 +146,14 @@ def prune_module(
     slim = rewrite_module(analysis, plan.removed)
     times["rewrite_s"] = time.perf_counter() - t
 
+    recovery_report = None
+    if data is not None:
+        from graphprune.recovery_torch import recover_module
+
+        t = time.perf_counter()
+        recovery_report = recover_module(original, slim, analysis, plan.removed, data.fit, stats, rec_opts, say)
+        times["recover_s"] = time.perf_counter() - t
+
     t = time.perf_counter()
     say("validating (forward pass on the example inputs)")
     _validate(slim, traced)
@@ -129,6 +166,12 @@ def prune_module(
     report["frontend"] = traced.frontend
     if traced.fallback_reason:
         report["frontend_fallback_reason"] = f"torch.fx: {traced.fallback_reason}"
+    if data is not None:
+        from graphprune.recovery_torch import holdout_agreement_module
+
+        recovery_report["agreement"] = holdout_agreement_module(original, slim, data.holdout)
+        report["calibration"] = data.summary()
+        report["recovery"] = recovery_report
     return PruneResult(slim, analysis, plan, report)
 
 

@@ -143,6 +143,8 @@ def render_tables(report: dict[str, Any], console: Any, max_groups: int = 40) ->
         console.print(f"[yellow]{cm['note']}: {', '.join(list(cm['uncounted_ops'])[:5])}[/yellow]")
     if report.get("target_met") is False:
         console.print("[yellow]target not met: this is the floor (--allow-floor)[/yellow]")
+    if report.get("recovery"):
+        render_recovery(report, console)
     groups = Table(title="channel groups", show_header=True)
     for col in ("group", "channels", "kept", "MACs share", "state", "layers"):
         groups.add_column(col, justify="right" if col in ("channels", "kept", "MACs share") else "left")
@@ -156,3 +158,33 @@ def render_tables(report: dict[str, Any], console: Any, max_groups: int = 40) ->
     console.print(groups)
     if len(rows) > max_groups:
         console.print(f"... {len(rows) - max_groups} more groups (use --json for all)")
+
+
+def render_recovery(report: dict[str, Any], console: Any, max_layers: int = 40) -> None:
+    """Calibration, recovery mode, per-layer reconstruction error and held-out agreement."""
+    from rich.table import Table
+
+    cal, rec = report.get("calibration", {}), report["recovery"]
+    times = report.get("time", {})
+    console.print(
+        f"calibration {cal.get('samples', 0)} samples ({cal.get('fit_samples', 0)} fit, "
+        f"{cal.get('heldout_samples', 0)} held out) from {cal.get('source')}  recovery {rec['mode']}  "
+        f"time {times.get('calib_s', 0) + times.get('recover_s', 0):.1f}s"
+    )
+    layers = rec.get("layers") or []
+    if layers:
+        t = Table(title=f"least-squares reconstruction ({rec.get('lsq_samples')} samples)", show_header=True)
+        for col in ("layer", "op", "inputs kept", "rel. error before", "after"):
+            t.add_column(col, justify="left" if col in ("layer", "op") else "right")
+        for r in layers[:max_layers]:
+            t.add_row(r["layer"], r["op"], f"{r['inputs_kept']}/{r['inputs']}", f"{r['rel_err_before']:.4f}",
+                      f"{r['rel_err_after']:.4f}")
+        console.print(t)
+        if len(layers) > max_layers:
+            console.print(f"... {len(layers) - max_layers} more layers (use --json for all)")
+    agree = rec.get("agreement")
+    if agree:
+        for o in agree["outputs"]:
+            top1 = f"  top-1 agreement {o['top1_agreement']:.2%}" if "top1_agreement" in o else ""
+            console.print(f"held-out agreement ({agree['samples']} samples) on '{o.get('name', 'output')}': "
+                          f"cosine {o['cosine']:.4f}  relative L2 {o['rel_l2']:.4f}{top1}")
