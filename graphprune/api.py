@@ -134,7 +134,7 @@ def prune(
             raise training_method_error(method)
         if method in PLAN_METHODS and scores is None:
             say(f"searching the structure ({method}, calibration data through onnxruntime)")
-            found = di_plan(analysis, target, kind, method_options, onnx_model=loaded.proto)
+            found = di_plan(analysis, target, kind, method_options, onnx_model=loaded.proto, progress=say)
             plan = Plan(found, kind, target, analysis.cost(kind), analysis.cost(kind, found))
         else:
             say(f"scoring channels ({method})")

@@ -87,7 +87,7 @@ def prune_module(
             raise training_method_error(method)
         if method in PLAN_METHODS and scores is None:
             say(f"searching the structure ({method})")
-            found = di_plan(analysis, target, kind, opts, module=work.eval())
+            found = di_plan(analysis, target, kind, opts, module=work.eval(), progress=say)
             plan = Plan(found, kind, target, analysis.cost(kind), analysis.cost(kind, found))
         else:
             if scores is None:

@@ -26,7 +26,7 @@ def training_method_error(method: str) -> GraphpruneError:
     )
 
 
-def _calibration(options: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def _calibration(options: dict[str, Any]) -> tuple[Any, np.ndarray]:
     calib = options.get("calib")
     if calib is None:
         raise GraphpruneError("method di needs calibration data: calib=(inputs, labels) or --calib data.npz (x, y)")
@@ -37,27 +37,37 @@ def _calibration(options: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         except (OSError, KeyError, ValueError) as exc:
             raise GraphpruneError(f"cannot read calibration file {calib}: needs arrays 'x' and 'y' ({exc})") from None
     x, y = calib
-    return np.asarray(x), np.asarray(y)
+    return (x if isinstance(x, dict) else np.asarray(x)), np.asarray(y)
 
 
 def di_plan(analysis: Analysis, target: float, kind: str, options: dict[str, Any],
-            onnx_model: Any = None, module: Any = None) -> frozenset[int]:
-    """Discriminant-information greedy search on feature maps from onnxruntime or the nn.Module."""
+            onnx_model: Any = None, module: Any = None, progress: Any = None) -> frozenset[int]:
+    """Discriminant-information greedy search on feature statistics streamed from onnxruntime or
+    the nn.Module (only layer outputs that carry prunable channels are observed)."""
     from graphprune.passes.channels import from_analysis
-    from graphprune.passes.di import di_greedy_plan, onnx_features, torch_features
+    from graphprune.passes.di import di_search, onnx_feature_stats, torch_feature_stats
 
     x, y = _calibration(options)
+    y = np.asarray(y)
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_)):
+        raise GraphpruneError(f"calibration labels y must be a 1-D integer array, got {y.dtype} of shape {y.shape}")
+    n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+    if len(y) != n:
+        raise GraphpruneError(f"calibration data has {n} inputs but {len(y)} labels")
     if len(np.unique(y)) < 2:
         raise GraphpruneError("method di needs labels of at least two classes in the calibration data")
+    say = progress or (lambda _msg: None)
+    space = from_analysis(analysis, module)
     if module is not None:
         import torch
 
-        space = from_analysis(analysis, module)
-        feats = torch_features(module, space, torch.as_tensor(x, dtype=torch.float32))
+        stats = torch_feature_stats(module, space, torch.as_tensor(x, dtype=torch.float32), y)
     else:
-        space = from_analysis(analysis)
-        feats = onnx_features(onnx_model, analysis, x.astype(np.float32))
-    plan = di_greedy_plan(space, feats, y, target, kind=kind, rho=float(options.get("rho", 1e-2)))
+        stats = onnx_feature_stats(onnx_model, analysis, x, y, space.classes, say=say)
+    try:
+        plan = di_search(space, stats, target, kind=kind, rho=float(options.get("rho", 1e-2)), progress=say)
+    except ValueError as exc:
+        raise GraphpruneError(f"method di: {exc}") from None
     if analysis.cost(kind, plan) > target * analysis.cost(kind) * (1 + 1e-9):
         raise GraphpruneError(f"method di could not reach the {kind} target {target:g}")
     return plan
