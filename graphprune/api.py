@@ -15,7 +15,8 @@ from graphprune.frontends.onnx_frontend import LoadedModel, load_onnx
 from graphprune.io import write_model_atomic
 from graphprune.passes.allocate import Plan, allocate, ignored_classes
 from graphprune.passes.magnitude import CRITERIA
-from graphprune.passes.methods import PLAN_METHODS, TRAINING_METHODS, di_plan, training_method_error
+from graphprune.passes.methods import (PLAN_METHODS, TRAINING_METHODS, check_strict, di_plan, method_coverage,
+                                       training_method_error)
 from graphprune.rewrite.onnx_rewrite import rewrite_onnx
 from graphprune.rewrite.validate import custom_domains, random_feed, run_onnx, validate
 
@@ -97,9 +98,13 @@ def prune(
     scores: dict[int, float] | None = None,
     removed: set[int] | frozenset[int] | None = None,
     progress: Progress | None = None,
+    strict_method: bool = False,
     **method_options: Any,
 ) -> PruneResult:
     """Prune `model` to a cost target and return the validated slim model with a report.
+
+    The report lists which groups `method` scored and which fell back to another criterion;
+    `strict_method=True` makes any fallback an error instead.
 
     ONNX models (path or ModelProto) come back as a ModelProto; nn.Modules as a smaller nn.Module.
     Pass `scores` to use your own importance, or `removed` to apply an explicit plan.
@@ -110,7 +115,7 @@ def prune(
         return prune_module(
             model, example_inputs, target_flops=target_flops, target_params=target_params, method=method,
             strategy=strategy, round_to=round_to, ignore=ignore, seed=seed, scores=scores, removed=removed,
-            progress=progress, **method_options,
+            progress=progress, strict_method=strict_method, **method_options,
         )
     say = progress or (lambda _msg: None)
     times: dict[str, float] = {}
@@ -124,6 +129,7 @@ def prune(
     times["analyze_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    coverage = None
     if removed is None:
         kind, target = _parse_target(target_flops, target_params, target_latency)
         if kind == "latency":
@@ -132,6 +138,10 @@ def prune(
             kind = register_latency_cost(analysis, loaded, progress=say)
         if method in TRAINING_METHODS:
             raise training_method_error(method)
+        if scores is None:
+            coverage = method_coverage(analysis, method)
+            if strict_method:
+                check_strict(coverage)
         if method in PLAN_METHODS and scores is None:
             say(f"searching the structure ({method}, calibration data through onnxruntime)")
             found = di_plan(analysis, target, kind, method_options, onnx_model=loaded.proto, progress=say)
@@ -179,7 +189,7 @@ def prune(
     from graphprune.report.summary import build_report
 
     report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_to, times=times,
-                          source=loaded.source)
+                          source=loaded.source, coverage=coverage)
     report["validation"] = (["checker", "shape inference"] if custom
                             else ["checker", "shape inference", "onnxruntime run"])
     if custom:

@@ -105,14 +105,15 @@ def _terminate_as_interrupt() -> None:
 @click.option("--input-shape", help="Static input shape for dynamic models, e.g. 1,3,224,224.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--calib", type=click.Path(dir_okay=False), help="Calibration data for data-driven methods (di): .npz with x, y.")
+@click.option("--strict-method", is_flag=True, help="Fail (exit 2) if the method cannot score every prunable group.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of tables.")
 @click.option("--report", "report_html", type=click.Path(dir_okay=False), help="Write a self-contained HTML report.")
 @click.option("--overwrite", is_flag=True, help="Allow -o to be the input file.")
 @click.option("--dry-run", is_flag=True, help="Plan and validate, write nothing.")
 def prune(model: str, output: str | None, target_flops: float | None, target_params: float | None,
           target_latency: float | None, method: str, strategy: str, round_to: int, ignore: tuple[str, ...],
-          input_shape: str | None, seed: int, calib: str | None, as_json: bool, report_html: str | None, overwrite: bool,
-          dry_run: bool) -> None:
+          input_shape: str | None, seed: int, calib: str | None, strict_method: bool, as_json: bool,
+          report_html: str | None, overwrite: bool, dry_run: bool) -> None:
     """Prune MODEL (ONNX) to a FLOPs/params/latency target and write a validated slim model."""
     from graphprune import api
 
@@ -129,7 +130,7 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
         result = run_guarded(
             api.prune, model, target_flops=target_flops, target_params=target_params,
             target_latency=target_latency, method=method, strategy=strategy, round_to=round_to,
-            ignore=ignore, seed=seed, input_shape=shapes, progress=say,
+            ignore=ignore, seed=seed, input_shape=shapes, progress=say, strict_method=strict_method,
             **({"calib": calib} if calib else {}),
         )
         if output and not dry_run:

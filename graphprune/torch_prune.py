@@ -12,7 +12,8 @@ from graphprune.api import Progress, PruneResult, _parse_target, score_classes
 from graphprune.errors import GraphpruneError
 from graphprune.frontends.fx_frontend import TracedModule, analyze_traced, trace_module
 from graphprune.passes.allocate import Plan, allocate, ignored_classes
-from graphprune.passes.methods import PLAN_METHODS, TRAINING_METHODS, di_plan, training_method_error
+from graphprune.passes.methods import (PLAN_METHODS, TRAINING_METHODS, check_strict, di_plan, method_coverage,
+                                       training_method_error)
 from graphprune.report.summary import build_report
 from graphprune.rewrite.torch_rewrite import rewrite_module
 
@@ -57,6 +58,7 @@ def prune_module(
     scores: dict[int, float] | None = None,
     removed: set[int] | frozenset[int] | None = None,
     progress: Progress | None = None,
+    strict_method: bool = False,
     inplace: bool = False,
     **opts: Any,
 ) -> PruneResult:
@@ -81,10 +83,15 @@ def prune_module(
     times["analyze_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    coverage = None
     if removed is None:
         kind, target = _parse_target(target_flops, target_params, None)
         if method in TRAINING_METHODS:
             raise training_method_error(method)
+        if scores is None and method != "taylor":
+            coverage = method_coverage(analysis, method, module=work)
+            if strict_method:
+                check_strict(coverage)
         if method in PLAN_METHODS and scores is None:
             say(f"searching the structure ({method})")
             found = di_plan(analysis, target, kind, opts, module=work.eval(), progress=say)
@@ -116,7 +123,7 @@ def prune_module(
     times["validate_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - t0
     report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_to, times=times,
-                          source=f"torch:{type(model).__name__}")
+                          source=f"torch:{type(model, coverage=coverage).__name__}")
     report["module_type"] = type(slim).__name__
     return PruneResult(slim, analysis, plan, report)
 

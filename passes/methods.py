@@ -71,3 +71,54 @@ def di_plan(analysis: Analysis, target: float, kind: str, options: dict[str, Any
     if analysis.cost(kind, plan) > target * analysis.cost(kind) * (1 + 1e-9):
         raise GraphpruneError(f"method di could not reach the {kind} target {target:g}")
     return plan
+
+
+FALLBACK_WHY = {
+    "bn_scale": ("l1", "no BatchNorm/InstanceNorm scale on these channels"),
+    "di": ("none", "no layer output carrying these channels is observed: their DI loss counts as 0"),
+}
+
+
+def _own_classes(analysis: Analysis, method: str, module: Any = None) -> set[int] | None:
+    """Classes the method scores by its own criterion (None: all of them)."""
+    if method == "bn_scale":
+        from graphprune.passes.magnitude import bn_scored_classes
+
+        return bn_scored_classes(analysis)
+    if method == "di":
+        from graphprune.passes.channels import from_analysis
+        from graphprune.passes.di import feature_maps
+
+        if module is not None:
+            names = [g.tensor for g in from_analysis(analysis, module).gates]
+        else:
+            names = feature_maps(analysis, [c for g in analysis.prunable_groups for c in g.classes])
+        return {int(c) for t in names for c in np.unique(analysis.roots[t]).tolist()}
+    return None
+
+
+def method_coverage(analysis: Analysis, method: str, module: Any = None) -> dict[str, Any]:
+    """Which prunable groups `method` scored itself and which fell back to what, and why.
+
+    A group counts as scored when every prunable channel class in it is; the report shows this per
+    group and `strict_method` turns any fallback into an error.
+    """
+    own = _own_classes(analysis, method, module)
+    scored, fell = [], []
+    for g in analysis.prunable_groups:
+        classes = [c for c in g.classes if not analysis.is_frozen(c)]
+        (scored if own is None or all(c in own for c in classes) else fell).append(g.id)
+    fallbacks = []
+    if fell:
+        to, why = FALLBACK_WHY.get(method, ("l1", "not scorable by this method"))
+        fallbacks.append({"to": to, "why": why, "groups": fell})
+    return {"method": method, "scored_groups": scored, "fallbacks": fallbacks}
+
+
+def check_strict(coverage: dict[str, Any]) -> None:
+    """strict_method: a method that cannot score every prunable group is an error, not a fallback."""
+    for fb in coverage["fallbacks"]:
+        n = len(fb["groups"]) + len(coverage["scored_groups"])
+        raise GraphpruneError(
+            f"method {coverage['method']} cannot score {len(fb['groups'])} of {n} prunable groups "
+            f"({fb['why']}; e.g. group {fb['groups'][0]}); without --strict-method they use {fb['to']}")

@@ -63,12 +63,24 @@ def _tensor_groups(analysis: Analysis, tensor: str) -> set[int]:
     return {analysis.group_of[r] for r in set(analysis.roots[tensor].tolist()) if r in analysis.group_of}
 
 
+def _scored_by(coverage: dict[str, Any] | None) -> dict[int, str]:
+    if not coverage:
+        return {}
+    out = {g: coverage["method"] for g in coverage["scored_groups"]}
+    for fb in coverage["fallbacks"]:
+        out.update({g: fb["to"] for g in fb["groups"]})
+    return out
+
+
 def build_report(analysis: Analysis, plan: Plan, *, method: str, strategy: str, round_to: int,
-                 times: dict[str, float], source: str | None = None) -> dict[str, Any]:
+                 times: dict[str, float], source: str | None = None,
+                 coverage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`coverage` (passes.methods.method_coverage): which groups the method scored, which fell back."""
     macs0, macs1 = analysis.macs(), analysis.macs(plan.removed)
     params0, params1 = analysis.params(), analysis.params(plan.removed)
     achieved = {"macs": macs1 / macs0 if macs0 else 1.0, "params": params1 / params0 if params0 else 1.0}
     target_kind = plan.kind if plan.kind in achieved else "macs"
+    by = _scored_by(coverage)
     return {
         "source": source,
         "method": method,
@@ -86,7 +98,8 @@ def build_report(analysis: Analysis, plan: Plan, *, method: str, strategy: str, 
             "total": sum(g.size for g in analysis.groups),
         },
         "frozen_ops": dict(analysis.ctx.frozen_nodes),
-        "groups": group_rows(analysis, plan.removed),
+        "method_coverage": coverage,
+        "groups": [dict(r, scored_by=by.get(r["id"])) for r in group_rows(analysis, plan.removed)],
         "time": {k: round(v, 4) for k, v in times.items()},
     }
 
@@ -121,14 +134,22 @@ def render_tables(report: dict[str, Any], console: Any, max_groups: int = 40) ->
         f"error {report['target_error']:.3%}  method {report['method']}/{report['strategy']}  "
         f"time {report['time'].get('total_s', 0):.2f}s"
     )
+    cov = report.get("method_coverage")
+    if cov:
+        n = len(cov["scored_groups"]) + sum(len(fb["groups"]) for fb in cov["fallbacks"])
+        line = f"method {cov['method']} scored {len(cov['scored_groups'])} of {n} prunable groups"
+        for fb in cov["fallbacks"]:
+            line += f"; {len(fb['groups'])} fell back to {fb['to']} ({fb['why']})"
+        console.print(line)
     groups = Table(title="channel groups", show_header=True)
-    for col in ("group", "channels", "kept", "MACs share", "state", "layers"):
+    for col in ("group", "channels", "kept", "MACs share", "state", "scored by", "layers"):
         groups.add_column(col, justify="right" if col in ("channels", "kept", "MACs share") else "left")
     rows = sorted(report["groups"], key=lambda r: -r["macs_share"])
     for r in rows[:max_groups]:
         state = "frozen: " + (r["reason"] or "") if r["frozen"] else "prunable"
         layers = ", ".join(r["layers"][:3]) + (" ..." if len(r["layers"]) > 3 else "")
-        groups.add_row(str(r["id"]), str(r["channels"]), str(r["kept"]), f"{r['macs_share']:.1%}", state[:60], layers)
+        groups.add_row(str(r["id"]), str(r["channels"]), str(r["kept"]), f"{r['macs_share']:.1%}", state[:60],
+                       r.get("scored_by") or "-", layers)
     console.print(groups)
     if len(rows) > max_groups:
         console.print(f"... {len(rows) - max_groups} more groups (use --json for all)")
