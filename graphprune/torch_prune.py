@@ -123,7 +123,7 @@ def prune_module(
     times["validate_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - t0
     report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_to, times=times,
-                          source=f"torch:{type(model, coverage=coverage).__name__}")
+                          source=f"torch:{type(model).__name__}", coverage=coverage)
     report["module_type"] = type(slim).__name__
     return PruneResult(slim, analysis, plan, report)
 
