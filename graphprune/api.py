@@ -74,6 +74,15 @@ def score_classes(analysis: Analysis, method: str, *, seed: int = 0, **options: 
     return fn(analysis, seed=seed, **options)
 
 
+def _sensitivity_options(options: dict[str, Any]) -> dict[str, Any]:
+    """sensitivity_samples / sensitivity_ratios from the prune() options, with the pass's defaults."""
+    from graphprune.passes.sensitivity import DEFAULT_RATIOS, DEFAULT_SAMPLES
+
+    samples = int(options.get("sensitivity_samples", DEFAULT_SAMPLES))
+    ratios = tuple(float(r) for r in options.get("sensitivity_ratios", DEFAULT_RATIOS))
+    return {"samples": samples, "ratios": ratios}
+
+
 def _blame_input(original: onnx.ModelProto, feed: dict, expected: list, run: bool = True) -> None:
     """A pruned model failed validation: if the input fails the same checks, say that instead."""
     try:
@@ -130,6 +139,7 @@ def prune(
 
     t = time.perf_counter()
     coverage = None
+    extra_report: dict[str, Any] = {}
     if removed is None:
         kind, target = _parse_target(target_flops, target_params, target_latency)
         if kind == "latency":
@@ -150,9 +160,21 @@ def prune(
             say(f"scoring channels ({method})")
             if scores is None:
                 scores = score_classes(analysis, method, seed=seed, loaded=loaded, **method_options)
-            say("allocating the budget")
-            plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=round_to,
-                            protected=ignored_classes(analysis, list(ignore)))
+            protected = ignored_classes(analysis, list(ignore))
+            if strategy == "sensitivity":
+                from graphprune.passes.sensitivity import OnnxMaskedRunner, calibration_feeds, sensitivity_allocate
+
+                say("sensitivity: measuring each group on calibration data")
+                opts = _sensitivity_options(method_options)
+                feeds = calibration_feeds(method_options.get("calib"), loaded.graph.inputs, opts["samples"])
+                runner = OnnxMaskedRunner(loaded.proto, analysis, feeds)
+                plan, sens = sensitivity_allocate(analysis, scores, runner, target=target, kind=kind,
+                                                  round_to=round_to, protected=protected, progress=say, **opts)
+                extra_report["sensitivity"] = sens.to_json()
+            else:
+                say("allocating the budget")
+                plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=round_to,
+                                protected=protected)
     else:
         base = analysis.macs()
         plan = Plan(frozenset(removed), "macs", 1.0, base, analysis.macs(removed))
@@ -190,6 +212,7 @@ def prune(
 
     report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_to, times=times,
                           source=loaded.source, coverage=coverage)
+    report.update(extra_report)
     report["validation"] = (["checker", "shape inference"] if custom
                             else ["checker", "shape inference", "onnxruntime run"])
     if custom:

@@ -99,7 +99,8 @@ def _terminate_as_interrupt() -> None:
 @click.option("--target-params", type=float, help="Fraction of parameters to keep.")
 @click.option("--target-latency", type=float, help="Fraction of measured latency to keep.")
 @click.option("--method", default="l1", show_default=True, help="Importance: l1, l2, bn_scale, fpgm, random, di, ...")
-@click.option("--strategy", type=click.Choice(["global", "uniform"]), default="global", show_default=True)
+@click.option("--strategy", type=click.Choice(["global", "uniform", "sensitivity"]), default="global", show_default=True,
+              help="Budget per layer: global ranking, uniform ratio, or measured sensitivity (needs --calib).")
 @click.option("--round-to", type=int, default=1, show_default=True, help="Keep channel counts multiples of N.")
 @click.option("--ignore", multiple=True, help="Node or parameter name (glob) whose channels are never pruned.")
 @click.option("--input-shape", help="Static input shape for dynamic models, e.g. 1,3,224,224.")

@@ -8,9 +8,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from graphprune.api import Progress, PruneResult, _parse_target, score_classes
+from graphprune.api import Progress, PruneResult, _parse_target, _sensitivity_options, score_classes
 from graphprune.errors import GraphpruneError
-from graphprune.frontends.fx_frontend import TracedModule, analyze_traced, trace_module
+from graphprune.frontends.fx_frontend import TracedModule, analyze_traced, eval_mode, trace_module
 from graphprune.passes.allocate import Plan, allocate, ignored_classes
 from graphprune.passes.methods import (PLAN_METHODS, TRAINING_METHODS, check_strict, di_plan, method_coverage,
                                        training_method_error)
@@ -24,14 +24,8 @@ def _flat_tensors(out: Any) -> list[torch.Tensor]:
 
 def _run(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
     """Forward in eval mode without touching BN statistics, restoring each module's mode."""
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            return _flat_tensors(model(*inputs))
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with eval_mode(model), torch.no_grad():
+        return _flat_tensors(model(*inputs))
 
 
 def _validate(slim: nn.Module, traced: TracedModule) -> None:
@@ -73,7 +67,7 @@ def prune_module(
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     work = model if inplace else copy.deepcopy(model)
-    say("tracing with torch.fx")
+    say("capturing the module (torch.fx, else torch.export)")
     traced = trace_module(work, example_inputs)
     times["load_s"] = time.perf_counter() - t0
 
@@ -84,6 +78,7 @@ def prune_module(
 
     t = time.perf_counter()
     coverage = None
+    extra_report: dict[str, Any] = {}
     if removed is None:
         kind, target = _parse_target(target_flops, target_params, None)
         if method in TRAINING_METHODS:
@@ -105,9 +100,21 @@ def prune_module(
                     scores = taylor(analysis, model=work, **opts)
                 else:
                     scores = score_classes(analysis, method, seed=seed, **opts)
-            say("allocating the budget")
-            plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=round_to,
-                            protected=ignored_classes(analysis, list(ignore)))
+            protected = ignored_classes(analysis, list(ignore))
+            if strategy == "sensitivity":
+                from graphprune.passes.sensitivity import TorchMaskedRunner, calibration_feeds, sensitivity_allocate
+
+                say("sensitivity: measuring each group on calibration data")
+                sopts = _sensitivity_options(opts)
+                feeds = calibration_feeds(opts.get("calib"), ["input"], sopts["samples"], batch=sopts["samples"])
+                runner = TorchMaskedRunner(analysis, [f["input"] for f in feeds])
+                plan, sens = sensitivity_allocate(analysis, scores, runner, target=target, kind=kind,
+                                                  round_to=round_to, protected=protected, progress=say, **sopts)
+                extra_report["sensitivity"] = sens.to_json()
+            else:
+                say("allocating the budget")
+                plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=round_to,
+                                protected=protected)
     else:
         plan = Plan(frozenset(removed), "macs", 1.0, analysis.macs(), analysis.macs(removed))
     times["plan_s"] = time.perf_counter() - t
@@ -124,7 +131,11 @@ def prune_module(
     times["total_s"] = time.perf_counter() - t0
     report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_to, times=times,
                           source=f"torch:{type(model).__name__}", coverage=coverage)
+    report.update(extra_report)
     report["module_type"] = type(slim).__name__
+    report["frontend"] = traced.frontend
+    if traced.fallback_reason:
+        report["frontend_fallback_reason"] = f"torch.fx: {traced.fallback_reason}"
     return PruneResult(slim, analysis, plan, report)
 
 

@@ -15,6 +15,11 @@ from graphprune.analysis.groups import Analysis
 from graphprune.errors import GraphpruneError
 
 
+# "sensitivity" (passes/sensitivity.py) measures the model on calibration data, then allocates with
+# the global greedy over its measured prices
+STRATEGIES = ("global", "uniform", "sensitivity")
+
+
 @dataclass
 class Plan:
     removed: frozenset[int]
@@ -134,18 +139,23 @@ def allocate(
     round_to: int = 1,
     protected: set[int] | None = None,
     tolerance: float = 0.002,
+    normalize: bool = True,
 ) -> Plan:
     """Pick classes to remove so that cost(kind) <= target * original cost, as tightly as possible.
 
     A chunk whose removal would undershoot the target by more than `tolerance` (fraction of the
-    original cost) is set aside while smaller chunks can still close the gap.
+    original cost) is set aside while smaller chunks can still close the gap. With normalize (the
+    default) each group's scores are divided by their mean so weight criteria of layers with different
+    scales can be ranked together; scores that are already comparable across groups (measured
+    sensitivity prices: damage per unit of cost) pass normalize=False, and then the chunk that finally
+    closes the gap is the set-aside one of least damage (score x cost saved), not of least overshoot.
     """
     if not 0 < target <= 1:
         raise GraphpruneError(f"target must be a fraction in (0, 1], got {target}")
     if round_to < 1:
         raise GraphpruneError(f"--round-to must be >= 1, got {round_to}")
     scores = dict(scores)
-    chunks = _chunks(analysis, scores, protected or set(), round_to, normalize=True)
+    chunks = _chunks(analysis, scores, protected or set(), round_to, normalize=normalize)
     cost = IncrementalCost(analysis, kind)
     goal = target * cost.base_total
     removed: set[int] = set()
@@ -157,29 +167,34 @@ def allocate(
     if strategy == "uniform":
         _uniform(analysis, chunks, cost, goal, removed, next_chunk)
     elif strategy != "global":
-        raise GraphpruneError(f"unknown strategy {strategy!r} (use global or uniform)")
+        raise GraphpruneError(f"unknown strategy {strategy!r} (use {', '.join(STRATEGIES)}; "
+                              "sensitivity needs calibration data)")
     heap = [
         (sum(scores.get(r, 0.0) for r in chunks[gid][i]) / len(chunks[gid][i]), gid, i)
         for gid, i in next_chunk.items() if i < len(chunks[gid])
     ]
     heapq.heapify(heap)
     taken: list[tuple[float, int, int]] = []
-    too_big: list[tuple[float, float, int, int]] = []  # (overshoot, score, gid, i)
+    too_big: list[tuple[float, float, int, int, float]] = []  # (overshoot, score, gid, i, cost saved)
     slack = tolerance * cost.base_total
     while cost.total > goal:
-        if not heap:
+        forced = not heap
+        if forced:
             if not too_big:
                 break
-            # nothing small enough is left: take the chunk that overshoots least
-            _, score, gid, i = min(too_big)
+            # nothing small enough is left: take the chunk that overshoots least (with comparable
+            # scores: the one whose removal costs least, score times cost saved)
+            pick = min(too_big, key=(lambda c: (c[1] * c[4], c[0])) if not normalize else None)
+            _, score, gid, i, _ = pick
             too_big.clear()
         else:
             score, gid, i = heapq.heappop(heap)
+        before = cost.total
         for r in chunks[gid][i]:
             cost.remove(r)
-        if cost.total < goal - slack and heap:
+        if cost.total < goal - slack and (heap or (not normalize and not forced)):
             # this chunk would overshoot the target by more than the tolerance: set it aside
-            too_big.append((goal - cost.total, score, gid, i))
+            too_big.append((goal - cost.total, score, gid, i, before - cost.total))
             for r in chunks[gid][i]:
                 cost.restore(r)
             continue

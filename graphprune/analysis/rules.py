@@ -503,6 +503,33 @@ def no_channels(ctx: Ctx, node: Node) -> None:
     """Ops whose outputs carry no channels (e.g. constant generators)."""
 
 
+def multihead_attention(ctx: Ctx, node: Node) -> None:
+    """torch's nn.MultiheadAttention (PyTorch frontend), kept whole: its width is split into heads
+    inside one fused module, so every channel it touches is frozen; its MACs still count.
+
+    Inputs: query, key, value, then the module's parameters; attrs embed_dim, kdim, vdim, batch_first.
+    MACs: the q/k/v and output projections plus q @ k^T and attn @ v over all heads.
+    """
+    q, k = node.inputs[0], node.inputs[1]
+    e = int(node.attrs["embed_dim"])
+    kd, vd = int(node.attrs.get("kdim") or e), int(node.attrs.get("vdim") or e)
+    qs, ks = ctx.shape(q), ctx.shape(k)
+    if len(qs) == 2:  # unbatched (L, E)
+        n, length, s = 1, qs[0], ks[0]
+    elif int(node.attrs.get("batch_first", 0)):
+        n, length, s = qs[0], qs[1], ks[1]
+    else:
+        length, n, s = qs[0], qs[1], ks[0]
+    reason = f"nn.MultiheadAttention '{node.name}' is kept whole"
+    ctx.frozen_nodes[node.name] = reason
+    for t in node.inputs[:3]:
+        ctx.freeze_tensor(t, reason)
+    for t in node.outputs:
+        if t and ctx.graph.shape(t):
+            ctx.new(t, -1, frozen=reason)
+    ctx.mac(node, n * (2 * length * e * e + s * (kd + vd) * e + 2 * length * s * e))
+
+
 # --------------------------------------------------------------------------------------------
 # fixes: attribute / shape-operand updates after slicing (frontend-neutral; applied by rewriters)
 # --------------------------------------------------------------------------------------------
@@ -623,6 +650,7 @@ _ANALYZE: dict[str, Rule] = {
     "Size": shape_reader,
     "ConstantOfShape": no_channels,
     "Range": no_channels,
+    "MultiheadAttention": multihead_attention,
 }
 
 _FIXES: dict[str, Fix] = {

@@ -8,6 +8,7 @@ the result is the edited GraphModule instead of the user's own module class.
 from __future__ import annotations
 
 import copy
+import operator
 
 import numpy as np
 import torch
@@ -102,13 +103,23 @@ def _apply_fx_edit(fx: torch.fx.Node, op: str, edit: NodeEdit, analysis: Analysi
         x = fx.args[0]
         dim = int(ir_node.attrs["axis"])
         fx.op, fx.target, fx.args, fx.kwargs = "call_function", torch.split, (x, sizes, dim), {}
-    elif op == "Slice":
+    elif op == "Slice" and fx.target is operator.getitem:
         src, idx = fx.args
         tup = list(idx) if isinstance(idx, tuple) else [idx]
         for a, s, e in zip(ir_node.attrs["axes"], edit.attrs["starts"], edit.attrs["ends"]):
             step = tup[a].step if isinstance(tup[a], slice) else None
             tup[a] = slice(int(s), int(e), step)
         fx.args = (src, tuple(tup))
+    elif op == "Slice" and fx.op == "call_function" and fx.args and len(fx.args) > 1 \
+            and not isinstance(fx.args[1], tuple):  # aten.slice(x, dim, start, end, step) from torch.export
+        args = list(fx.args) + [None] * (5 - len(fx.args))
+        args[2], args[3] = int(edit.attrs["starts"][0]), int(edit.attrs["ends"][0])
+        fx.args = tuple(args[:4]) + ((args[4],) if args[4] is not None else ())
+    elif op == "Conv" and "group" in edit.attrs:  # F.conv2d / aten.conv2d: groups is argument 6
+        if len(fx.args) > 6:
+            fx.args = fx.args[:6] + (int(edit.attrs["group"]),) + fx.args[7:]
+        else:
+            fx.kwargs = {**fx.kwargs, "groups": int(edit.attrs["group"])}
     else:
         raise ValueError(f"no torch rewrite for a {op} fix on '{fx.name}'")
 
