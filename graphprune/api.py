@@ -15,7 +15,8 @@ from graphprune.frontends.onnx_frontend import LoadedModel, load_onnx
 from graphprune.io import write_model_atomic
 from graphprune.passes.allocate import Plan, allocate, ignored_classes
 from graphprune.passes.magnitude import CRITERIA
-from graphprune.passes.methods import PLAN_METHODS, TRAINING_METHODS, di_plan, training_method_error
+from graphprune.passes.methods import (PLAN_METHODS, TRAINING_METHODS, check_strict, di_plan, method_coverage,
+                                       training_method_error)
 from graphprune.rewrite.onnx_rewrite import rewrite_onnx
 from graphprune.rewrite.validate import custom_domains, masked_reference, random_feed, run_onnx, validate
 
@@ -139,9 +140,13 @@ def prune(
     calib_preprocess: Any = None,
     recover: str | None = None,
     recover_options: dict[str, Any] | None = None,
+    strict_method: bool = False,
     **method_options: Any,
 ) -> PruneResult:
     """Prune `model` to a cost target and return the validated slim model with a report.
+
+    The report lists which groups `method` scored and which fell back to another criterion;
+    `strict_method=True` makes any fallback an error instead.
 
     ONNX models (path or ModelProto) come back as a ModelProto; nn.Modules as a smaller nn.Module.
     Pass `scores` to use your own importance, or `removed` to apply an explicit plan.
@@ -167,7 +172,7 @@ def prune(
             model, example_inputs, target_flops=target_flops, target_params=target_params, method=method,
             strategy=strategy, round_to=round_to, ignore=ignore, seed=seed, scores=scores, removed=removed,
             progress=progress, calib=calib, calib_samples=calib_samples, recover=recover,
-            recover_options=recover_options, **method_options,
+            recover_options=recover_options, strict_method=strict_method, **method_options,
         )
     if method in PLAN_METHODS and calib is not None:
         method_options["calib"] = calib
@@ -205,6 +210,7 @@ def prune(
         times["calib_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    coverage = None
     extra_report: dict[str, Any] = {}
     if removed is None:
         kind, target = _parse_target(target_flops, target_params, target_latency)
@@ -214,9 +220,13 @@ def prune(
             kind = register_latency_cost(analysis, loaded, progress=say)
         if method in TRAINING_METHODS:
             raise training_method_error(method)
+        if scores is None:
+            coverage = method_coverage(analysis, method)
+            if strict_method:
+                check_strict(coverage)
         if method in PLAN_METHODS and scores is None:
             say(f"searching the structure ({method}, calibration data through onnxruntime)")
-            found = di_plan(analysis, target, kind, method_options, onnx_model=loaded.proto)
+            found = di_plan(analysis, target, kind, method_options, onnx_model=loaded.proto, progress=say)
             plan = Plan(found, kind, target, analysis.cost(kind), analysis.cost(kind, found))
         else:
             say(f"scoring channels ({method})")
@@ -287,7 +297,7 @@ def prune(
     from graphprune.report.summary import build_report
 
     report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_to, times=times,
-                          source=loaded.source)
+                          source=loaded.source, coverage=coverage)
     report.update(extra_report)
     report["validation"] = (["checker", "shape inference", "channel agreement"] if custom
                             else ["checker", "shape inference", "channel agreement",

@@ -181,6 +181,7 @@ def _said_dry_run(gate: Any) -> None:
 @click.option("--recover", type=click.Choice(["none", "bias", "lsq"]),
               help="Accuracy recovery from calibration data [default: lsq with --calib]: bias compensation "
                    "(bias), then layer-wise least-squares reconstruction (lsq).")
+@click.option("--strict-method", is_flag=True, help="Fail (exit 2) if the method cannot score every prunable group.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of tables.")
 @click.option("--report", "report_html", type=click.Path(), help="Write a self-contained HTML report.")
 @click.option("--overwrite", is_flag=True, help="Allow an output to be the input file (or its external data).")
@@ -193,7 +194,7 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
           input_shape: str | None, seed: int, calib: str | None, calib_samples: int | None, calib_size: str | None,
           calib_mean: str | None, calib_std: str | None, calib_bgr: bool, calib_gray: bool, calib_layout: str,
           recover: str | None, as_json: bool, report_html: str | None, overwrite: bool, dry_run: bool,
-          allow_floor: bool, input_values: tuple[str, ...]) -> None:
+          allow_floor: bool, input_values: tuple[str, ...], strict_method: bool) -> None:
     """Prune MODEL (ONNX) to a FLOPs/params/latency target and write a validated slim model."""
     from graphprune import api
 
@@ -221,7 +222,7 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
             api.prune, model, target_flops=target_flops, target_params=target_params,
             target_latency=target_latency, method=method, strategy=strategy, round_to=round_to,
             ignore=ignore, seed=seed, input_shape=shapes, progress=say, allow_floor=allow_floor,
-            input_values=values or None, **calib_kw,
+            input_values=values or None, strict_method=strict_method, **calib_kw,
         )
         if output and not dry_run:
             run_guarded(gate.write_model, result.model, output)

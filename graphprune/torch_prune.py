@@ -12,7 +12,8 @@ from graphprune.api import Progress, PruneResult, _parse_target, _sensitivity_op
 from graphprune.errors import GraphpruneError
 from graphprune.frontends.fx_frontend import TracedModule, analyze_traced, eval_mode, trace_module
 from graphprune.passes.allocate import Plan, allocate, ignored_classes
-from graphprune.passes.methods import PLAN_METHODS, TRAINING_METHODS, di_plan, training_method_error
+from graphprune.passes.methods import (PLAN_METHODS, TRAINING_METHODS, check_strict, di_plan, method_coverage,
+                                       training_method_error)
 from graphprune.report.summary import build_report
 from graphprune.rewrite.torch_rewrite import rewrite_module
 
@@ -51,6 +52,7 @@ def prune_module(
     scores: dict[int, float] | None = None,
     removed: set[int] | frozenset[int] | None = None,
     progress: Progress | None = None,
+    strict_method: bool = False,
     inplace: bool = False,
     calib: Any = None,
     calib_samples: int | None = None,
@@ -102,14 +104,19 @@ def prune_module(
         times["calib_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    coverage = None
     extra_report: dict[str, Any] = {}
     if removed is None:
         kind, target = _parse_target(target_flops, target_params, None)
         if method in TRAINING_METHODS:
             raise training_method_error(method)
+        if scores is None and method != "taylor":
+            coverage = method_coverage(analysis, method, module=work)
+            if strict_method:
+                check_strict(coverage)
         if method in PLAN_METHODS and scores is None:
             say(f"searching the structure ({method})")
-            found = di_plan(analysis, target, kind, opts, module=work.eval())
+            found = di_plan(analysis, target, kind, opts, module=work.eval(), progress=say)
             plan = Plan(found, kind, target, analysis.cost(kind), analysis.cost(kind, found))
         else:
             if scores is None:
@@ -160,7 +167,7 @@ def prune_module(
     times["validate_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - t0
     report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_to, times=times,
-                          source=f"torch:{type(model).__name__}")
+                          source=f"torch:{type(model).__name__}", coverage=coverage)
     report.update(extra_report)
     report["module_type"] = type(slim).__name__
     report["frontend"] = traced.frontend

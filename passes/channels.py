@@ -240,3 +240,11 @@ class Masker:
     def apply(self) -> None:
         for p, m in self.masks:
             p.mul_(m)
+
+
+def channel_axis(analysis: Any, tensor: str) -> int:
+    """The axis that carries `tensor`'s channels in the analysis (1 for NCHW, -1-like for
+    channels-last or token layouts); 1 when there is no analysis to ask (hand-made spaces)."""
+    ctx = getattr(analysis, "ctx", None)
+    space = ctx.spaces.get(tensor) if ctx is not None else None
+    return 1 if space is None or space.axis is None else int(space.axis)

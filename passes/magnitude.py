@@ -61,12 +61,26 @@ def l2(analysis: Analysis, **_: object) -> Scores:
     return _with_fallback(analysis, lambda rows: np.sqrt((rows ** 2).sum(1)))
 
 
+def _gammas(analysis: Analysis) -> set[str]:
+    return {node.inputs[1] for node in analysis.graph.nodes
+            if node.op_type in ("BatchNormalization", "InstanceNormalization") and len(node.inputs) > 1}
+
+
+def bn_scored_classes(analysis: Analysis) -> set[int]:
+    """Classes with a BatchNorm/InstanceNorm scale of their own: the ones bn_scale really scores."""
+    gammas = _gammas(analysis)
+    out: set[int] = set()
+    for b in analysis.bindings:
+        if b.role == "coupled" and b.param in gammas:
+            roots = analysis.roots[b.tensor]
+            out.update(roots[: len(roots) // b.divisor].tolist())
+    return out
+
+
 def bn_scale(analysis: Analysis, **_: object) -> Scores:
-    """|gamma| of the BatchNorm that follows a layer (network slimming)."""
-    gammas = set()
-    for node in analysis.graph.nodes:
-        if node.op_type in ("BatchNormalization", "InstanceNormalization") and len(node.inputs) > 1:
-            gammas.add(node.inputs[1])
+    """|gamma| of the BatchNorm that follows a layer (network slimming); other classes fall back to
+    l1 (reported per group by graphprune.passes.methods.method_coverage)."""
+    gammas = _gammas(analysis)
     if not gammas:
         raise GraphpruneError(
             "method bn_scale needs BatchNormalization layers; this model has none "

@@ -26,7 +26,7 @@ def training_method_error(method: str) -> GraphpruneError:
     )
 
 
-def _calibration(options: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def _calibration(options: dict[str, Any]) -> tuple[Any, np.ndarray]:
     calib = options.get("calib")
     if calib is None:
         raise GraphpruneError("method di needs calibration data: calib=(inputs, labels) or --calib data.npz (x, y)")
@@ -37,27 +37,88 @@ def _calibration(options: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         except (OSError, KeyError, ValueError) as exc:
             raise GraphpruneError(f"cannot read calibration file {calib}: needs arrays 'x' and 'y' ({exc})") from None
     x, y = calib
-    return np.asarray(x), np.asarray(y)
+    return (x if isinstance(x, dict) else np.asarray(x)), np.asarray(y)
 
 
 def di_plan(analysis: Analysis, target: float, kind: str, options: dict[str, Any],
-            onnx_model: Any = None, module: Any = None) -> frozenset[int]:
-    """Discriminant-information greedy search on feature maps from onnxruntime or the nn.Module."""
+            onnx_model: Any = None, module: Any = None, progress: Any = None) -> frozenset[int]:
+    """Discriminant-information greedy search on feature statistics streamed from onnxruntime or
+    the nn.Module (only layer outputs that carry prunable channels are observed)."""
     from graphprune.passes.channels import from_analysis
-    from graphprune.passes.di import di_greedy_plan, onnx_features, torch_features
+    from graphprune.passes.di import di_search, onnx_feature_stats, torch_feature_stats
 
     x, y = _calibration(options)
+    y = np.asarray(y)
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_)):
+        raise GraphpruneError(f"calibration labels y must be a 1-D integer array, got {y.dtype} of shape {y.shape}")
+    n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+    if len(y) != n:
+        raise GraphpruneError(f"calibration data has {n} inputs but {len(y)} labels")
     if len(np.unique(y)) < 2:
         raise GraphpruneError("method di needs labels of at least two classes in the calibration data")
+    say = progress or (lambda _msg: None)
+    space = from_analysis(analysis, module)
     if module is not None:
         import torch
 
-        space = from_analysis(analysis, module)
-        feats = torch_features(module, space, torch.as_tensor(x, dtype=torch.float32))
+        stats = torch_feature_stats(module, space, torch.as_tensor(x, dtype=torch.float32), y)
     else:
-        space = from_analysis(analysis)
-        feats = onnx_features(onnx_model, analysis, x.astype(np.float32))
-    plan = di_greedy_plan(space, feats, y, target, kind=kind, rho=float(options.get("rho", 1e-2)))
+        stats = onnx_feature_stats(onnx_model, analysis, x, y, space.classes, say=say)
+    try:
+        plan = di_search(space, stats, target, kind=kind, rho=float(options.get("rho", 1e-2)), progress=say)
+    except ValueError as exc:
+        raise GraphpruneError(f"method di: {exc}") from None
     if analysis.cost(kind, plan) > target * analysis.cost(kind) * (1 + 1e-9):
         raise GraphpruneError(f"method di could not reach the {kind} target {target:g}")
     return plan
+
+
+FALLBACK_WHY = {
+    "bn_scale": ("l1", "no BatchNorm/InstanceNorm scale on these channels"),
+    "di": ("none", "no layer output carrying these channels is observed: their DI loss counts as 0"),
+}
+
+
+def _own_classes(analysis: Analysis, method: str, module: Any = None) -> set[int] | None:
+    """Classes the method scores by its own criterion (None: all of them)."""
+    if method == "bn_scale":
+        from graphprune.passes.magnitude import bn_scored_classes
+
+        return bn_scored_classes(analysis)
+    if method == "di":
+        from graphprune.passes.channels import from_analysis
+        from graphprune.passes.di import feature_maps
+
+        if module is not None:
+            names = [g.tensor for g in from_analysis(analysis, module).gates]
+        else:
+            names = feature_maps(analysis, [c for g in analysis.prunable_groups for c in g.classes])
+        return {int(c) for t in names for c in np.unique(analysis.roots[t]).tolist()}
+    return None
+
+
+def method_coverage(analysis: Analysis, method: str, module: Any = None) -> dict[str, Any]:
+    """Which prunable groups `method` scored itself and which fell back to what, and why.
+
+    A group counts as scored when every prunable channel class in it is; the report shows this per
+    group and `strict_method` turns any fallback into an error.
+    """
+    own = _own_classes(analysis, method, module)
+    scored, fell = [], []
+    for g in analysis.prunable_groups:
+        classes = [c for c in g.classes if not analysis.is_frozen(c)]
+        (scored if own is None or all(c in own for c in classes) else fell).append(g.id)
+    fallbacks = []
+    if fell:
+        to, why = FALLBACK_WHY.get(method, ("l1", "not scorable by this method"))
+        fallbacks.append({"to": to, "why": why, "groups": fell})
+    return {"method": method, "scored_groups": scored, "fallbacks": fallbacks}
+
+
+def check_strict(coverage: dict[str, Any]) -> None:
+    """strict_method: a method that cannot score every prunable group is an error, not a fallback."""
+    for fb in coverage["fallbacks"]:
+        n = len(fb["groups"]) + len(coverage["scored_groups"])
+        raise GraphpruneError(
+            f"method {coverage['method']} cannot score {len(fb['groups'])} of {n} prunable groups "
+            f"({fb['why']}; e.g. group {fb['groups'][0]}); without --strict-method they use {fb['to']}")

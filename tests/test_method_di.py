@@ -74,3 +74,58 @@ def test_di_on_onnx_model(tmp_path) -> None:
     assert an.macs(plan) <= 0.5 * an.macs() + 1e-6
     res = graphprune.prune(str(path), removed=plan)
     assert res.plan.cost <= 0.5 * an.macs() + 1e-6
+
+
+def _cli(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "graphprune.cli", *args], capture_output=True, text=True)
+
+
+def test_di_cli_on_static_batch_model(tmp_path) -> None:
+    """A model exported with batch 1 gets its calibration samples one at a time (was: 'Got 64, expected 1')."""
+    import onnx
+
+    from random_cnn import random_cnn
+
+    m = random_cnn(5, ["conv", "residual", "conv", "se", "conv"])
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    path, out, calib = tmp_path / "m.onnx", tmp_path / "slim.onnx", tmp_path / "calib.npz"
+    onnx.save(m, path)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 3, 8, 8)).astype(np.float32)
+    np.savez(calib, x=x, y=(x[:, 0].mean((1, 2)) > 0).astype(np.int64))
+    proc = _cli(str(path), "--target-flops", "0.6", "--method", "di", "--calib", str(calib), "-o", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    assert json.loads(proc.stdout)["macs"]["ratio"] <= 0.6 + 1e-9
+    # truly bad data: one line on stderr, exit 2, no output written
+    np.savez(calib, x=x[:, :, :4, :4], y=np.arange(64) % 2)
+    bad_out = tmp_path / "bad.onnx"
+    proc = _cli(str(path), "--target-flops", "0.6", "--method", "di", "--calib", str(calib), "-o", str(bad_out))
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "calibration input" in proc.stderr
+    assert not bad_out.exists()
+
+
+def test_streamed_statistics_give_the_in_memory_plan() -> None:
+    """Statistics folded batch by batch (scatter mode once samples outnumber dims) plan like the
+    in-memory features; frozen layer outputs (the logits) are never captured."""
+    import graphprune
+    from graphprune.examples import example_cnn
+    from graphprune.passes.channels import from_analysis
+    from graphprune.passes.di import di_search, feature_maps, onnx_feature_stats, onnx_features
+
+    m = example_cnn(image=16)
+    an = graphprune.analyze(m)
+    space = from_analysis(an)
+    x = np.random.default_rng(0).normal(size=(200, 3, 16, 16)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 3, 200)
+    stats = onnx_feature_stats(m, an, x, y, space.classes, batch_size=7)
+    assert "logits" not in stats and "logits" not in feature_maps(an, space.classes)
+    assert any(st.gram is not None for st in stats.values()) and any(st.rows is not None for st in stats.values())
+    streamed = di_search(space, stats, 0.5)
+    in_memory = di_greedy_plan(space, {t: v for t, v in onnx_features(m, an, x).items() if t in stats}, y, 0.5)
+    assert streamed == in_memory

@@ -63,12 +63,24 @@ def _tensor_groups(analysis: Analysis, tensor: str) -> set[int]:
     return {analysis.group_of[r] for r in set(analysis.roots[tensor].tolist()) if r in analysis.group_of}
 
 
+def _scored_by(coverage: dict[str, Any] | None) -> dict[int, str]:
+    if not coverage:
+        return {}
+    out = {g: coverage["method"] for g in coverage["scored_groups"]}
+    for fb in coverage["fallbacks"]:
+        out.update({g: fb["to"] for g in fb["groups"]})
+    return out
+
+
 def build_report(analysis: Analysis, plan: Plan, *, method: str, strategy: str, round_to: int,
-                 times: dict[str, float], source: str | None = None) -> dict[str, Any]:
+                 times: dict[str, float], source: str | None = None,
+                 coverage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`coverage` (passes.methods.method_coverage): which groups the method scored, which fell back."""
     macs0, macs1 = analysis.macs(), analysis.macs(plan.removed)
     params0, params1 = analysis.params(), analysis.params(plan.removed)
     achieved = {"macs": macs1 / macs0 if macs0 else 1.0, "params": params1 / params0 if params0 else 1.0}
     target_kind = plan.kind if plan.kind in achieved else "macs"
+    by = _scored_by(coverage)
     return {
         "source": source,
         "method": method,
@@ -88,7 +100,8 @@ def build_report(analysis: Analysis, plan: Plan, *, method: str, strategy: str, 
         "frozen_ops": dict(analysis.ctx.frozen_nodes),
         "cost_model": cost_note(analysis),
         "target_met": bool((achieved[target_kind] if plan.kind in achieved else plan.achieved) <= plan.target + 1e-9),
-        "groups": group_rows(analysis, plan.removed),
+        "method_coverage": coverage,
+        "groups": [dict(r, scored_by=by.get(r["id"])) for r in group_rows(analysis, plan.removed)],
         "time": {k: round(v, 4) for k, v in times.items()},
     }
 
@@ -145,8 +158,15 @@ def render_tables(report: dict[str, Any], console: Any, max_groups: int = 40) ->
         console.print("[yellow]target not met: this is the floor (--allow-floor)[/yellow]")
     if report.get("recovery"):
         render_recovery(report, console)
+    cov = report.get("method_coverage")
+    if cov:
+        n = len(cov["scored_groups"]) + sum(len(fb["groups"]) for fb in cov["fallbacks"])
+        line = f"method {cov['method']} scored {len(cov['scored_groups'])} of {n} prunable groups"
+        for fb in cov["fallbacks"]:
+            line += f"; {len(fb['groups'])} fell back to {fb['to']} ({fb['why']})"
+        console.print(line)
     groups = Table(title="channel groups", show_header=True)
-    for col in ("group", "channels", "kept", "MACs share", "state", "layers"):
+    for col in ("group", "channels", "kept", "MACs share", "state", "scored by", "layers"):
         groups.add_column(col, justify="right" if col in ("channels", "kept", "MACs share") else "left")
     rows = sorted(report["groups"], key=lambda r: -r["macs_share"])
     for r in rows[:max_groups]:
@@ -154,7 +174,7 @@ def render_tables(report: dict[str, Any], console: Any, max_groups: int = 40) ->
         layers = ", ".join(r["layers"][:3]) + (" ..." if len(r["layers"]) > 3 else "")
         # names come from the model file: never markup, never control characters
         groups.add_row(str(r["id"]), str(r["channels"]), str(r["kept"]), f"{r['macs_share']:.1%}",
-                       markup(state[:60]), markup(layers))
+                       markup(state[:60]), r.get("scored_by") or "-", markup(layers))
     console.print(groups)
     if len(rows) > max_groups:
         console.print(f"... {len(rows) - max_groups} more groups (use --json for all)")
