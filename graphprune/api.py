@@ -188,7 +188,8 @@ def prune(
     times["analyze_s"] = time.perf_counter() - t
 
     data = None
-    if calib is not None:
+    # DI reads its labelled (x, y) calibration itself; recovery data is only prepared when asked for
+    if calib is not None and not (method in PLAN_METHODS and recover in (None, "none") and strategy != "sensitivity"):
         from graphprune.recovery import RecoverOptions
 
         t = time.perf_counter()

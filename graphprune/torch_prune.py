@@ -85,7 +85,8 @@ def prune_module(
     times["analyze_s"] = time.perf_counter() - t
 
     data = stats = None
-    if calib is not None:
+    # DI reads its labelled (x, y) calibration itself; recovery data is only prepared when asked for
+    if calib is not None and not (method in PLAN_METHODS and recover in (None, "none") and strategy != "sensitivity"):
         from graphprune.api import ACT_METHODS, prepare_calibration
         from graphprune.recovery import RecoverOptions
         from graphprune.recovery_torch import collect_stats_module
