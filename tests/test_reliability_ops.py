@@ -82,10 +82,10 @@ def test_custom_domain_op_in_a_resnet(resnet18):
     feed = random_feed(loaded.proto, loaded.graph, seed=0)
     got, ref = (run_onnx(m, feed)[0] for m in runnable)
     np.testing.assert_allclose(got, ref, atol=1e-3, rtol=1e-3)
-    # prune() validates custom-domain models with checker + strict shape inference (onnxruntime
-    # cannot run them) and says so in the report
+    # prune() validates custom-domain models with checker + strict shape inference + the direct
+    # channel-agreement check (onnxruntime cannot run them) and says so in the report
     result = graphprune.prune(model, target_flops=0.6)
-    assert result.report["validation"] == ["checker", "shape inference"]
+    assert result.report["validation"] == ["checker", "shape inference", "channel agreement"]
     assert "com.example" in result.report["validation_note"]
     assert result.report["macs"]["ratio"] <= 0.6 + 1e-9
     # without declared shapes downstream of the custom op, those channels are frozen too, and the
@@ -93,7 +93,7 @@ def test_custom_domain_op_in_a_resnet(resnet18):
     bare = _replace(resnet18, MIDDLE_RELU, "MyRelu", domain="com.example")
     bare_result = graphprune.prune(bare, target_flops=0.8)
     assert len(bare_result.analysis.prunable_groups) < len(analysis.prunable_groups)
-    assert bare_result.report["validation"] == ["checker", "shape inference"]
+    assert bare_result.report["validation"] == ["checker", "shape inference", "channel agreement"]
 
 
 NEWEST = onnx.defs.onnx_opset_version()
