@@ -1,25 +1,28 @@
-"""The public Python API. The CLI is a thin layer over these functions."""
+"""The public Python API. The CLI is a thin layer over these functions.
+
+`prune` only assembles: it checks the options, picks the adapter for the model kind, builds the
+default pass list (graphprune.passes.stages.default_passes) or takes the caller's, and runs it
+through one PassManager. ONNX models and nn.Modules go through the same code.
+"""
 from __future__ import annotations
 
 import os
-import sys
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-import onnx
-
-from graphprune.analysis.groups import Analysis, analyze_graph
+from graphprune.adapters import adapter_for, is_torch_module
+from graphprune.analysis.groups import Analysis
+from graphprune.analysis.plan import Plan
 from graphprune.errors import GraphpruneError
-from graphprune.frontends.onnx_frontend import LoadedModel, load_onnx
-from graphprune.io import write_model_atomic
-from graphprune.passes.allocate import Plan, allocate, ignored_classes
 from graphprune.passes.magnitude import CRITERIA
-from graphprune.passes.methods import PLAN_METHODS, TRAINING_METHODS, di_plan, training_method_error
-from graphprune.rewrite.onnx_rewrite import rewrite_onnx
-from graphprune.rewrite.validate import custom_domains, random_feed, run_onnx, validate
+from graphprune.passes.methods import PLAN_METHODS, TRAINING_METHODS, training_method_error
+from graphprune.passes.stages import analysis_passes, default_passes, unknown_method_error
+from graphprune.pipeline import Pass, PassManager, Progress, PruneOptions, PruneState
 
-Progress = Callable[[str], None]
+PassList = Sequence[Pass] | Callable[[list[Pass]], Sequence[Pass]]
+
+# kept for callers of the old private name
+_is_torch_module = is_torch_module
 
 
 @dataclass
@@ -30,29 +33,21 @@ class PruneResult:
     analysis: Analysis
     plan: Plan
     report: dict[str, Any] = field(default_factory=dict)
+    state: PruneState | None = field(default=None, repr=False, compare=False)
 
     def save(self, path: str | os.PathLike, overwrite: bool = True) -> None:
-        if isinstance(self.model, onnx.ModelProto):
-            write_model_atomic(self.model, path, overwrite=overwrite)
-        else:
-            from graphprune.torch_io import save as save_module
+        """Write the slim model atomically (ONNX: the .onnx file; nn.Module: graphprune.save's format)."""
+        adapter = self.state.adapter if self.state is not None else adapter_for(self.model)
+        adapter.save(self.model, path, overwrite=overwrite)
 
-            save_module(self.model, path)
+    def reference(self) -> Any:
+        """The correctness oracle: the source model with the removed channels' consumers zeroed.
 
-
-def _is_torch_module(model: Any) -> bool:
-    # an nn.Module can only exist if torch is already imported; importing it here costs seconds
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(model, torch.nn.Module)
-
-
-def analyze(model: Any, example_inputs: Any = None, *, input_shape: dict[str, tuple[int, ...]] | None = None) -> Analysis:
-    """Dependency analysis of an ONNX model (path or ModelProto) or an nn.Module (with example inputs)."""
-    if _is_torch_module(model):
-        from graphprune.frontends.fx_frontend import analyze_module
-
-        return analyze_module(model, example_inputs)
-    return analyze_graph(load_onnx(model, input_shape).graph)
+        Without recovery the slim model computes exactly what this model computes.
+        """
+        if self.state is None:
+            raise GraphpruneError("this result carries no pipeline state to rebuild the reference from")
+        return self.state.adapter.reference(self.state)
 
 
 def _parse_target(target_flops: float | None, target_params: float | None, target_latency: float | None) -> tuple[str, float]:
@@ -65,20 +60,39 @@ def _parse_target(target_flops: float | None, target_params: float | None, targe
     return kind, float(value)
 
 
+def _state(model: Any, example_inputs: Any, options: PruneOptions, progress: Progress | None, adapter: Any) -> PruneState:
+    state = PruneState(source=model, adapter=adapter, options=options, example_inputs=example_inputs)
+    if progress is not None:
+        state.progress = progress
+    return state
+
+
+def analyze(model: Any, example_inputs: Any = None, *, input_shape: dict[str, tuple[int, ...]] | None = None) -> Analysis:
+    """Dependency analysis of an ONNX model (path or ModelProto) or an nn.Module (with example inputs)."""
+    # the module itself is traced (no copy): the analysis refers to the caller's parameters
+    state = _state(model, example_inputs, PruneOptions(input_shape=input_shape), None, adapter_for(model, inplace=True))
+    return PassManager(analysis_passes(), instruments=[]).run(state).analysis
+
+
+def inspect(model: Any, example_inputs: Any = None, *, input_shape: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
+    """Inspect an ONNX model (path or ModelProto) or an nn.Module (with example inputs)."""
+    from graphprune.report.inspect import inspect_analysis
+
+    if is_torch_module(model):
+        source = type(model).__name__
+    elif isinstance(model, str) or hasattr(model, "__fspath__"):
+        source = str(model)
+    else:
+        source = None
+    return inspect_analysis(analyze(model, example_inputs, input_shape=input_shape), source=source)
+
+
 def score_classes(analysis: Analysis, method: str, *, seed: int = 0, **options: Any) -> dict[int, float]:
     """Importance scores for the weight-only criteria (data-driven methods live in their own passes)."""
     fn = CRITERIA.get(method)
     if fn is None:
-        raise GraphpruneError(f"unknown or unsupported method {method!r} for this model; choose from {sorted(CRITERIA)}")
+        raise unknown_method_error(method, CRITERIA)
     return fn(analysis, seed=seed, **options)
-
-
-def _blame_input(original: onnx.ModelProto, feed: dict, expected: list, run: bool = True) -> None:
-    """A pruned model failed validation: if the input fails the same checks, say that instead."""
-    try:
-        validate(original, feed, expected, run=run)
-    except GraphpruneError as exc:
-        raise GraphpruneError(f"input model is invalid: {str(exc).replace('pruned model ', '', 1)}") from None
 
 
 def prune(
@@ -96,100 +110,42 @@ def prune(
     input_shape: dict[str, tuple[int, ...]] | None = None,
     scores: dict[int, float] | None = None,
     removed: set[int] | frozenset[int] | None = None,
+    calib: Any = None,
     progress: Progress | None = None,
+    passes: PassList | None = None,
+    inplace: bool = False,
     **method_options: Any,
 ) -> PruneResult:
     """Prune `model` to a cost target and return the validated slim model with a report.
 
-    ONNX models (path or ModelProto) come back as a ModelProto; nn.Modules as a smaller nn.Module.
-    Pass `scores` to use your own importance, or `removed` to apply an explicit plan.
+    ONNX models (path or ModelProto) come back as a ModelProto; nn.Modules as a smaller nn.Module
+    (a copy unless inplace=True). Pass `scores` to use your own importance, or `removed` to apply an
+    explicit plan. `calib` is calibration data ((inputs, labels) or an .npz path with x, y) for
+    data-driven methods and recovery passes. `passes` replaces the pipeline: a list of Pass objects,
+    or a function that receives the default list and returns the one to run.
     """
-    if _is_torch_module(model):
-        from graphprune.torch_prune import prune_module
-
-        return prune_module(
-            model, example_inputs, target_flops=target_flops, target_params=target_params, method=method,
-            strategy=strategy, round_to=round_to, ignore=ignore, seed=seed, scores=scores, removed=removed,
-            progress=progress, **method_options,
-        )
-    say = progress or (lambda _msg: None)
-    times: dict[str, float] = {}
-    t0 = time.perf_counter()
-    loaded: LoadedModel = load_onnx(model, input_shape)
-    times["load_s"] = time.perf_counter() - t0
-
-    t = time.perf_counter()
-    say("analysing channel dependencies")
-    analysis = analyze_graph(loaded.graph)
-    times["analyze_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
+    adapter = adapter_for(model, inplace=inplace)
+    kind = target = None
     if removed is None:
         kind, target = _parse_target(target_flops, target_params, target_latency)
-        if kind == "latency":
-            from graphprune.passes.latency_cost import register_latency_cost
-
-            kind = register_latency_cost(analysis, loaded, progress=say)
+        adapter.check_target(kind)
         if method in TRAINING_METHODS:
             raise training_method_error(method)
-        if method in PLAN_METHODS and scores is None:
-            say(f"searching the structure ({method}, calibration data through onnxruntime)")
-            found = di_plan(analysis, target, kind, method_options, onnx_model=loaded.proto)
-            plan = Plan(found, kind, target, analysis.cost(kind), analysis.cost(kind, found))
-        else:
-            say(f"scoring channels ({method})")
-            if scores is None:
-                scores = score_classes(analysis, method, seed=seed, loaded=loaded, **method_options)
-            say("allocating the budget")
-            plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=round_to,
-                            protected=ignored_classes(analysis, list(ignore)))
-    else:
-        base = analysis.macs()
-        plan = Plan(frozenset(removed), "macs", 1.0, base, analysis.macs(removed))
-    times["plan_s"] = time.perf_counter() - t
+        if scores is None and method not in adapter.methods():
+            raise unknown_method_error(method, adapter.methods())
+    options = PruneOptions(
+        target_kind=kind, target=target, method=method, strategy=strategy, round_to=round_to, ignore=tuple(ignore),
+        seed=seed, input_shape=input_shape, scores=scores,
+        removed=frozenset(removed) if removed is not None else None, calibration=calib,
+        method_options=dict(method_options),
+    )
+    pipeline = default_passes(options)
+    if passes is not None:
+        pipeline = list(passes(pipeline) if callable(passes) else passes)
+    state = PassManager(pipeline).run(_state(model, example_inputs, options, progress, adapter))
+    if state.slim is None or state.plan is None:
+        raise GraphpruneError("the pass list produced no pruned model (it needs a plan and a rewrite pass)")
+    return PruneResult(state.slim, state.analysis, state.plan, state.report, state)
 
-    t = time.perf_counter()
-    say("rewriting the graph")
-    slim = rewrite_onnx(loaded.proto, analysis, plan.removed)
-    times["rewrite_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    say("validating (checker, shape inference, onnxruntime)")
-    feed = random_feed(loaded.proto, loaded.graph, seed)
-    expected = [loaded.graph.shape(o) for o in loaded.graph.outputs]
-    custom = custom_domains(loaded.proto)
-    if custom:
-        say(f"custom op domains {custom}: onnxruntime stage skipped")
-        if any(s is None for s in expected):
-            raise GraphpruneError(f"model uses custom op domains {custom} and its output shapes are not declared: "
-                                  "cannot validate the pruned model")
-    elif any(s is None for s in expected):
-        try:
-            expected = [tuple(o.shape) for o in run_onnx(loaded.proto, feed)]
-        except Exception as exc:  # the input itself is broken; say so instead of a traceback
-            raise GraphpruneError(f"input model fails to run in onnxruntime: {str(exc).splitlines()[0][:200]}") from None
-    try:
-        validate(slim, feed, expected, run=not custom)
-    except GraphpruneError as exc:
-        _blame_input(loaded.proto, feed, expected, run=not custom)
-        raise exc from None
-    times["validate_s"] = time.perf_counter() - t
-    times["total_s"] = time.perf_counter() - t0
-
-    from graphprune.report.summary import build_report
-
-    report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_to, times=times,
-                          source=loaded.source)
-    report["validation"] = (["checker", "shape inference"] if custom
-                            else ["checker", "shape inference", "onnxruntime run"])
-    if custom:
-        report["validation_note"] = f"onnxruntime run skipped: custom op domains {custom}"
-    if plan.kind == "latency":
-        from graphprune.passes.latency_cost import time_model
-
-        say("measuring pruned latency")
-        before = time_model(loaded.proto, feed, runs=20)
-        after = time_model(slim, feed, runs=20)
-        report["latency"] = {"backend": "onnxruntime", "threads": 1, "before_ms": before, "after_ms": after,
-                             "ratio": after / before, "predicted_ratio": plan.achieved}
-    return PruneResult(slim, analysis, plan, report)
+__all__ = ["prune", "analyze", "inspect", "score_classes", "PruneResult", "PLAN_METHODS"]

@@ -8,9 +8,10 @@ from typing import Any
 
 import click
 
+from graphprune.cli_backend import bench, tune
+from graphprune.cli_common import EXIT_USAGE, fail, parse_shape, run_guarded
+from graphprune.cli_inspect import inspect
 from graphprune.errors import GraphpruneError
-
-EXIT_USAGE = 2
 
 
 class _DefaultToPrune(click.Group):
@@ -20,40 +21,6 @@ class _DefaultToPrune(click.Group):
         if args and args[0] not in self.commands and not args[0].startswith("-"):
             args = ["prune", *args]
         return super().parse_args(ctx, args)
-
-
-def fail(message: str) -> None:
-    """One line on stderr, exit code 2: the contract for every bad input."""
-    click.echo(f"graphprune: error: {message}", err=True)
-    sys.exit(EXIT_USAGE)
-
-
-def run_guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    except GraphpruneError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        click.echo("graphprune: interrupted; no output written", err=True)
-        sys.exit(130)
-
-
-def parse_shape(value: str | None) -> dict[str, tuple[int, ...]] | None:
-    """'1,3,224,224' or 'input=1,3,224,224;mask=1,1,224,224'."""
-    if not value:
-        return None
-    out: dict[str, tuple[int, ...]] = {}
-    try:
-        for i, part in enumerate(value.split(";")):
-            name, _, dims = part.rpartition("=")
-            out[name or f"#{i}"] = tuple(int(d) for d in dims.replace("x", ",").split(","))
-    except ValueError:
-        raise GraphpruneError(f"bad --input-shape {value!r}: expected e.g. 1,3,224,224") from None
-    if any(d <= 0 for dims in out.values() for d in dims):
-        raise GraphpruneError(f"bad --input-shape {value!r}: dims must be positive")
-    if list(out) == ["#0"]:
-        return {"": out["#0"]}
-    return out
 
 
 @click.group(cls=_DefaultToPrune, context_settings={"help_option_names": ["-h", "--help"]})
@@ -189,10 +156,11 @@ def demo(out_dir: str, target_flops: float) -> None:
         fail(f"equivalence check failed (max diff {diff:.2e})")
 
 
-from graphprune.cli_inspect import inspect  # noqa: E402
 main.add_command(inspect)
-from graphprune.cli_backend import bench, tune  # noqa: E402
-main.add_command(bench); main.add_command(tune)
+main.add_command(bench)
+main.add_command(tune)
+
+__all__ = ["main", "fail", "run_guarded", "parse_shape", "EXIT_USAGE"]
 
 if __name__ == "__main__":  # pragma: no cover
     main()

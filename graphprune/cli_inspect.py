@@ -6,6 +6,8 @@ from typing import Any
 
 import click
 
+from graphprune.cli_common import parse_shape, run_guarded
+
 
 def render_inspect_table(view: dict[str, Any], console: Any, max_groups: int | None = 60) -> None:
     """Groups as a rich table: members, channels, MAC share, frozen state and why."""
@@ -60,10 +62,8 @@ def _few(names: list[str], n: int = 2) -> str:
 def inspect(model: str, input_shape: str | None, as_json: bool, dot_path: str | None, svg_path: str | None,
             no_graphviz: bool, show_all: bool) -> None:
     """Show MODEL's channel groups: members, channels, FLOPs share, and what froze them."""
-    # imported here: graphprune.cli imports this module at its end (and may run as __main__)
-    from graphprune.cli import parse_shape, run_guarded
     from graphprune.io import write_bytes_atomic
-    from graphprune.report.inspect import inspect as inspect_model
+    from graphprune.api import inspect as inspect_model
 
     shapes = run_guarded(parse_shape, input_shape)
     view = run_guarded(inspect_model, model, input_shape=shapes)

@@ -1,46 +1,17 @@
-"""prune() for nn.Modules: trace with torch.fx, analyse with the shared rule table, rewrite modules."""
+"""prune() for nn.Modules: the same pipeline as ONNX (graphprune.api.prune) with the PyTorch adapter,
+plus iterative pruning (the pipeline run `steps` times)."""
 from __future__ import annotations
 
 import copy
-import time
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
-from graphprune.api import Progress, PruneResult, _parse_target, score_classes
+from graphprune.api import PruneResult, analyze, prune, score_classes
 from graphprune.errors import GraphpruneError
-from graphprune.frontends.fx_frontend import TracedModule, analyze_traced, trace_module
-from graphprune.passes.allocate import Plan, allocate, ignored_classes
-from graphprune.passes.methods import PLAN_METHODS, TRAINING_METHODS, di_plan, training_method_error
-from graphprune.report.summary import build_report
-from graphprune.rewrite.torch_rewrite import rewrite_module
+from graphprune.pipeline import Progress
 
-
-def _flat_tensors(out: Any) -> list[torch.Tensor]:
-    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
-def _run(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
-    """Forward in eval mode without touching BN statistics, restoring each module's mode."""
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            return _flat_tensors(model(*inputs))
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
-def _validate(slim: nn.Module, traced: TracedModule) -> None:
-    expected = [traced.graph.shapes.get(o) for o in traced.graph.outputs]
-    try:
-        got = [tuple(t.shape) for t in _run(slim, traced.inputs)]
-    except Exception as exc:
-        raise GraphpruneError(f"internal error: the pruned module fails to run: {type(exc).__name__}: {exc}") from exc
-    if [s for s in expected if s is not None] != got[: len([s for s in expected if s is not None])]:
-        raise GraphpruneError(f"internal error: pruned output shapes {got} differ from the original {expected}")
+__all__ = ["prune_module", "prune_iterative", "score_classes"]
 
 
 def prune_module(
@@ -49,11 +20,13 @@ def prune_module(
     *,
     target_flops: float | None = None,
     target_params: float | None = None,
+    target_latency: float | None = None,
     method: str = "l1",
     strategy: str = "global",
     round_to: int = 1,
     ignore: tuple[str, ...] | list[str] = (),
     seed: int = 0,
+    input_shape: dict[str, tuple[int, ...]] | None = None,
     scores: dict[int, float] | None = None,
     removed: set[int] | frozenset[int] | None = None,
     progress: Progress | None = None,
@@ -65,60 +38,15 @@ def prune_module(
     method "taylor" needs `batches` (an iterable) and `loss_fn(model, batch) -> loss`.
     With inplace=False (default) the user's module is left untouched. The returned module is the
     user's own class, or an fx GraphModule when functional code (view sizes, splits, channel
-    shuffles) had to change.
+    shuffles) had to change. target_latency is not available for modules (it is measured with
+    onnxruntime): a clear error says so.
     """
-    say = progress or (lambda _msg: None)
-    times: dict[str, float] = {}
-    t0 = time.perf_counter()
-    work = model if inplace else copy.deepcopy(model)
-    say("tracing with torch.fx")
-    traced = trace_module(work, example_inputs)
-    times["load_s"] = time.perf_counter() - t0
-
-    t = time.perf_counter()
-    say("analysing channel dependencies")
-    analysis = analyze_traced(traced)
-    times["analyze_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    if removed is None:
-        kind, target = _parse_target(target_flops, target_params, None)
-        if method in TRAINING_METHODS:
-            raise training_method_error(method)
-        if method in PLAN_METHODS and scores is None:
-            say(f"searching the structure ({method})")
-            found = di_plan(analysis, target, kind, opts, module=work.eval())
-            plan = Plan(found, kind, target, analysis.cost(kind), analysis.cost(kind, found))
-        else:
-            if scores is None:
-                say(f"scoring channels ({method})")
-                if method == "taylor":
-                    from graphprune.passes.taylor import taylor
-
-                    scores = taylor(analysis, model=work, **opts)
-                else:
-                    scores = score_classes(analysis, method, seed=seed, **opts)
-            say("allocating the budget")
-            plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=round_to,
-                            protected=ignored_classes(analysis, list(ignore)))
-    else:
-        plan = Plan(frozenset(removed), "macs", 1.0, analysis.macs(), analysis.macs(removed))
-    times["plan_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    say("rewriting modules")
-    slim = rewrite_module(analysis, plan.removed)
-    times["rewrite_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    say("validating (forward pass on the example inputs)")
-    _validate(slim, traced)
-    times["validate_s"] = time.perf_counter() - t
-    times["total_s"] = time.perf_counter() - t0
-    report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_to, times=times,
-                          source=f"torch:{type(model).__name__}")
-    report["module_type"] = type(slim).__name__
-    return PruneResult(slim, analysis, plan, report)
+    if not isinstance(model, nn.Module):
+        raise GraphpruneError(f"prune_module needs an nn.Module, got {type(model).__name__}")
+    return prune(model, example_inputs, target_flops=target_flops, target_params=target_params,
+                 target_latency=target_latency, method=method, strategy=strategy, round_to=round_to, ignore=ignore,
+                 seed=seed, input_shape=input_shape, scores=scores, removed=removed, progress=progress,
+                 inplace=inplace, **opts)
 
 
 def prune_iterative(
@@ -136,7 +64,7 @@ def prune_iterative(
     if steps < 1:
         raise GraphpruneError("steps must be >= 1")
     current = model if inplace else copy.deepcopy(model)
-    base = analyze_traced(trace_module(current, example_inputs)).macs()
+    base = analyze(current, example_inputs).macs()
     result = None
     history = []
     for step in range(1, steps + 1):

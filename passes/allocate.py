@@ -8,25 +8,11 @@ from __future__ import annotations
 
 import fnmatch
 import heapq
-from dataclasses import dataclass, field
 from math import prod
 
 from graphprune.analysis.groups import Analysis
+from graphprune.analysis.plan import Plan
 from graphprune.errors import GraphpruneError
-
-
-@dataclass
-class Plan:
-    removed: frozenset[int]
-    kind: str
-    target: float
-    base_cost: float
-    cost: float
-    kept: dict[int, tuple[int, int]] = field(default_factory=dict)  # group id -> (kept, total)
-
-    @property
-    def achieved(self) -> float:
-        return self.cost / self.base_cost if self.base_cost else 1.0
 
 
 class IncrementalCost:

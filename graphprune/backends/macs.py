@@ -12,6 +12,7 @@ import onnx
 
 def count_macs(model: onnx.ModelProto | str | Path) -> int:
     """Multiply-accumulates of one inference (dynamic batch counted as 1)."""
-    from graphprune.api import analyze
+    from graphprune.analysis.groups import analyze_graph
+    from graphprune.frontends.onnx_frontend import load_onnx
 
-    return int(round(analyze(str(model) if isinstance(model, Path) else model).macs()))
+    return int(round(analyze_graph(load_onnx(str(model) if isinstance(model, Path) else model).graph).macs()))

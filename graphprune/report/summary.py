@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from graphprune.analysis.groups import Analysis
-from graphprune.passes.allocate import Plan
+from graphprune.analysis.plan import Plan
 
 
 def group_rows(analysis: Analysis, removed: frozenset[int] = frozenset()) -> list[dict[str, Any]]:
