@@ -126,6 +126,10 @@ def prune(
     """
     adapter = adapter_for(model, inplace=inplace)
     kind = target = None
+    if ignore and removed is not None:
+        raise GraphpruneError("ignore patterns have no effect on an explicit plan (removed=): leave those classes out of it")
+    if ignore and scores is None and method in PLAN_METHODS:
+        raise GraphpruneError(f"method {method} searches the whole structure and cannot honour ignore patterns yet")
     if removed is None:
         kind, target = _parse_target(target_flops, target_params, target_latency)
         adapter.check_target(kind)

@@ -65,7 +65,9 @@ def _terminate_as_interrupt() -> None:
 @click.option("--target-flops", type=float, help="Fraction of MACs (FLOPs) to keep, e.g. 0.4.")
 @click.option("--target-params", type=float, help="Fraction of parameters to keep.")
 @click.option("--target-latency", type=float, help="Fraction of measured latency to keep.")
-@click.option("--method", default="l1", show_default=True, help="Importance: l1, l2, bn_scale, fpgm, random, di, ...")
+@click.option("--method", default="l1", show_default=True,
+              help="Importance criterion: l1, l2, bn_scale, fpgm or random; or di, a structure search that needs "
+                   "--calib. (hfp, ssr and hbfp train while they prune: run them from Python, docs/methods.md.)")
 @click.option("--strategy", type=click.Choice(["global", "uniform"]), default="global", show_default=True)
 @click.option("--round-to", type=int, default=1, show_default=True, help="Keep channel counts multiples of N.")
 @click.option("--ignore", multiple=True, help="Node or parameter name (glob) whose channels are never pruned.")
@@ -75,18 +77,28 @@ def _terminate_as_interrupt() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of tables.")
 @click.option("--report", "report_html", type=click.Path(dir_okay=False), help="Write a self-contained HTML report.")
 @click.option("--overwrite", is_flag=True, help="Allow -o to be the input file.")
-@click.option("--dry-run", is_flag=True, help="Plan and validate, write nothing.")
+@click.option("--dry-run", is_flag=True, help="Plan and validate; write no model (--report still writes its page).")
+@click.option("--groups", "max_groups", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Rows of the group table (largest MAC share first).")
+@click.option("--all", "all_groups", is_flag=True, help="List every group in the table.")
 def prune(model: str, output: str | None, target_flops: float | None, target_params: float | None,
           target_latency: float | None, method: str, strategy: str, round_to: int, ignore: tuple[str, ...],
           input_shape: str | None, seed: int, calib: str | None, as_json: bool, report_html: str | None, overwrite: bool,
-          dry_run: bool) -> None:
+          dry_run: bool, max_groups: int, all_groups: bool) -> None:
     """Prune MODEL (ONNX) to a FLOPs/params/latency target and write a validated slim model."""
     from graphprune import api
 
     if output is None and not dry_run:
         fail("missing -o/--output (or pass --dry-run)")
-    if target_flops is None and target_params is None and target_latency is None:
+    targets = {"--target-flops": target_flops, "--target-params": target_params, "--target-latency": target_latency}
+    given = {flag: v for flag, v in targets.items() if v is not None}
+    if not given:
         fail("give a target: --target-flops, --target-params or --target-latency")
+    if len(given) > 1:
+        fail(f"give exactly one of --target-flops, --target-params, --target-latency (got {', '.join(given)})")
+    for flag, value in given.items():
+        if not 0 < value <= 1:
+            fail(f"{flag} is the fraction to keep, in (0, 1]; got {value:g}")
     if output and os.path.exists(model) and os.path.exists(output) and os.path.samefile(model, output) and not overwrite:
         fail(f"output {output} is the input file; pass --overwrite to replace it")
     _terminate_as_interrupt()
@@ -96,19 +108,23 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
         result = run_guarded(
             api.prune, model, target_flops=target_flops, target_params=target_params,
             target_latency=target_latency, method=method, strategy=strategy, round_to=round_to,
-            ignore=ignore, seed=seed, input_shape=shapes, progress=say,
-            **({"calib": calib} if calib else {}),
+            ignore=ignore, seed=seed, input_shape=shapes, progress=say, calib=calib,
         )
+        written = []
         if output and not dry_run:
             run_guarded(result.save, output)
             result.report["output"] = output
+            written.append(output)
         if report_html:
             from graphprune.report.html import write_html_report
 
             run_guarded(write_html_report, result, report_html)
+            written.append(report_html)
     finally:
         if status is not None:
             status.stop()
+    for warning in result.report.get("warnings", []):
+        click.echo(f"graphprune: warning: {warning}", err=True)
     if as_json:
         click.echo(json.dumps(result.report, indent=2, default=float))
     else:
@@ -116,9 +132,12 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
 
         from graphprune.report.summary import render_tables
 
-        render_tables(result.report, Console())
-        if output and not dry_run:
-            click.echo(f"wrote {output}")
+        render_tables(result.report, Console(), None if all_groups else max_groups)
+    # what happened to the files, last: on stdout with the tables, on stderr when stdout is JSON
+    for path in written:
+        click.echo(f"wrote {path}", err=as_json)
+    if dry_run:
+        click.echo("dry run: no model written" if written else "dry run: nothing written", err=as_json)
 
 
 @main.command()

@@ -113,7 +113,9 @@ class PruneState:
     cost_kind: str | None = None  # the cost the plan targets (differs from the option once latency is registered)
     cost_info: dict[str, Any] = field(default_factory=dict)  # e.g. the measured per-layer latency table
     scores: dict[int, float] | None = None
+    protected: dict[int, str] = field(default_factory=dict)  # classes --ignore keeps, and why
     plan: Plan | None = None
+    warnings: list[str] = field(default_factory=list)  # reported, and printed by the CLI on stderr
     # recovery (calibration-driven passes): activations of the ORIGINAL model on the calibration
     # inputs, keyed by IR tensor name, and new values for ORIGINAL parameters (full, unpruned shapes,
     # keyed by parameter name) that the rewrite applies before slicing

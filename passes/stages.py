@@ -12,7 +12,7 @@ import numpy as np
 
 from graphprune.analysis.plan import Plan
 from graphprune.errors import GraphpruneError
-from graphprune.passes.allocate import allocate, ignored_classes
+from graphprune.passes.allocate import allocate, ignore_reasons
 from graphprune.passes.methods import PLAN_METHODS, di_plan
 from graphprune.pipeline import Pass, PruneOptions, PruneState
 
@@ -120,9 +120,11 @@ class Allocate(Pass):
     def run(self, state: PruneState) -> PruneState:
         state.need("analysis", "scores")
         o = state.options
+        if o.ignore:
+            state.protected, unmatched = ignore_reasons(state.analysis, list(o.ignore))
+            state.warnings += [f"--ignore {p!r} matches no layer or parameter name" for p in unmatched]
         state.plan = allocate(state.analysis, state.scores, target=o.target, kind=state.cost_kind or o.target_kind,
-                              strategy=o.strategy, round_to=o.round_to,
-                              protected=ignored_classes(state.analysis, list(o.ignore)))
+                              strategy=o.strategy, round_to=o.round_to, protected=set(state.protected))
         return state
 
 
@@ -231,7 +233,8 @@ class Report(Pass):
         state.need("analysis", "plan")
         o = state.options
         report = build_report(state.analysis, state.plan, method=o.method, strategy=o.strategy, round_to=o.round_to,
-                              times=state.times, source=state.source_label)
+                              times=state.times, source=state.source_label, ignored=state.protected,
+                              warnings=state.warnings)
         report.update(state.report)
         state.report = report
         return state

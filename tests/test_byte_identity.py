@@ -29,10 +29,17 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# report entries added after the digests were recorded (every entry recorded before is still compared):
+# the pass list (issue 10), warnings and the ignored state of groups (issue 15)
+ADDED_KEYS = ("passes", "warnings")
+ADDED_GROUP_KEYS = ("ignored", "ignored_channels", "state")
+
+
 def report_digest(report: dict) -> str:
     """The report without wall-clock times (the only part that may differ between runs) and without the
-    per-pass list the pipeline refactor added (a new key: every key recorded before is compared)."""
-    stable = {k: v for k, v in report.items() if k not in ("time", "passes")}
+    entries added since the recording (ADDED_KEYS)."""
+    stable = {k: v for k, v in report.items() if k not in ("time",) + ADDED_KEYS}
+    stable["groups"] = [{k: v for k, v in g.items() if k not in ADDED_GROUP_KEYS} for g in stable["groups"]]
     if isinstance(stable.get("source"), str):  # where the zoo was exported to differs between runs
         stable["source"] = os.path.basename(stable["source"])
     return _sha(json.dumps(stable, sort_keys=True, default=float).encode())

@@ -7,8 +7,11 @@ from graphprune.analysis.groups import Analysis
 from graphprune.analysis.plan import Plan
 
 
-def group_rows(analysis: Analysis, removed: frozenset[int] = frozenset()) -> list[dict[str, Any]]:
-    """One row per channel group: size, kept, frozen state and reason, member layers, MAC share."""
+def group_rows(analysis: Analysis, removed: frozenset[int] = frozenset(),
+               ignored: dict[int, str] | None = None) -> list[dict[str, Any]]:
+    """One row per channel group: size, kept, state (prunable, frozen or ignored) and reason, member
+    layers, MAC share. `ignored` maps the classes --ignore protects to why (passes.allocate.ignore_reasons)."""
+    ignored = ignored or {}
     total_macs = analysis.macs() or 1.0
     tensor_macs: dict[str, float] = {}
     for term in analysis.mac_terms:
@@ -19,13 +22,20 @@ def group_rows(analysis: Analysis, removed: frozenset[int] = frozenset()) -> lis
     for g in analysis.groups:
         kept = sum(1 for r in g.classes if r not in removed)
         share = sum(tensor_macs.get(t, 0.0) for t in g.tensors) / total_macs
+        free = [r for r in g.classes if not analysis.is_frozen(r)]
+        held = [r for r in free if r in ignored]
+        whole = not g.frozen and bool(free) and len(held) == len(free)
+        reason = g.reason if g.reason is not None or not held else ignored[held[0]]
         rows.append({
             "id": g.id,
             "channels": g.size,
             "kept": kept,
             "frozen": g.frozen,
             "frozen_channels": g.frozen_classes,
-            "reason": g.reason,
+            "ignored": whole,
+            "ignored_channels": len(held),
+            "state": "frozen" if g.frozen else "ignored" if whole else "prunable",
+            "reason": reason,
             "layers": g.nodes,
             "tensors": g.tensors,
             "macs_share": round(share, 6),
@@ -64,7 +74,8 @@ def _tensor_groups(analysis: Analysis, tensor: str) -> set[int]:
 
 
 def build_report(analysis: Analysis, plan: Plan, *, method: str, strategy: str, round_to: int,
-                 times: dict[str, float], source: str | None = None) -> dict[str, Any]:
+                 times: dict[str, float], source: str | None = None, ignored: dict[int, str] | None = None,
+                 warnings: list[str] | None = None) -> dict[str, Any]:
     macs0, macs1 = analysis.macs(), analysis.macs(plan.removed)
     params0, params1 = analysis.params(), analysis.params(plan.removed)
     achieved = {"macs": macs1 / macs0 if macs0 else 1.0, "params": params1 / params0 if params0 else 1.0}
@@ -86,7 +97,8 @@ def build_report(analysis: Analysis, plan: Plan, *, method: str, strategy: str, 
             "total": sum(g.size for g in analysis.groups),
         },
         "frozen_ops": dict(analysis.ctx.frozen_nodes),
-        "groups": group_rows(analysis, plan.removed),
+        "groups": group_rows(analysis, plan.removed, ignored),
+        "warnings": list(warnings or []),
         "time": {k: round(v, 4) for k, v in times.items()},
     }
 
@@ -98,9 +110,51 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def render_tables(report: dict[str, Any], console: Any, max_groups: int = 40) -> None:
-    """Print the summary and per-group tables with rich."""
+def unique_suffixes(names: list[str]) -> dict[str, str]:
+    """Each name's shortest ending (at a '/' boundary, or '.' in names without '/') that no other name ends with.
+
+    '/layer3/layer3.0/conv1/Conv' next to '/layer4/layer4.0/conv1/Conv' becomes 'layer3.0/conv1/Conv':
+    narrow tables then show what tells layers apart instead of the prefix they all share.
+    """
+    def endings(name: str) -> list[str]:
+        sep = "/" if "/" in name else "."
+        cuts = [i + 1 for i, ch in enumerate(name) if ch == sep and 0 < i + 1 < len(name)]
+        out = [name[i:] for i in reversed(cuts)]
+        return [e for e in out if e.strip("/.")] + [name]
+
+    counts: dict[str, int] = {}
+    for name in set(names):
+        for e in set(endings(name)):
+            counts[e] = counts.get(e, 0) + 1
+    return {name: next((e for e in endings(name) if counts[e] == 1), name) for name in names}
+
+
+def render_tables(report: dict[str, Any], console: Any, max_groups: int | None = 20) -> None:
+    """Print the group table (largest MAC share first, `max_groups` rows; None for all), then the
+    summary, so the result is the last thing on screen however long the table is."""
     from rich.table import Table
+
+    rows = sorted(report["groups"], key=lambda r: -r["macs_share"])
+    shown = rows if max_groups is None else rows[:max_groups]
+    short = unique_suffixes([n for r in report["groups"] for n in r["layers"]])
+    groups = Table(title="channel groups (largest MAC share first)", show_header=True)
+    for col in ("group", "ch", "kept", "MACs", "state", "layers"):
+        groups.add_column(col, justify="right" if col in ("group", "ch", "kept", "MACs") else "left",
+                          overflow="fold")
+    for r in shown:
+        if r["frozen"]:
+            state = "frozen: " + (r["reason"] or "")
+        elif r.get("ignored"):
+            state = "ignored: " + (r["reason"] or "")
+        else:
+            state = "prunable"
+            if r.get("ignored_channels"):
+                state += f" ({r['ignored_channels']} ignored: {r['reason']})"
+        layers = ", ".join(short[n] for n in r["layers"][:2]) + (f" +{len(r['layers']) - 2}" if len(r["layers"]) > 2 else "")
+        groups.add_row(str(r["id"]), str(r["channels"]), str(r["kept"]), f"{r['macs_share']:.1%}", state, layers or "-")
+    console.print(groups)
+    if len(rows) > len(shown):
+        console.print(f"... {len(rows) - len(shown)} more groups (--groups N or --all to list them, --json for everything)")
 
     summary = Table(title="graphprune result", show_header=True)
     summary.add_column("metric")
@@ -121,14 +175,3 @@ def render_tables(report: dict[str, Any], console: Any, max_groups: int = 40) ->
         f"error {report['target_error']:.3%}  method {report['method']}/{report['strategy']}  "
         f"time {report['time'].get('total_s', 0):.2f}s"
     )
-    groups = Table(title="channel groups", show_header=True)
-    for col in ("group", "channels", "kept", "MACs share", "state", "layers"):
-        groups.add_column(col, justify="right" if col in ("channels", "kept", "MACs share") else "left")
-    rows = sorted(report["groups"], key=lambda r: -r["macs_share"])
-    for r in rows[:max_groups]:
-        state = "frozen: " + (r["reason"] or "") if r["frozen"] else "prunable"
-        layers = ", ".join(r["layers"][:3]) + (" ..." if len(r["layers"]) > 3 else "")
-        groups.add_row(str(r["id"]), str(r["channels"]), str(r["kept"]), f"{r['macs_share']:.1%}", state[:60], layers)
-    console.print(groups)
-    if len(rows) > max_groups:
-        console.print(f"... {len(rows) - max_groups} more groups (use --json for all)")
