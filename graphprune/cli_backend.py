@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from graphprune.errors import GraphpruneError
@@ -36,8 +37,23 @@ def _write_json(path: str | None, report: dict) -> None:
         console.print(f"report written to {path}")
 
 
+def _parse_duration(text: str) -> float:
+    """'90', '90s', '10m', '1.5h' -> seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    raw = text.strip().lower()
+    scale = units.get(raw[-1:], None)
+    number = raw[:-1] if scale is not None else raw
+    try:
+        value = float(number) * (scale or 1.0)
+    except ValueError:
+        raise GraphpruneError(f"--time-budget must look like 90s, 10m or 1h, got {text!r}") from None
+    if not value > 0:
+        raise GraphpruneError(f"--time-budget must be positive, got {text!r}")
+    return value
+
+
 def _measure(model: str, backend: str, target: str, runs: int, warmup: int, threads: int,
-             db: str | None, rpc: Any) -> dict:
+             db: str | None, rpc: Any, mcpu: str = "generic") -> dict:
     from graphprune.backends.macs import count_macs
     from graphprune.backends.ort_backend import measure_ort, random_inputs
 
@@ -47,10 +63,16 @@ def _measure(model: str, backend: str, target: str, runs: int, warmup: int, thre
     else:
         from graphprune.backends import tvm_backend as tb
 
-        tgt = tb.make_target(target, num_cores=threads or None)
+        tgt = tb.make_target(target, num_cores=threads or None, mcpu=None if mcpu == "generic" else mcpu)
         mod = tb.import_onnx(model)
         ex = tb.compile_tuned(mod, tgt, db) if db else tb.compile_untuned(mod, tgt)
-        row["tuned"] = bool(db)
+        coverage = tb.kernel_coverage(mod, tgt, db)
+        row.update(coverage)
+        # "tuned" only when every kernel runs a measured schedule; the others use the default schedule
+        row["tuned"] = coverage["kernels_tuned"] == coverage["kernels"] > 0
+        if coverage["kernels_default"]:
+            console.print(f"{model}: {coverage['kernels_tuned']} of {coverage['kernels']} kernels have tuning "
+                          f"records; {len(coverage['kernels_default'])} run the default schedule")
         stats = tb.measure_tvm(ex, tgt, random_inputs(model), tb.graph_input_names(model), runs, warmup, rpc=rpc)
     row["latency"] = stats.to_dict()
     row["_stats"] = stats
@@ -66,12 +88,13 @@ def _measure(model: str, backend: str, target: str, runs: int, warmup: int, thre
 @click.option("--warmup", default=5, show_default=True, help="Untimed runs before timing.")
 @click.option("--threads", default=1, show_default=True, help="Intra-op threads (ORT) / cores (TVM).")
 @click.option("--db", type=click.Path(file_okay=False), help="TVM: compile with this tuning database.")
+@click.option("--mcpu", default="native", show_default=True, help="TVM: LLVM CPU ('native', 'generic' or a name).")
 @click.option("--rpc-tracker", help="TVM: measure on a remote device, tracker host:port.")
 @click.option("--rpc-key", default="graphprune", show_default=True, help="TVM: device key at the tracker.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @_one_line_errors
 def bench(model: str, compare: str | None, backend: str, target: str, runs: int, warmup: int, threads: int,
-          db: str | None, rpc_tracker: str | None, rpc_key: str, json_path: str | None) -> None:
+          db: str | None, mcpu: str, rpc_tracker: str | None, rpc_key: str, json_path: str | None) -> None:
     """Latency (median, p90, spread) of MODEL, and of --compare, with speed-up vs MAC ratio."""
     from graphprune.backends.latency import speedup
 
@@ -84,7 +107,7 @@ def bench(model: str, compare: str | None, backend: str, target: str, runs: int,
         from graphprune.backends.tvm_backend import parse_tracker
 
         rpc = parse_tracker(rpc_tracker, rpc_key)
-    rows = [_measure(m, backend, target, runs, warmup, threads, db, rpc) for m in [model, compare] if m]
+    rows = [_measure(m, backend, target, runs, warmup, threads, db, rpc, mcpu) for m in [model, compare] if m]
     table = Table(title=f"latency ({backend}{'/' + target if backend == 'tvm' else ''}, {runs} runs)")
     for col in ("model", "MMACs", "median ms", "p90 ms", "stdev ms", "spread"):
         table.add_column(col, justify="left" if col == "model" else "right")
@@ -106,27 +129,39 @@ def bench(model: str, compare: str | None, backend: str, target: str, runs: int,
 @click.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--target", type=click.Choice(["llvm", "cuda"]), default="llvm", show_default=True)
-@click.option("--trials", default=64, show_default=True, help="Total MetaSchedule trial budget.")
+@click.option("--trials", type=int, help="Total MetaSchedule trial budget (default 64, or unlimited with "
+              "--time-budget).")
+@click.option("--time-budget", "time_budget", help="Stop tuning after this long (e.g. 90s, 10m, 1h); what was "
+              "measured is kept and a later run resumes.")
 @click.option("--trials-per-task", type=int, help="Cap per kernel (default: budget split evenly).")
 @click.option("--db", "db_dir", required=True, type=click.Path(file_okay=False),
               help="Tuning database directory (JSON); reused on later runs.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Export the compiled library (.so).")
 @click.option("--num-cores", type=int, help="Cores of the device to tune for (default: this machine's).")
+@click.option("--mcpu", default="native", show_default=True,
+              help="LLVM CPU to generate code for ('native': this machine's; 'generic': baseline x86-64). "
+              "Give the device's CPU when tuning over RPC.")
 @click.option("--rpc-tracker", help="Measure candidates on a remote device, tracker host:port.")
 @click.option("--rpc-key", default="graphprune", show_default=True)
 @click.option("--retune", is_flag=True, help="Tune kernels even when the database already has them.")
 @click.option("--no-check", is_flag=True, help="Skip the output check against onnxruntime.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @_one_line_errors
-def tune(model: str, target: str, trials: int, trials_per_task: int | None, db_dir: str, output: str | None,
-         num_cores: int | None, rpc_tracker: str | None, rpc_key: str, retune: bool, no_check: bool,
+def tune(model: str, target: str, trials: int | None, time_budget: str | None, trials_per_task: int | None,
+         db_dir: str, output: str | None,
+         num_cores: int | None, mcpu: str, rpc_tracker: str | None, rpc_key: str, retune: bool, no_check: bool,
          json_path: str | None) -> None:
     """MetaSchedule-tune MODEL with TVM, reusing the database in --db; optionally export a library."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from graphprune.backends import tvm_backend as tb
 
-    tgt = tb.make_target(target, num_cores=num_cores)
+    budget_s = _parse_duration(time_budget) if time_budget else None
+    if trials is None:
+        trials = 64 if budget_s is None else 1 << 30
+    if trials < 1:
+        raise GraphpruneError(f"--trials must be at least 1, got {trials}")
+    tgt = tb.make_target(target, num_cores=num_cores, mcpu=None if mcpu == "generic" else mcpu)
     rpc = tb.parse_tracker(rpc_tracker, rpc_key) if rpc_tracker else None
     mod = tb.import_onnx(model)
     with Progress(TextColumn("[bold]tuning[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -134,14 +169,17 @@ def tune(model: str, target: str, trials: int, trials_per_task: int | None, db_d
         bar = progress.add_task("", total=None)
 
         def on_start(names: list[str], total: int) -> None:
-            progress.update(bar, total=max(total, 1), description=f"{len(names)} kernel(s) to tune")
+            progress.update(bar, total=max(total, 1) if total < (1 << 29) else None,
+                            description=f"{len(names)} kernel(s) to tune")
 
-        def on_trials(name: str, n: int) -> None:
-            progress.update(bar, advance=n, description=name)
+        def on_trials(name: str, n: int, best_ms: float | None) -> None:
+            best = f"  best {best_ms:.3f} ms" if best_ms is not None else ""
+            progress.update(bar, advance=n, description=escape(f"{name}{best}"))
 
         result = tb.tune(mod, tgt, db_dir, trials, trials_per_task=trials_per_task, rpc=rpc, retune=retune,
-                         on_start=on_start, on_trials=on_trials)
-    report: dict[str, Any] = {"model": model, "target": str(tgt), **result.to_dict()}
+                         time_budget_s=budget_s, on_start=on_start, on_trials=on_trials)
+    report: dict[str, Any] = {"model": model, "target": str(tgt), **result.to_dict(),
+                              **tb.kernel_coverage(mod, tgt, db_dir)}
     ex = tb.compile_tuned(mod, tgt, db_dir)
     if not no_check and rpc is None:
         report["max_abs_diff_vs_ort"] = tb.check_against_ort(ex, tgt, model)
@@ -153,6 +191,10 @@ def tune(model: str, target: str, trials: int, trials_per_task: int | None, db_d
     table.add_row("kernels", str(len(result.tasks)))
     table.add_row("tuned now / reused from db", f"{len(result.tuned_tasks)} / {len(result.reused_tasks)}")
     table.add_row("new trials", str(result.new_trials))
+    table.add_row("kernels with records / default schedule",
+                  f"{report['kernels_tuned']} / {len(report['kernels_default'])}")
+    if result.stopped:
+        table.add_row("stopped", f"{result.stopped} (run again to resume)")
     table.add_row("db records", f"{result.db_records_before} -> {result.db_records_after}")
     table.add_row("time", f"{result.seconds:.1f} s")
     if "max_abs_diff_vs_ort" in report:
