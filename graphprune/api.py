@@ -10,10 +10,10 @@ from typing import Any, Callable
 import onnx
 
 from graphprune.analysis.groups import Analysis, analyze_graph
-from graphprune.errors import GraphpruneError
+from graphprune.errors import GraphpruneError, SpeedupNotMet
 from graphprune.frontends.onnx_frontend import LoadedModel, load_onnx
 from graphprune.io import write_model_atomic
-from graphprune.passes.allocate import Plan, allocate, ignored_classes
+from graphprune.passes.allocate import Plan, allocate, group_multiples, ignored_classes
 from graphprune.passes.magnitude import CRITERIA
 from graphprune.passes.methods import PLAN_METHODS, TRAINING_METHODS, di_plan, training_method_error
 from graphprune.rewrite.onnx_rewrite import rewrite_onnx
@@ -73,6 +73,38 @@ def score_classes(analysis: Analysis, method: str, *, seed: int = 0, **options: 
     return fn(analysis, seed=seed, **options)
 
 
+def resolve_round_to(analysis: Analysis, round_to: int | str, hardware: str) -> tuple[int | dict[int, int], dict]:
+    """`round_to` as allocate() takes it, plus what the report says about it.
+
+    "auto" looks the channel multiple for `hardware` up in the measured table
+    (graphprune.backends.channel_table) and halves it for groups too small for it.
+    """
+    if round_to == "auto":
+        from graphprune.backends.channel_table import channel_multiple
+
+        multiple = channel_multiple(hardware)
+        return group_multiples(analysis, multiple), {"round_to": multiple, "round_to_source": f"auto ({hardware} table)"}
+    try:
+        value = int(round_to)
+    except (TypeError, ValueError):
+        raise GraphpruneError(f"--round-to must be a positive integer or 'auto', got {round_to!r}") from None
+    if value < 1:
+        raise GraphpruneError(f"--round-to must be >= 1, got {round_to}")
+    return value, {"round_to": value, "round_to_source": "user"}
+
+
+def check_speedup(latency: dict[str, Any] | None, min_speedup: float | None) -> None:
+    """--min-speedup: a measured speed-up below the floor is a failure, not a warning."""
+    if min_speedup is None:
+        return
+    if latency is None:
+        raise GraphpruneError("--min-speedup needs the latency measurement (drop --no-measure)")
+    if latency["speedup"] < min_speedup:
+        raise SpeedupNotMet(f"measured speed-up {latency['speedup']:.2f}x is below --min-speedup {min_speedup:g}x "
+                            f"({latency['before_ms']:.2f} -> {latency['after_ms']:.2f} ms on {latency['backend']}); "
+                            "nothing written")
+
+
 def _blame_input(original: onnx.ModelProto, feed: dict, expected: list, run: bool = True) -> None:
     """A pruned model failed validation: if the input fails the same checks, say that instead."""
     try:
@@ -90,28 +122,40 @@ def prune(
     target_latency: float | None = None,
     method: str = "l1",
     strategy: str = "global",
-    round_to: int = 1,
+    round_to: int | str = "auto",
+    hardware: str | None = None,
     ignore: tuple[str, ...] | list[str] = (),
     seed: int = 0,
     input_shape: dict[str, tuple[int, ...]] | None = None,
     scores: dict[int, float] | None = None,
     removed: set[int] | frozenset[int] | None = None,
     progress: Progress | None = None,
+    measure: bool = True,
+    min_speedup: float | None = None,
     **method_options: Any,
 ) -> PruneResult:
     """Prune `model` to a cost target and return the validated slim model with a report.
 
     ONNX models (path or ModelProto) come back as a ModelProto; nn.Modules as a smaller nn.Module.
     Pass `scores` to use your own importance, or `removed` to apply an explicit plan.
+    round_to="auto" keeps channel counts at the multiples measured fast on `hardware` ("ort-cpu",
+    the default for ONNX; "cuda-fp16", the default for nn.Modules when CUDA is available).
+    ONNX results are timed against the original on onnxruntime (measure=False skips it);
+    min_speedup turns a measured speed-up below it into SpeedupNotMet.
     """
     if _is_torch_module(model):
         from graphprune.torch_prune import prune_module
 
+        if min_speedup is not None:
+            raise GraphpruneError("min_speedup is measured on onnxruntime: export the module to ONNX first")
+        if hardware is None:
+            hardware = "cuda-fp16" if sys.modules["torch"].cuda.is_available() else "ort-cpu"
         return prune_module(
             model, example_inputs, target_flops=target_flops, target_params=target_params, method=method,
-            strategy=strategy, round_to=round_to, ignore=ignore, seed=seed, scores=scores, removed=removed,
-            progress=progress, **method_options,
+            strategy=strategy, round_to=round_to, hardware=hardware, ignore=ignore, seed=seed, scores=scores,
+            removed=removed, progress=progress, **method_options,
         )
+    hardware = hardware or "ort-cpu"
     say = progress or (lambda _msg: None)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -124,6 +168,7 @@ def prune(
     times["analyze_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    multiples, round_info = resolve_round_to(analysis, round_to, hardware)
     if removed is None:
         kind, target = _parse_target(target_flops, target_params, target_latency)
         if kind == "latency":
@@ -141,8 +186,8 @@ def prune(
             if scores is None:
                 scores = score_classes(analysis, method, seed=seed, loaded=loaded, **method_options)
             say("allocating the budget")
-            plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=round_to,
-                            protected=ignored_classes(analysis, list(ignore)))
+            plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=multiples,
+                            protected=ignored_classes(analysis, list(ignore)), cost_aware=kind == "latency")
     else:
         base = analysis.macs()
         plan = Plan(frozenset(removed), "macs", 1.0, base, analysis.macs(removed))
@@ -178,18 +223,30 @@ def prune(
 
     from graphprune.report.summary import build_report
 
-    report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_to, times=times,
-                          source=loaded.source)
+    report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_info["round_to"],
+                          times=times, source=loaded.source)
+    report["round_to_source"] = round_info["round_to_source"]
     report["validation"] = (["checker", "shape inference"] if custom
                             else ["checker", "shape inference", "onnxruntime run"])
     if custom:
         report["validation_note"] = f"onnxruntime run skipped: custom op domains {custom}"
-    if plan.kind == "latency":
-        from graphprune.passes.latency_cost import time_model
+    if plan.kind == "latency" and (custom or not measure):
+        raise GraphpruneError("--target-latency is checked by measuring: it cannot be combined with --no-measure "
+                              "or custom op domains")
+    if measure and not custom:
+        from graphprune.backends.ort_backend import measure_speedup
 
-        say("measuring pruned latency")
-        before = time_model(loaded.proto, feed, runs=20)
-        after = time_model(slim, feed, runs=20)
-        report["latency"] = {"backend": "onnxruntime", "threads": 1, "before_ms": before, "after_ms": after,
-                             "ratio": after / before, "predicted_ratio": plan.achieved}
+        say("measuring original vs pruned latency on onnxruntime")
+        lat = measure_speedup(loaded.proto, slim, feed, budget_s=6.0 if plan.kind == "latency" else 3.0,
+                              max_rounds=60 if plan.kind == "latency" else 30, progress=say)
+        lat["flops_speedup"] = 1.0 / report["macs"]["ratio"] if report["macs"]["ratio"] else float("inf")
+        report["latency"] = lat
+        if plan.kind == "latency":
+            # "achieved" is what was measured; the cost model's prediction is kept next to it
+            lat["predicted_ratio"] = plan.achieved
+            report["achieved"] = lat["ratio"]
+            report["target_error"] = abs(lat["ratio"] - plan.target)
+        check_speedup(lat, min_speedup)
+    else:
+        check_speedup(None, min_speedup)
     return PruneResult(slim, analysis, plan, report)

@@ -36,25 +36,68 @@ def _write_json(path: str | None, report: dict) -> None:
         console.print(f"report written to {path}")
 
 
-def _measure(model: str, backend: str, target: str, runs: int, warmup: int, threads: int,
-             db: str | None, rpc: Any) -> dict:
-    from graphprune.backends.macs import count_macs
-    from graphprune.backends.ort_backend import measure_ort, random_inputs
+def _load_pinned(path: str, shapes: dict[str, tuple[int, ...]] | None) -> Any:
+    """The model with dynamic input dims pinned (batch -> 1, others from --input-shape)."""
+    from graphprune.frontends.onnx_frontend import pin_input_shapes, read_model
 
-    row: dict[str, Any] = {"model": model, "macs": count_macs(model)}
+    model, _ = read_model(path)
+    return pin_input_shapes(model, shapes)
+
+
+def _runners(models: list[Any], backend: str, target: str, threads: int, db: str | None, rpc: Any,
+             feeds: dict, say: Callable[[str], None]) -> list[Callable[[], float]]:
+    """One callable per model that runs one inference and returns its milliseconds."""
+    import time
+
     if backend == "ort":
-        stats = measure_ort(model, runs=runs, warmup=warmup, intra_op_threads=threads)
-    else:
-        from graphprune.backends import tvm_backend as tb
+        from graphprune.backends.ort_backend import make_session
 
-        tgt = tb.make_target(target, num_cores=threads or None)
-        mod = tb.import_onnx(model)
+        out = []
+        for m in models:
+            sess = make_session(m, threads, spin=threads == 1)
+
+            def run(sess: Any = sess) -> float:
+                t0 = time.perf_counter()
+                sess.run(None, feeds)
+                return (time.perf_counter() - t0) * 1e3
+
+            out.append(run)
+        return out
+    from graphprune.backends import tvm_backend as tb
+
+    tgt = tb.make_target(target, num_cores=threads or None)
+    names = tb.graph_input_names(models[0])
+    out = []
+    for i, m in enumerate(models):
+        say(f"compiling model {i + 1}/{len(models)} with TVM")
+        mod = tb.import_onnx(m)
         ex = tb.compile_tuned(mod, tgt, db) if db else tb.compile_untuned(mod, tgt)
-        row["tuned"] = bool(db)
-        stats = tb.measure_tvm(ex, tgt, random_inputs(model), tb.graph_input_names(model), runs, warmup, rpc=rpc)
-    row["latency"] = stats.to_dict()
-    row["_stats"] = stats
-    return row
+        out.append(tb.single_run_timer(ex, tgt, feeds, names, rpc=rpc))
+    return out
+
+
+def interleaved_bench(runners: list[Callable[[], float]], runs: int, warmup: int,
+                      on_round: Callable[[int], None] | None = None) -> list[list[float]]:
+    """Warm every model up, then `runs` rounds that each time every model once, in turn.
+
+    Interleaving makes machine noise (other processes, clock changes) hit every model alike; timing
+    one model completely and then the other turns that noise into a fake speed-up or slow-down.
+    """
+    for run in runners:
+        for _ in range(warmup):
+            run()
+    samples: list[list[float]] = [[] for _ in runners]
+    for r in range(runs):
+        for i, run in enumerate(runners):
+            samples[i].append(run())
+        if on_round:
+            on_round(r + 1)
+    return samples
+
+
+def comparison_noise(a: Any, b: Any) -> float:
+    """Relative half-width of the medians' noise (IQR / median, the larger of the two), in percent."""
+    return max(a.iqr_pct, b.iqr_pct) / 2
 
 
 @click.command()
@@ -62,21 +105,32 @@ def _measure(model: str, backend: str, target: str, runs: int, warmup: int, thre
 @click.option("--compare", type=click.Path(exists=True, dir_okay=False), help="Pruned model to compare against MODEL.")
 @click.option("--backend", type=click.Choice(["ort", "tvm"]), default="ort", show_default=True)
 @click.option("--target", type=click.Choice(["llvm", "cuda"]), default="llvm", show_default=True, help="TVM target.")
-@click.option("--runs", default=50, show_default=True, help="Timed runs per model.")
-@click.option("--warmup", default=5, show_default=True, help="Untimed runs before timing.")
+@click.option("--runs", default=50, show_default=True, help="Timed rounds (each round runs every model once).")
+@click.option("--warmup", default=5, show_default=True, help="Untimed runs per model before timing.")
 @click.option("--threads", default=1, show_default=True, help="Intra-op threads (ORT) / cores (TVM).")
+@click.option("--input-shape", help="Static input shape for dynamic models, e.g. 1,3,224,224.")
+@click.option("--strict", is_flag=True, help="Exit 4 when the noise makes the comparison meaningless.")
 @click.option("--db", type=click.Path(file_okay=False), help="TVM: compile with this tuning database.")
 @click.option("--rpc-tracker", help="TVM: measure on a remote device, tracker host:port.")
 @click.option("--rpc-key", default="graphprune", show_default=True, help="TVM: device key at the tracker.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @_one_line_errors
 def bench(model: str, compare: str | None, backend: str, target: str, runs: int, warmup: int, threads: int,
-          db: str | None, rpc_tracker: str | None, rpc_key: str, json_path: str | None) -> None:
-    """Latency (median, p90, spread) of MODEL, and of --compare, with speed-up vs MAC ratio."""
-    from graphprune.backends.latency import speedup
+          input_shape: str | None, strict: bool, db: str | None, rpc_tracker: str | None, rpc_key: str,
+          json_path: str | None) -> None:
+    """Latency (median, p90, spread) of MODEL, and of --compare in interleaved rounds, with speed-up vs MAC ratio."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from graphprune.backends.latency import LatencyStats, speedup
+    from graphprune.backends.macs import count_macs
+    from graphprune.backends.ort_backend import random_inputs
+    from graphprune.cli import parse_shape
+    from graphprune.frontends.onnx_frontend import interface_mismatch
 
     if backend == "ort" and target != "llvm":
         raise GraphpruneError("--target only applies to --backend tvm (onnxruntime runs on CPU here)")
+    if runs < 3 or warmup < 0:
+        raise GraphpruneError("--runs must be at least 3 and --warmup at least 0")
     rpc = None
     if rpc_tracker:
         if backend != "tvm":
@@ -84,23 +138,50 @@ def bench(model: str, compare: str | None, backend: str, target: str, runs: int,
         from graphprune.backends.tvm_backend import parse_tracker
 
         rpc = parse_tracker(rpc_tracker, rpc_key)
-    rows = [_measure(m, backend, target, runs, warmup, threads, db, rpc) for m in [model, compare] if m]
-    table = Table(title=f"latency ({backend}{'/' + target if backend == 'tvm' else ''}, {runs} runs)")
-    for col in ("model", "MMACs", "median ms", "p90 ms", "stdev ms", "spread"):
+    shapes = parse_shape(input_shape)
+    paths = [m for m in (model, compare) if m]
+    models = [_load_pinned(p, shapes) for p in paths]
+    if len(models) == 2:
+        why = interface_mismatch(models[0], models[1])
+        if why:
+            raise GraphpruneError(f"{compare} is not a drop-in replacement for {model}: {why}")
+    feeds = random_inputs(models[0])
+    with Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as progress:
+        bar = progress.add_task("preparing", total=runs)
+        runners = _runners(models, backend, target, threads, db, rpc, feeds,
+                           lambda msg: progress.update(bar, description=msg))
+        progress.update(bar, description=f"warm-up ({warmup} runs per model)")
+        samples = interleaved_bench(runners, runs, warmup,
+                                    lambda r: progress.update(bar, completed=r, description="interleaved rounds"))
+    stats = [LatencyStats.from_samples(s) for s in samples]
+    macs = [count_macs(m) for m in models]
+    table = Table(title=f"latency ({backend}{'/' + target if backend == 'tvm' else ''}, {runs} interleaved rounds)")
+    for col in ("model", "MMACs", "median ms", "p90 ms", "IQR", "spread"):
         table.add_column(col, justify="left" if col == "model" else "right")
-    for r in rows:
-        s = r["_stats"]
-        table.add_row(Path(r["model"]).name, f"{r['macs'] / 1e6:.1f}", f"{s.median_ms:.3f}", f"{s.p90_ms:.3f}",
-                      f"{s.stdev:.3f}", f"{s.spread_pct:.1f}%")
+    for p, s, mc in zip(paths, stats, macs):
+        table.add_row(Path(p).name, f"{mc / 1e6:.1f}", f"{s.median_ms:.3f}", f"{s.p90_ms:.3f}",
+                      f"{s.iqr_pct:.1f}%", f"{s.spread_pct:.1f}%")
     Console().print(table)
-    report: dict[str, Any] = {"backend": backend, "target": target, "runs": runs,
-                              "models": [{k: v for k, v in r.items() if k != "_stats"} for r in rows]}
-    if len(rows) == 2:
-        sp = speedup(rows[0]["_stats"], rows[1]["_stats"])
-        ratio = rows[0]["macs"] / rows[1]["macs"] if rows[1]["macs"] else float("nan")
-        Console().print(f"speed-up {sp:.2f}x  (MACs ratio {ratio:.2f}x)")
-        report.update(speedup=sp, macs_ratio=ratio)
+    report: dict[str, Any] = {"backend": backend, "target": target, "runs": runs, "warmup": warmup,
+                              "interleaved": True, "input_shape": input_shape,
+                              "models": [{"model": p, "macs": mc, "latency": s.to_dict()}
+                                         for p, s, mc in zip(paths, stats, macs)]}
+    noisy = False
+    if len(stats) == 2:
+        sp = speedup(stats[0], stats[1])
+        ratio = macs[0] / macs[1] if macs[1] else float("nan")
+        noise = comparison_noise(stats[0], stats[1])
+        Console().print(f"speed-up {sp:.2f}x  (MACs ratio {ratio:.2f}x)  noise ±{noise:.1f}%")
+        noisy = abs(sp - 1) * 100 < noise or noise > 10
+        report.update(speedup=sp, macs_ratio=ratio, noise_pct=noise, meaningful=not noisy)
+        if noisy:
+            click.secho(f"WARNING: timing noise (±{noise:.1f}%, IQR/2 of the noisier model) is too large for this "
+                        f"comparison: {sp:.2f}x is not a reliable speed-up. Close other programs, add --runs, or "
+                        "pin the process to idle cores.", err=True, fg="red", bold=True)
     _write_json(json_path, report)
+    if noisy and strict:
+        sys.exit(4)
 
 
 @click.command()

@@ -11,3 +11,9 @@ class GraphpruneError(Exception):
     def __init__(self, message: object = "") -> None:
         text = str(message).replace("\r", "\\r").replace("\n", "\\n")
         super().__init__(text)
+
+
+class SpeedupNotMet(GraphpruneError):
+    """The measured speed-up is below --min-speedup: the CLI exits with code 3 and writes nothing."""
+
+    exit_code = 3

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from graphprune.api import Progress, PruneResult, _parse_target, score_classes
+from graphprune.api import Progress, PruneResult, _parse_target, resolve_round_to, score_classes
 from graphprune.errors import GraphpruneError
 from graphprune.frontends.fx_frontend import TracedModule, analyze_traced, trace_module
 from graphprune.passes.allocate import Plan, allocate, ignored_classes
@@ -51,7 +51,8 @@ def prune_module(
     target_params: float | None = None,
     method: str = "l1",
     strategy: str = "global",
-    round_to: int = 1,
+    round_to: int | str = "auto",
+    hardware: str = "cuda-fp16",
     ignore: tuple[str, ...] | list[str] = (),
     seed: int = 0,
     scores: dict[int, float] | None = None,
@@ -81,6 +82,7 @@ def prune_module(
     times["analyze_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    multiples, round_info = resolve_round_to(analysis, round_to, hardware)
     if removed is None:
         kind, target = _parse_target(target_flops, target_params, None)
         if method in TRAINING_METHODS:
@@ -99,7 +101,7 @@ def prune_module(
                 else:
                     scores = score_classes(analysis, method, seed=seed, **opts)
             say("allocating the budget")
-            plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=round_to,
+            plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=multiples,
                             protected=ignored_classes(analysis, list(ignore)))
     else:
         plan = Plan(frozenset(removed), "macs", 1.0, analysis.macs(), analysis.macs(removed))
@@ -115,8 +117,9 @@ def prune_module(
     _validate(slim, traced)
     times["validate_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - t0
-    report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_to, times=times,
-                          source=f"torch:{type(model).__name__}")
+    report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_info["round_to"],
+                          times=times, source=f"torch:{type(model).__name__}")
+    report["round_to_source"] = round_info["round_to_source"]
     report["module_type"] = type(slim).__name__
     return PruneResult(slim, analysis, plan, report)
 

@@ -430,6 +430,29 @@ def measure_tvm(
     return _stats_from_evaluator(vm, dev, args, runs, warmup)
 
 
+def single_run_timer(executable: Any, target: Any, feeds: dict[str, np.ndarray], input_order: list[str],
+                     rpc: RPCSpec | None = None) -> Callable[[], float]:
+    """A callable timing one inference (ms, measured on the device), for interleaved benchmarking."""
+    tvm = require_tvm()
+    from tvm import relax
+
+    if rpc is None:
+        dev = device_for(target)
+        vm = relax.VirtualMachine(executable, dev)
+    else:
+        remote = connect(rpc)
+        with tempfile.TemporaryDirectory() as tmp:
+            lib = Path(tmp) / "graphprune_model.so"
+            export_library(executable, lib)
+            remote.upload(str(lib))
+            rexec = remote.load_module(lib.name)
+        dev = device_for(target, remote)
+        vm = relax.VirtualMachine(rexec, dev)
+    args = [tvm.runtime.tensor(feeds[n], dev) for n in input_order]
+    timer = vm.time_evaluator("main", dev, number=1, repeat=1, min_repeat_ms=0)
+    return lambda: float(timer(*args).results[0]) * 1e3
+
+
 def connect(rpc: RPCSpec) -> Any:
     """An RPC session to the device registered at the tracker under `rpc.key`."""
     require_tvm()

@@ -116,11 +116,16 @@ def render_tables(report: dict[str, Any], console: Any, max_groups: int = 40) ->
                         f"{lat['ratio']:.2%}")
     console.print(summary)
     t = report["target"]
+    predicted = f" (measured; predicted {lat['predicted_ratio']:.2%})" if lat and "predicted_ratio" in lat else ""
     console.print(
-        f"target {t['kind']} {t['fraction']:.2%}  achieved {report['achieved']:.2%}  "
+        f"target {t['kind']} {t['fraction']:.2%}  achieved {report['achieved']:.2%}{predicted}  "
         f"error {report['target_error']:.3%}  method {report['method']}/{report['strategy']}  "
+        f"round_to {report.get('round_to')} ({report.get('round_to_source', 'user')})  "
         f"time {report['time'].get('total_s', 0):.2f}s"
     )
+    if lat:
+        console.print(f"[bold]speed-up {lat['speedup']:.2f}x[/] measured ({lat['backend']}, {lat['threads']} thread, "
+                      f"{lat['rounds']} interleaved rounds)  vs  FLOPs reduction {lat['flops_speedup']:.2f}x")
     groups = Table(title="channel groups", show_header=True)
     for col in ("group", "channels", "kept", "MACs share", "state", "layers"):
         groups.add_column(col, justify="right" if col in ("channels", "kept", "MACs share") else "left")
