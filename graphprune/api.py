@@ -169,6 +169,12 @@ def prune(
 
     t = time.perf_counter()
     multiples, round_info = resolve_round_to(analysis, round_to, hardware)
+    custom = custom_domains(loaded.proto)
+    feed = random_feed(loaded.proto, loaded.graph, seed)
+    slim = lat = None
+    if target_latency is not None and removed is None and (custom or not measure):
+        raise GraphpruneError("--target-latency is checked by measuring: it cannot be combined with --no-measure "
+                              "or custom op domains")
     if removed is None:
         kind, target = _parse_target(target_flops, target_params, target_latency)
         if kind == "latency":
@@ -186,8 +192,24 @@ def prune(
             if scores is None:
                 scores = score_classes(analysis, method, seed=seed, loaded=loaded, **method_options)
             say("allocating the budget")
-            plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=multiples,
-                            protected=ignored_classes(analysis, list(ignore)), cost_aware=kind == "latency")
+            protected = ignored_classes(analysis, list(ignore))
+
+            def allocate_at(goal: float) -> Plan:
+                return allocate(analysis, scores, target=goal, kind=kind, strategy=strategy, round_to=multiples,
+                                protected=protected, cost_aware=kind == "latency")
+
+            if kind == "latency":
+                from graphprune.backends.ort_backend import measure_speedup
+                from graphprune.passes.latency_cost import fit_to_measured
+
+                say("fitting the plan to measured latency")
+                plan, slim, lat, history = fit_to_measured(
+                    target, allocate_at, lambda p: rewrite_onnx(loaded.proto, analysis, p.removed),
+                    lambda m: measure_speedup(loaded.proto, m, feed, budget_s=4.0, max_rounds=40, progress=say))
+                lat["calibration"] = history
+                plan = Plan(plan.removed, plan.kind, target, plan.base_cost, plan.cost, plan.kept)
+            else:
+                plan = allocate_at(target)
     else:
         base = analysis.macs()
         plan = Plan(frozenset(removed), "macs", 1.0, base, analysis.macs(removed))
@@ -195,14 +217,13 @@ def prune(
 
     t = time.perf_counter()
     say("rewriting the graph")
-    slim = rewrite_onnx(loaded.proto, analysis, plan.removed)
+    if slim is None:
+        slim = rewrite_onnx(loaded.proto, analysis, plan.removed)
     times["rewrite_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     say("validating (checker, shape inference, onnxruntime)")
-    feed = random_feed(loaded.proto, loaded.graph, seed)
     expected = [loaded.graph.shape(o) for o in loaded.graph.outputs]
-    custom = custom_domains(loaded.proto)
     if custom:
         say(f"custom op domains {custom}: onnxruntime stage skipped")
         if any(s is None for s in expected):
@@ -230,15 +251,12 @@ def prune(
                             else ["checker", "shape inference", "onnxruntime run"])
     if custom:
         report["validation_note"] = f"onnxruntime run skipped: custom op domains {custom}"
-    if plan.kind == "latency" and (custom or not measure):
-        raise GraphpruneError("--target-latency is checked by measuring: it cannot be combined with --no-measure "
-                              "or custom op domains")
     if measure and not custom:
         from graphprune.backends.ort_backend import measure_speedup
 
-        say("measuring original vs pruned latency on onnxruntime")
-        lat = measure_speedup(loaded.proto, slim, feed, budget_s=6.0 if plan.kind == "latency" else 3.0,
-                              max_rounds=60 if plan.kind == "latency" else 30, progress=say)
+        if lat is None:
+            say("measuring original vs pruned latency on onnxruntime")
+            lat = measure_speedup(loaded.proto, slim, feed, budget_s=3.0, max_rounds=30, progress=say)
         lat["flops_speedup"] = 1.0 / report["macs"]["ratio"] if report["macs"]["ratio"] else float("inf")
         report["latency"] = lat
         if plan.kind == "latency":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -149,3 +149,33 @@ def register_latency_cost(analysis: Analysis, loaded: LoadedModel, runs: int = 8
     analysis.extra_costs["latency"] = terms
     analysis.latency_info = info  # type: ignore[attr-defined]
     return "latency"
+
+
+def fit_to_measured(target: float, allocate_at: Callable[[float], Any], rewrite: Callable[[Any], onnx.ModelProto],
+                    measure: Callable[[onnx.ModelProto], dict], iterations: int = 3,
+                    tolerance: float = 0.03) -> tuple[Any, onnx.ModelProto, dict, list[dict]]:
+    """Close the loop between the latency model and the clock.
+
+    The per-layer model predicts, the pruned model is measured (interleaved with the original), and
+    the model's target is rescaled by target / measured for the next try, up to `iterations` times.
+    Returns the plan whose measured ratio is the largest one not above target * (1 + tolerance)
+    (the most capacity within the budget), or the fastest one if none fits, with its model,
+    measurement and the history of tries.
+    """
+    internal = target
+    tries: list[tuple[Any, onnx.ModelProto, dict]] = []
+    history = []
+    for _ in range(iterations):
+        plan = allocate_at(internal)
+        slim = rewrite(plan)
+        lat = measure(slim)
+        tries.append((plan, slim, lat))
+        history.append({"model_target": round(internal, 5), "predicted_ratio": round(plan.achieved, 5),
+                        "measured_ratio": round(lat["ratio"], 5)})
+        if abs(lat["ratio"] - target) <= tolerance * target:
+            break
+        internal = min(1.0, max(0.02, internal * target / max(lat["ratio"], 1e-6)))
+    fitting = [t for t in tries if t[2]["ratio"] <= target * (1 + tolerance)]
+    plan, slim, lat = (max(fitting, key=lambda t: t[2]["ratio"]) if fitting
+                       else min(tries, key=lambda t: t[2]["ratio"]))
+    return plan, slim, lat, history
