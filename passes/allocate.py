@@ -156,6 +156,7 @@ def allocate(
     protected: set[int] | None = None,
     tolerance: float = 0.002,
     cost_aware: bool = False,
+    value_kind: str | None = "macs",
 ) -> Plan:
     """Pick classes to remove so that cost(kind) <= target * original cost, as tightly as possible.
 
@@ -164,9 +165,11 @@ def allocate(
     multiple for all groups or a multiple per group id (see group_multiples).
 
     cost_aware=False removes the least important chunk first (cost only decides when to stop);
-    cost_aware=True removes the chunk with the least importance per unit of cost saved first, the
-    greedy solution of the knapsack "keep the most importance within the budget" (HALP). Used for
-    latency targets, where a channel's cost differs a lot between layers.
+    cost_aware=True removes the chunk with the least value per unit of cost saved first, the greedy
+    solution of the knapsack "keep the most value within the budget" (as in HALP). A chunk's value
+    is its importance times the MACs it holds (`value_kind`; None: importance alone), so at equal
+    importance a channel that does more work per millisecond is kept: used for latency targets,
+    where a MAC costs very different time in different layers (depthwise, 1x1, early layers).
     """
     if not 0 < target <= 1:
         raise GraphpruneError(f"target must be a fraction in (0, 1], got {target}")
@@ -186,18 +189,28 @@ def allocate(
         _uniform(analysis, chunks, cost, goal, removed, next_chunk)
     elif strategy != "global":
         raise GraphpruneError(f"unknown strategy {strategy!r} (use global or uniform)")
+    work = IncrementalCost(analysis, value_kind) if cost_aware and value_kind else None
+    if work is not None:
+        for r in removed:  # (uniform's bisection left these removed)
+            work.remove(r)
+
+    def delta(counter: IncrementalCost, c: list[int]) -> float:
+        before = counter.total
+        for r in c:
+            counter.remove(r)
+        saved = (before - counter.total) / counter.base_total if counter.base_total else 0.0
+        for r in c:
+            counter.restore(r)
+        return saved
+
     def priority(gid: int, i: int) -> float:
         c = chunks[gid][i]
         importance = sum(scores.get(r, 0.0) for r in c)
         if not cost_aware:
             return importance / len(c)
-        before = cost.total
-        for r in c:
-            cost.remove(r)
-        saved = (before - cost.total) / cost.base_total
-        for r in c:
-            cost.restore(r)
-        return importance / len(scores) / saved if saved > 1e-12 else float("inf")
+        saved = delta(cost, c)
+        value = importance / len(scores) * (delta(work, c) if work is not None else 1.0)
+        return value / saved if saved > 1e-12 else float("inf")
 
     heap = [(priority(gid, i), gid, i) for gid, i in next_chunk.items() if i < len(chunks[gid])]
     heapq.heapify(heap)
@@ -228,6 +241,9 @@ def allocate(
                 cost.restore(r)
             continue
         removed.update(chunks[gid][i])
+        if work is not None:
+            for r in chunks[gid][i]:
+                work.remove(r)
         taken.append((score, gid, i))
         if i + 1 < len(chunks[gid]):
             c = chunks[gid][i + 1]
