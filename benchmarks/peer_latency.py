@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--tp-steps", type=int, default=12, help="Bisection steps for Torch-Pruning's ratio.")
     ap.add_argument("--workers", type=int, default=min(7, os.cpu_count() or 1))
+    ap.add_argument("--no-gpu", action="store_true", help="CPU rows only, even where a GPU is visible.")
     ap.add_argument("--quick", action="store_true", help="Few rounds and steps: a smoke run, not results.")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--doc", action="store_true", help="Also rewrite the table in docs/benchmarks.md.")
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.gpu_rounds, args.tp_steps = 5, 3, 5
     import torch
 
-    gpu = torch.cuda.is_available()
+    gpu = torch.cuda.is_available() and not args.no_gpu
     workdir = tempfile.mkdtemp(prefix="peer-latency-")
     t0 = time.perf_counter()
     import multiprocessing
