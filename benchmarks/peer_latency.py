@@ -217,9 +217,8 @@ def _time_gpu_batch(models: dict, bs: int, size: int, rounds: int) -> dict:
             "speedup": {k: med["original"] / med[k] for k in med if k != "original"}}
 
 
-def render(report: dict) -> str:
+def render(report: dict, src: str = "benchmarks/results/peer_latency.json") -> str:
     """The markdown tables of docs/benchmarks.md, from a results file alone."""
-    src = "benchmarks/results/peer_latency.json"
     lines = [f"<!-- results: {src} (benchmarks/peer_latency.py) -->",
              f"Machine: {report['machine']}. Target {report['target']:.0%} FLOPs, input {report['size']}x{report['size']}, "
              f"interleaved medians, one run ({report['date']}); "
@@ -270,9 +269,9 @@ def latency_wins(r: dict) -> bool:
             and r["graphprune_latency"]["macs_ratio"] > r["graphprune"]["macs_ratio"])
 
 
-def update_doc(text: str, doc: Path = DOC) -> None:
-    """Replace the peer_latency block of docs/benchmarks.md (or append it)."""
-    start = "<!-- results: benchmarks/results/peer_latency.json"
+def update_doc(text: str, src: str = "benchmarks/results/peer_latency.json", doc: Path = DOC) -> None:
+    """Replace this results file's block in docs/benchmarks.md (or append it)."""
+    start = f"<!-- results: {src} "
     old = doc.read_text()
     if start in old:
         head, rest = old.split(start, 1)
@@ -300,10 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render", type=Path, help="Only print (and with --doc, write) the tables of a results file.")
     args = ap.parse_args(argv)
     if args.render:
-        text = render(json.loads(args.render.read_text()))
+        src = args.render.resolve().relative_to(DOC.parent.parent).as_posix()
+        text = render(json.loads(args.render.read_text()), src)
         print(text)
         if args.doc:
-            update_doc(text)
+            update_doc(text, src)
         return 0
     if args.quick:
         args.rounds, args.gpu_rounds, args.tp_steps = 5, 3, 5
@@ -341,10 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         report["total_s"] = round(time.perf_counter() - t0, 1)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")  # after each model: a timeout keeps what ran
-    text = render(report)
+    src = args.out.resolve().relative_to(DOC.parent.parent).as_posix() if args.doc else str(args.out)
+    text = render(report, src)
     print(text)
     if args.doc:
-        update_doc(text)
+        update_doc(text, src)
     return 0
 
 
