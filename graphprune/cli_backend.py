@@ -197,19 +197,24 @@ def bench(model: str, compare: str | None, backend: str, target: str, runs: int,
 @click.option("--rpc-key", default="graphprune", show_default=True)
 @click.option("--retune", is_flag=True, help="Tune kernels even when the database already has them.")
 @click.option("--no-check", is_flag=True, help="Skip the output check against onnxruntime.")
+@click.option("--input-shape", help="Static input shape for dynamic models, e.g. 1,3,224,224 (dynamic batch -> 1).")
+@click.option("--verbose", is_flag=True, help="Show TVM's own log on the terminal (it always goes to DB/logs/).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @_one_line_errors
 def tune(model: str, target: str, trials: int, trials_per_task: int | None, db_dir: str, output: str | None,
          num_cores: int | None, rpc_tracker: str | None, rpc_key: str, retune: bool, no_check: bool,
-         json_path: str | None) -> None:
+         input_shape: str | None, verbose: bool, json_path: str | None) -> None:
     """MetaSchedule-tune MODEL with TVM, reusing the database in --db; optionally export a library."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from graphprune.backends import tvm_backend as tb
+    from graphprune.cli import parse_shape
 
     tgt = tb.make_target(target, num_cores=num_cores)
     rpc = tb.parse_tracker(rpc_tracker, rpc_key) if rpc_tracker else None
-    mod = tb.import_onnx(model)
+    # dynamic dims are pinned before import: MetaSchedule extracts tasks from static shapes only
+    pinned = _load_pinned(model, parse_shape(input_shape))
+    mod = tb.import_onnx(pinned)
     with Progress(TextColumn("[bold]tuning[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
         bar = progress.add_task("", total=None)
@@ -221,11 +226,12 @@ def tune(model: str, target: str, trials: int, trials_per_task: int | None, db_d
             progress.update(bar, advance=n, description=name)
 
         result = tb.tune(mod, tgt, db_dir, trials, trials_per_task=trials_per_task, rpc=rpc, retune=retune,
-                         on_start=on_start, on_trials=on_trials)
-    report: dict[str, Any] = {"model": model, "target": str(tgt), **result.to_dict()}
+                         on_start=on_start, on_trials=on_trials, quiet=not verbose)
+    report: dict[str, Any] = {"model": model, "target": str(tgt), "input_shape": input_shape,
+                              "tvm_log_dir": str(Path(db_dir) / "logs"), **result.to_dict()}
     ex = tb.compile_tuned(mod, tgt, db_dir)
     if not no_check and rpc is None:
-        report["max_abs_diff_vs_ort"] = tb.check_against_ort(ex, tgt, model)
+        report["max_abs_diff_vs_ort"] = tb.check_against_ort(ex, tgt, pinned)
     if output:
         report["library"] = str(tb.export_library(ex, output))
     table = Table(title="tuning")
@@ -236,6 +242,7 @@ def tune(model: str, target: str, trials: int, trials_per_task: int | None, db_d
     table.add_row("new trials", str(result.new_trials))
     table.add_row("db records", f"{result.db_records_before} -> {result.db_records_after}")
     table.add_row("time", f"{result.seconds:.1f} s")
+    table.add_row("TVM log", str(Path(db_dir) / "logs"))
     if "max_abs_diff_vs_ort" in report:
         table.add_row("max |tvm - ort|", f"{report['max_abs_diff_vs_ort']:.2e}")
     if output:

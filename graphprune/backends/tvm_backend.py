@@ -250,6 +250,7 @@ def tune(
     on_start: Callable[[list[str], int], None] | None = None,
     on_trials: Callable[[str, int], None] | None = None,
     seed: int = 0,
+    quiet: bool = True,
 ) -> TuneResult:
     """MetaSchedule-tune every fused kernel of `mod`, recording into the JSON database in `db_dir`.
 
@@ -284,6 +285,9 @@ def tune(
 
     if todo:
         _drop_unnamed_handlers("tvm.s_tir.meta_schedule")
+        # MetaSchedule sizes its console handler from this logger's level and always logs everything
+        # to files under <db>/logs: WARNING keeps its INFO lines and task tables off the terminal
+        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING if quiet else logging.INFO)
         work_dir = str(db_dir)
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             todo, work_dir, strategy=_search_strategy(per_task), num_threads=int(target.attrs.get("num-cores", default_num_cores())), seed=seed
