@@ -86,30 +86,50 @@ def _single_op(analysis: Analysis, node: Node, fin: float, fout: float) -> tuple
 
 def layer_latency_table(analysis: Analysis, runs: int = 8, threads: int = 1,
                         progress: Callable[[str], None] | None = None) -> list[LayerLatency]:
-    """Measure and fit every weighted op that the MAC model knows about."""
-    rows = []
+    """Measure and fit every weighted op that the MAC model knows about.
+
+    All probes (every layer at every width) are timed in interleaved rounds and their medians
+    taken, so a burst of machine noise shifts every layer alike instead of reordering them: the
+    plan built on the table is then stable from run to run.
+    """
+    from graphprune.backends.ort_backend import interleaved_samples
+
     by_name = analysis.graph.node_by_name
     terms = analysis.mac_terms
+    probes: list[tuple[int, float, onnx.ModelProto, dict]] = []  # (term index, kept product, model, feed)
     for i, term in enumerate(terms):
         node = by_name[term.node]
-        if progress and i % 10 == 0:
-            progress(f"measuring layer latency {i + 1}/{len(terms)}")
         in_t = node.inputs[0] in term.tensors
         out_t = node.outputs[0] in term.tensors
-        xs, ys = [], []
         for f in FRACTIONS:
             built = _single_op(analysis, node, f if in_t else 1.0, f)
             if built is None:
                 break
-            try:
-                ms = time_model(built[0], built[1], runs=runs, threads=threads)
-            except Exception:
-                break
-            xs.append((f if in_t else 1.0) * (f if out_t else 1.0))
-            ys.append(ms)
-        if len(xs) < 2:
+            probes.append((i, (f if in_t else 1.0) * (f if out_t else 1.0), built[0], built[1]))
+    medians: dict[int, list[tuple[float, float]]] = {}
+    if probes:
+        if progress:
+            progress(f"measuring layer latency ({len(terms)} layers, {len(probes)} probes, interleaved)")
+        try:
+            samples = interleaved_samples([p[2] for p in probes], [p[3] for p in probes], rounds=runs,
+                                          warmup=2, intra_op_threads=threads)
+        except Exception:  # a probe onnxruntime cannot run: time the probes one by one instead
+            samples = []
+            for _, _, model, feed in probes:
+                try:
+                    samples.append(sample_ort(model, feed, runs, warmup=2, intra_op_threads=threads))
+                except Exception:
+                    samples.append([])
+        for (i, x, _, _), s in zip(probes, samples):
+            if s:
+                medians.setdefault(i, []).append((x, statistics.median(s)))
+    rows = []
+    for i, term in enumerate(terms):
+        pts = medians.get(i, [])
+        if len(pts) < 2:
             rows.append(LayerLatency(term.node, 0.0, 0.0, term.tensors))
             continue
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         b, a = np.polyfit(xs, ys, 1)
         b = max(float(b), 0.0)
         a = max(float(np.mean(ys) - b * np.mean(xs)), 0.0)
