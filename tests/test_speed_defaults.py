@@ -1,7 +1,5 @@
 """--round-to auto, the measured speed-up in every prune, --min-speedup, and an interleaved `bench` (not timed)."""
 import json
-import subprocess
-import sys
 
 import onnx
 import pytest
@@ -12,15 +10,7 @@ from graphprune.examples import example_cnn
 from graphprune.passes.allocate import group_multiples
 
 
-def run_cli(*args: str, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "graphprune.cli", *args], capture_output=True, text=True, env=env)
-
-
-@pytest.fixture()
-def example(tmp_path):
-    path = tmp_path / "example.onnx"
-    onnx.save(example_cnn(), path)
-    return path
+from test_cli import example, run_cli  # noqa: F401,E402  (example is a fixture)
 
 
 def _kept_counts(result):

@@ -95,7 +95,7 @@ def _ort_timer(rounds: int) -> Callable[[str, int, int], tuple[float, float]]:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from graphprune.backends.ort_backend import make_session
+    from graphprune.backends.ort_backend import sample_ort
 
     rng = np.random.default_rng(0)
 
@@ -108,15 +108,8 @@ def _ort_timer(rounds: int) -> Callable[[str, int, int], tuple[float, float]]:
                                   [helper.make_empty_tensor_value_info("y")], [numpy_helper.from_array(w, "w")])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
-        sess = make_session(model, intra_op_threads=1)
         feed = {"x": rng.standard_normal((1, c, size, size)).astype(np.float32)}
-        for _ in range(2):
-            sess.run(None, feed)
-        samples = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            sess.run(None, feed)
-            samples.append((time.perf_counter() - t0) * 1e3)
+        samples = sample_ort(model, feed, rounds, warmup=2, intra_op_threads=1)
         macs = float(c * (c // group) * k * k * size * size)
         return macs, statistics.median(samples)
 

@@ -414,29 +414,13 @@ def measure_tvm(
     rpc: RPCSpec | None = None,
 ) -> LatencyStats:
     """Latency of a compiled model, locally or on the device behind an RPC tracker."""
-    tvm = require_tvm()
-    from tvm import relax
-
-    if rpc is None:
-        dev = device_for(target)
-        vm = relax.VirtualMachine(executable, dev)
-        args = [tvm.runtime.tensor(feeds[n], dev) for n in input_order]
-        return _stats_from_evaluator(vm, dev, args, runs, warmup)
-    remote = connect(rpc)
-    with tempfile.TemporaryDirectory() as tmp:
-        lib = Path(tmp) / "graphprune_model.so"
-        export_library(executable, lib)
-        remote.upload(str(lib))
-        rexec = remote.load_module(lib.name)
-    dev = device_for(target, remote)
-    vm = relax.VirtualMachine(rexec, dev)
-    args = [tvm.runtime.tensor(feeds[n], dev) for n in input_order]
+    vm, dev, args = _vm_on_device(executable, target, feeds, input_order, rpc)
     return _stats_from_evaluator(vm, dev, args, runs, warmup)
 
 
-def single_run_timer(executable: Any, target: Any, feeds: dict[str, np.ndarray], input_order: list[str],
-                     rpc: RPCSpec | None = None) -> Callable[[], float]:
-    """A callable timing one inference (ms, measured on the device), for interleaved benchmarking."""
+def _vm_on_device(executable: Any, target: Any, feeds: dict[str, np.ndarray], input_order: list[str],
+                  rpc: RPCSpec | None) -> tuple[Any, Any, list[Any]]:
+    """A VM for the compiled model on the local device, or uploaded to the RPC device, and its inputs."""
     tvm = require_tvm()
     from tvm import relax
 
@@ -452,7 +436,13 @@ def single_run_timer(executable: Any, target: Any, feeds: dict[str, np.ndarray],
             rexec = remote.load_module(lib.name)
         dev = device_for(target, remote)
         vm = relax.VirtualMachine(rexec, dev)
-    args = [tvm.runtime.tensor(feeds[n], dev) for n in input_order]
+    return vm, dev, [tvm.runtime.tensor(feeds[n], dev) for n in input_order]
+
+
+def single_run_timer(executable: Any, target: Any, feeds: dict[str, np.ndarray], input_order: list[str],
+                     rpc: RPCSpec | None = None) -> Callable[[], float]:
+    """A callable timing one inference (ms, measured on the device), for interleaved benchmarking."""
+    vm, dev, args = _vm_on_device(executable, target, feeds, input_order, rpc)
     timer = vm.time_evaluator("main", dev, number=1, repeat=1, min_repeat_ms=0)
     return lambda: float(timer(*args).results[0]) * 1e3
 
