@@ -93,6 +93,16 @@ def resolve_round_to(analysis: Analysis, round_to: int | str, hardware: str) -> 
     return value, {"round_to": value, "round_to_source": "user"}
 
 
+def measure_budget_s(default: float) -> float:
+    """Seconds the speed-up measurement may take (at least 5 interleaved rounds still run);
+    GRAPHPRUNE_MEASURE_S overrides the default, e.g. to keep CI fast or to measure longer."""
+    value = os.environ.get("GRAPHPRUNE_MEASURE_S")
+    try:
+        return max(0.0, float(value)) if value else default
+    except ValueError:
+        raise GraphpruneError(f"GRAPHPRUNE_MEASURE_S must be a number of seconds, got {value!r}") from None
+
+
 def check_speedup(latency: dict[str, Any] | None, min_speedup: float | None) -> None:
     """--min-speedup: a measured speed-up below the floor is a failure, not a warning."""
     if min_speedup is None:
@@ -205,7 +215,8 @@ def prune(
                 say("fitting the plan to measured latency")
                 plan, slim, lat, history = fit_to_measured(
                     target, allocate_at, lambda p: rewrite_onnx(loaded.proto, analysis, p.removed),
-                    lambda m: measure_speedup(loaded.proto, m, feed, budget_s=4.0, max_rounds=40, progress=say))
+                    lambda m: measure_speedup(loaded.proto, m, feed, budget_s=measure_budget_s(4.0), max_rounds=40,
+                                              progress=say))
                 lat["calibration"] = history
                 plan = Plan(plan.removed, plan.kind, target, plan.base_cost, plan.cost, plan.kept)
             else:
@@ -256,7 +267,8 @@ def prune(
 
         if lat is None:
             say("measuring original vs pruned latency on onnxruntime")
-            lat = measure_speedup(loaded.proto, slim, feed, budget_s=3.0, max_rounds=30, progress=say)
+            lat = measure_speedup(loaded.proto, slim, feed, budget_s=measure_budget_s(3.0), max_rounds=30,
+                                  progress=say)
         lat["flops_speedup"] = 1.0 / report["macs"]["ratio"] if report["macs"]["ratio"] else float("inf")
         report["latency"] = lat
         if plan.kind == "latency":
