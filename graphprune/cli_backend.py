@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from graphprune.errors import GraphpruneError
@@ -36,6 +37,21 @@ def _write_json(path: str | None, report: dict) -> None:
         console.print(f"report written to {path}")
 
 
+def _parse_duration(text: str) -> float:
+    """'90', '90s', '10m', '1.5h' -> seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    raw = text.strip().lower()
+    scale = units.get(raw[-1:], None)
+    number = raw[:-1] if scale is not None else raw
+    try:
+        value = float(number) * (scale or 1.0)
+    except ValueError:
+        raise GraphpruneError(f"--time-budget must look like 90s, 10m or 1h, got {text!r}") from None
+    if not value > 0:
+        raise GraphpruneError(f"--time-budget must be positive, got {text!r}")
+    return value
+
+
 def _load_pinned(path: str, shapes: dict[str, tuple[int, ...]] | None) -> Any:
     """The model with dynamic input dims pinned (batch -> 1, others from --input-shape)."""
     from graphprune.frontends.onnx_frontend import pin_input_shapes, read_model
@@ -45,8 +61,12 @@ def _load_pinned(path: str, shapes: dict[str, tuple[int, ...]] | None) -> Any:
 
 
 def _runners(models: list[Any], backend: str, target: str, threads: int, db: str | None, rpc: Any,
-             feeds: dict, say: Callable[[str], None]) -> list[Callable[[], float]]:
-    """One callable per model that runs one inference and returns its milliseconds."""
+             feeds: dict, say: Callable[[str], None], mcpu: str = "generic",
+             coverage: list[dict] | None = None) -> list[Callable[[], float]]:
+    """One callable per model that runs one inference and returns its milliseconds.
+
+    For TVM, each model's kernel coverage by the tuning database is appended to `coverage`.
+    """
     import time
 
     if backend == "ort":
@@ -65,13 +85,21 @@ def _runners(models: list[Any], backend: str, target: str, threads: int, db: str
         return out
     from graphprune.backends import tvm_backend as tb
 
-    tgt = tb.make_target(target, num_cores=threads or None)
+    tgt = tb.make_target(target, num_cores=threads or None, mcpu=None if mcpu == "generic" else mcpu)
     names = tb.graph_input_names(models[0])
     out = []
     for i, m in enumerate(models):
         say(f"compiling model {i + 1}/{len(models)} with TVM")
         mod = tb.import_onnx(m)
         ex = tb.compile_tuned(mod, tgt, db) if db else tb.compile_untuned(mod, tgt)
+        cov = tb.kernel_coverage(mod, tgt, db)
+        # "tuned" only when every kernel runs a measured schedule; the others use the default schedule
+        cov["tuned"] = cov["kernels_tuned"] == cov["kernels"] > 0
+        if cov["kernels_default"]:
+            console.print(f"model {i + 1}: {cov['kernels_tuned']} of {cov['kernels']} kernels have tuning "
+                          f"records; {len(cov['kernels_default'])} run the default schedule")
+        if coverage is not None:
+            coverage.append(cov)
         out.append(tb.single_run_timer(ex, tgt, feeds, names, rpc=rpc))
     return out
 
@@ -111,13 +139,14 @@ def comparison_noise(a: Any, b: Any) -> float:
 @click.option("--input-shape", help="Static input shape for dynamic models, e.g. 1,3,224,224.")
 @click.option("--strict", is_flag=True, help="Exit 4 when the noise makes the comparison meaningless.")
 @click.option("--db", type=click.Path(file_okay=False), help="TVM: compile with this tuning database.")
+@click.option("--mcpu", default="native", show_default=True, help="TVM: LLVM CPU ('native', 'generic' or a name).")
 @click.option("--rpc-tracker", help="TVM: measure on a remote device, tracker host:port.")
 @click.option("--rpc-key", default="graphprune", show_default=True, help="TVM: device key at the tracker.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @_one_line_errors
 def bench(model: str, compare: str | None, backend: str, target: str, runs: int, warmup: int, threads: int,
-          input_shape: str | None, strict: bool, db: str | None, rpc_tracker: str | None, rpc_key: str,
-          json_path: str | None) -> None:
+          input_shape: str | None, strict: bool, db: str | None, mcpu: str, rpc_tracker: str | None,
+          rpc_key: str, json_path: str | None) -> None:
     """Latency (median, p90, spread) of MODEL, and of --compare in interleaved rounds, with speed-up vs MAC ratio."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -149,8 +178,9 @@ def bench(model: str, compare: str | None, backend: str, target: str, runs: int,
     with Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as progress:
         bar = progress.add_task("preparing", total=runs)
+        coverage: list[dict] = []
         runners = _runners(models, backend, target, threads, db, rpc, feeds,
-                           lambda msg: progress.update(bar, description=msg))
+                           lambda msg: progress.update(bar, description=msg), mcpu=mcpu, coverage=coverage)
         progress.update(bar, description=f"warm-up ({warmup} runs per model)")
         samples = interleaved_bench(runners, runs, warmup,
                                     lambda r: progress.update(bar, completed=r, description="interleaved rounds"))
@@ -165,8 +195,8 @@ def bench(model: str, compare: str | None, backend: str, target: str, runs: int,
     Console().print(table)
     report: dict[str, Any] = {"backend": backend, "target": target, "runs": runs, "warmup": warmup,
                               "interleaved": True, "input_shape": input_shape,
-                              "models": [{"model": p, "macs": mc, "latency": s.to_dict()}
-                                         for p, s, mc in zip(paths, stats, macs)]}
+                              "models": [{"model": p, "macs": mc, "latency": s.to_dict(), **cov}
+                                         for p, s, mc, cov in zip(paths, stats, macs, coverage or [{}] * len(paths))]}
     noisy = False
     if len(stats) == 2:
         sp = speedup(stats[0], stats[1])
@@ -187,12 +217,18 @@ def bench(model: str, compare: str | None, backend: str, target: str, runs: int,
 @click.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--target", type=click.Choice(["llvm", "cuda"]), default="llvm", show_default=True)
-@click.option("--trials", default=64, show_default=True, help="Total MetaSchedule trial budget.")
+@click.option("--trials", type=int, help="Total MetaSchedule trial budget (default 64, or unlimited with "
+              "--time-budget).")
+@click.option("--time-budget", "time_budget", help="Stop tuning after this long (e.g. 90s, 10m, 1h); what was "
+              "measured is kept and a later run resumes.")
 @click.option("--trials-per-task", type=int, help="Cap per kernel (default: budget split evenly).")
 @click.option("--db", "db_dir", required=True, type=click.Path(file_okay=False),
               help="Tuning database directory (JSON); reused on later runs.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Export the compiled library (.so).")
 @click.option("--num-cores", type=int, help="Cores of the device to tune for (default: this machine's).")
+@click.option("--mcpu", default="native", show_default=True,
+              help="LLVM CPU to generate code for ('native': this machine's; 'generic': baseline x86-64). "
+              "Give the device's CPU when tuning over RPC.")
 @click.option("--rpc-tracker", help="Measure candidates on a remote device, tracker host:port.")
 @click.option("--rpc-key", default="graphprune", show_default=True)
 @click.option("--retune", is_flag=True, help="Tune kernels even when the database already has them.")
@@ -201,16 +237,21 @@ def bench(model: str, compare: str | None, backend: str, target: str, runs: int,
 @click.option("--verbose", is_flag=True, help="Show TVM's own log on the terminal (it always goes to DB/logs/).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @_one_line_errors
-def tune(model: str, target: str, trials: int, trials_per_task: int | None, db_dir: str, output: str | None,
-         num_cores: int | None, rpc_tracker: str | None, rpc_key: str, retune: bool, no_check: bool,
-         input_shape: str | None, verbose: bool, json_path: str | None) -> None:
+def tune(model: str, target: str, trials: int | None, time_budget: str | None, trials_per_task: int | None,
+         db_dir: str, output: str | None, num_cores: int | None, mcpu: str, rpc_tracker: str | None, rpc_key: str,
+         retune: bool, no_check: bool, input_shape: str | None, verbose: bool, json_path: str | None) -> None:
     """MetaSchedule-tune MODEL with TVM, reusing the database in --db; optionally export a library."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from graphprune.backends import tvm_backend as tb
     from graphprune.cli import parse_shape
 
-    tgt = tb.make_target(target, num_cores=num_cores)
+    budget_s = _parse_duration(time_budget) if time_budget else None
+    if trials is None:
+        trials = 64 if budget_s is None else 1 << 30
+    if trials < 1:
+        raise GraphpruneError(f"--trials must be at least 1, got {trials}")
+    tgt = tb.make_target(target, num_cores=num_cores, mcpu=None if mcpu == "generic" else mcpu)
     rpc = tb.parse_tracker(rpc_tracker, rpc_key) if rpc_tracker else None
     # dynamic dims are pinned before import: MetaSchedule extracts tasks from static shapes only
     pinned = _load_pinned(model, parse_shape(input_shape))
@@ -220,15 +261,18 @@ def tune(model: str, target: str, trials: int, trials_per_task: int | None, db_d
         bar = progress.add_task("", total=None)
 
         def on_start(names: list[str], total: int) -> None:
-            progress.update(bar, total=max(total, 1), description=f"{len(names)} kernel(s) to tune")
+            progress.update(bar, total=max(total, 1) if total < (1 << 29) else None,
+                            description=f"{len(names)} kernel(s) to tune")
 
-        def on_trials(name: str, n: int) -> None:
-            progress.update(bar, advance=n, description=name)
+        def on_trials(name: str, n: int, best_ms: float | None) -> None:
+            best = f"  best {best_ms:.3f} ms" if best_ms is not None else ""
+            progress.update(bar, advance=n, description=escape(f"{name}{best}"))
 
         result = tb.tune(mod, tgt, db_dir, trials, trials_per_task=trials_per_task, rpc=rpc, retune=retune,
-                         on_start=on_start, on_trials=on_trials, quiet=not verbose)
+                         time_budget_s=budget_s, on_start=on_start, on_trials=on_trials, quiet=not verbose)
     report: dict[str, Any] = {"model": model, "target": str(tgt), "input_shape": input_shape,
-                              "tvm_log_dir": str(Path(db_dir) / "logs"), **result.to_dict()}
+                              "tvm_log_dir": str(Path(db_dir) / "logs"), **result.to_dict(),
+                              **tb.kernel_coverage(mod, tgt, db_dir)}
     ex = tb.compile_tuned(mod, tgt, db_dir)
     if not no_check and rpc is None:
         report["max_abs_diff_vs_ort"] = tb.check_against_ort(ex, tgt, pinned)
@@ -240,6 +284,10 @@ def tune(model: str, target: str, trials: int, trials_per_task: int | None, db_d
     table.add_row("kernels", str(len(result.tasks)))
     table.add_row("tuned now / reused from db", f"{len(result.tuned_tasks)} / {len(result.reused_tasks)}")
     table.add_row("new trials", str(result.new_trials))
+    table.add_row("kernels with records / default schedule",
+                  f"{report['kernels_tuned']} / {len(report['kernels_default'])}")
+    if result.stopped:
+        table.add_row("stopped", f"{result.stopped} (run again to resume)")
     table.add_row("db records", f"{result.db_records_before} -> {result.db_records_after}")
     table.add_row("time", f"{result.seconds:.1f} s")
     table.add_row("TVM log", str(Path(db_dir) / "logs"))

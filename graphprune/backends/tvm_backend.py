@@ -76,13 +76,33 @@ def default_num_cores() -> int:
         return os.cpu_count() or 1
 
 
+def host_mcpu() -> str | None:
+    """LLVM's name for this machine's CPU (e.g. znver5, sapphirerapids), or None when unknown.
+
+    Without -mcpu LLVM emits baseline x86-64 code (128-bit SSE2), so AVX2/AVX-512 machines run TVM
+    kernels at a fraction of the speed onnxruntime's hand-written kernels reach.
+    """
+    tvm = require_tvm()
+    fn = tvm.get_global_func("target.llvm_get_system_cpu", allow_missing=True)
+    try:
+        name = str(fn()) if fn is not None else ""
+    except Exception:
+        return None
+    return name if name and name != "generic" else None
+
+
 def make_target(name: str = "llvm", num_cores: int | None = None, mcpu: str | None = None) -> Any:
-    """Build a TVM target from a short name, failing with a plain message when it is unavailable."""
+    """Build a TVM target from a short name, failing with a plain message when it is unavailable.
+
+    `mcpu="native"` means this machine's CPU (`host_mcpu`); None leaves LLVM's generic x86-64.
+    """
     tvm = require_tvm()
     if name == "llvm":
         if not tvm.runtime.enabled("llvm"):
             raise GraphpruneError("target 'llvm' is unavailable: this TVM build has no LLVM code generator")
         spec: dict[str, Any] = {"kind": "llvm", "num-cores": int(num_cores or default_num_cores())}
+        if mcpu == "native":
+            mcpu = host_mcpu()
         if mcpu:
             spec["mcpu"] = mcpu
             if name == "llvm":
@@ -121,11 +141,45 @@ def import_onnx(model: onnx.ModelProto | str | Path) -> Any:
         raise GraphpruneError(f"TVM cannot import the model: {str(exc).splitlines()[0]}") from exc
 
 
-def compile_untuned(mod: Any, target: Any) -> Any:
-    """Default Relax pipeline, no tuning: fast to build, slow to run on CPU."""
+def compile_untuned(mod: Any, target: Any, schedule: str = "default") -> Any:
+    """Compile without tuning records.
+
+    `schedule="default"` gives every kernel the default CPU schedule of `default_schedule_database`
+    (parallel, tiled, vectorised); `"none"` is TVM's plain pipeline, whose kernels are unscheduled
+    single-threaded loop nests (kept for comparison: it is ~2-100x slower).
+    """
     tvm = require_tvm()
-    with tvm.transform.PassContext(opt_level=3):
-        return tvm.compile(mod, target=target)
+    if schedule == "none" or target.kind.name != "llvm":
+        with tvm.transform.PassContext(opt_level=3):
+            return tvm.compile(mod, target=target)
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.relax_integration.compile_relax(default_schedule_database(target), mod, target, None)
+
+
+def default_schedule_database(target: Any) -> Any:
+    """A database that answers every kernel with a default schedule instead of a measured one.
+
+    The schedule is MetaSchedule's own first design space for the kernel (multi-level tiling,
+    parallel outer loops, vectorised inner loops, unrolling) with the decisions it samples from a
+    fixed seed, then its post-processors. No candidate is measured, so nothing is "tuned"; it only
+    avoids TVM's unscheduled fallback, which runs each kernel as one single-threaded loop nest.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    def schedule_fn(sch: Any) -> bool:
+        try:
+            ctx = ms.TuneContext(mod=sch.mod, target=target, space_generator="post-order-apply",
+                                 task_name="graphprune-default", num_threads=1, rand_state=0)
+            spaces = ctx.space_generator.generate_design_space(sch.mod)
+            if not spaces:
+                return False
+            spaces[0].trace.apply_to_schedule(sch, remove_postproc=False)
+            return all(post.apply(sch) for post in ctx.space_generator.postprocs)
+        except Exception:  # a kernel the rules cannot schedule keeps TVM's fallback
+            return False
+
+    return ms.database.ScheduleFnDatabase(schedule_fn, module_equality="structural")
 
 
 def _fuse_for_tuning(mod: Any, target: Any) -> Any:
@@ -161,7 +215,12 @@ def open_database(db_dir: str | Path) -> Any:
 
 @dataclass
 class TuneResult:
-    """What one tuning session did; `new_trials == 0` means the database already covered everything."""
+    """What one tuning session did; `new_trials == 0` means the database already covered everything.
+
+    `tuned_tasks` were tuned (or resumed) in this session, `reused_tasks` were complete in the database
+    already; `stopped` says why tuning ended early ("time budget", or None when every task got its
+    trials); `best_ms` holds the fastest measured run of each kernel that has records.
+    """
 
     tasks: list[str]
     tuned_tasks: list[str]
@@ -171,6 +230,8 @@ class TuneResult:
     db_records_after: int
     seconds: float
     per_task_trials: dict[str, int] = field(default_factory=dict)
+    best_ms: dict[str, float] = field(default_factory=dict)
+    stopped: str | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -186,8 +247,9 @@ class RPCSpec:
     session_timeout_sec: int = 60
 
 
-def _progress_callback(on_trials: Callable[[str, int], None]) -> Any:
-    """A MetaSchedule measure callback that reports each batch of measured candidates."""
+def _progress_callback(on_batch: Callable[..., None]) -> Any:
+    """A MetaSchedule measure callback that reports each measured batch and its fastest run (ms), with
+    the scheduler and task id so the receiver can end the task (a time budget)."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
@@ -195,7 +257,9 @@ def _progress_callback(on_trials: Callable[[str, int], None]) -> Any:
     class _Progress(PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
             name = str(task_scheduler.tasks_[task_id].ctx.task_name)
-            on_trials(name, len(measure_candidates))
+            runs = [float(sum(float(x) for x in r.run_secs) / len(r.run_secs)) * 1e3
+                    for r in runner_results if r.error_msg is None and r.run_secs]
+            on_batch(name, len(measure_candidates), min(runs) if runs else None, task_scheduler, task_id)
 
     return _Progress()
 
@@ -237,6 +301,45 @@ def _drop_unnamed_handlers(name: str) -> None:
             logger.removeHandler(handler)
 
 
+STATE_FILE = "graphprune_tuning_state.json"
+
+
+def _load_state(db_dir: Path) -> dict[str, dict]:
+    """Per-kernel progress kept beside the MetaSchedule database (trials measured, finished or not)."""
+    import json
+
+    try:
+        data = json.loads((db_dir / STATE_FILE).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_state(db_dir: Path, state: dict[str, dict]) -> None:
+    import json
+
+    tmp = db_dir / f".{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+    os.replace(tmp, db_dir / STATE_FILE)
+
+
+def _workload_key(task: Any) -> str:
+    """A kernel's identity across runs and models: the structural hash the database keys on."""
+    require_tvm()
+    from tvm_ffi import structural_hash
+
+    return f"{structural_hash(task.dispatched[0]) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def _task_flops(task: Any) -> float:
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    try:
+        return float(estimate_tir_flops(task.dispatched[0]))
+    except Exception:
+        return 0.0
+
+
 def tune(
     mod: Any,
     target: Any,
@@ -245,92 +348,166 @@ def tune(
     *,
     trials_per_task: int | None = None,
     trials_per_iter: int = 16,
+    time_budget_s: float | None = None,
     rpc: RPCSpec | None = None,
     retune: bool = False,
     on_start: Callable[[list[str], int], None] | None = None,
-    on_trials: Callable[[str, int], None] | None = None,
+    on_trials: Callable[[str, int, float | None], None] | None = None,
     seed: int = 0,
     quiet: bool = True,
 ) -> TuneResult:
     """MetaSchedule-tune every fused kernel of `mod`, recording into the JSON database in `db_dir`.
 
-    Kernels already in the database are skipped (unless `retune`), so a second run on the same
-    model costs zero new trials and a pruned variant only tunes the kernels whose shapes changed.
+    Kernels are tuned one per MetaSchedule call, heaviest first: with a single task the scheduler joins
+    and commits each batch of candidates as soon as it is measured (with many tasks it only joins
+    after dispatching every task once, so an early stop lost everything). A run that is stopped
+    (Ctrl-C, SIGTERM, `time_budget_s`) keeps all but the batch in flight, and the next run resumes
+    from the per-kernel counts in `graphprune_tuning_state.json`. With a time budget each kernel
+    gets the share of the remaining time that its FLOPs have of the remaining work. Kernels already
+    complete in the database are skipped (unless `retune`): a second run costs zero trials, and a
+    pruned variant only tunes the kernels whose shapes changed.
     """
     require_tvm()
     from tvm.s_tir import meta_schedule as ms
 
     t0 = time.perf_counter()
+    db_path = Path(db_dir)
     fused = _fuse_for_tuning(mod, target)
     extracted = ms.relax_integration.extract_tasks(fused, target)
-    database = open_database(db_dir)
+    database = open_database(db_path)
     before = len(database)
+    state = {} if retune else _load_state(db_path)
+    keys = [_workload_key(t) for t in extracted]
+    open_tasks = [k for k in keys if not state.get(k, {}).get("complete")]
+    per_task = trials_per_task or max(1, -(-trials // max(1, len(open_tasks))))
     todo, reused = [], []
-    for task in extracted:
-        done = database.has_workload(task.dispatched[0]) and database.get_top_k(
-            database.commit_workload(task.dispatched[0]), 1
-        )
-        (reused if done and not retune else todo).append(task)
+    for task, key in zip(extracted, keys):
+        entry = state.get(key)
+        if entry is None and not retune and database.has_workload(task.dispatched[0]):
+            # records without graphprune's state (an interrupted first batch, or an older database)
+            records = database.get_top_k(database.commit_workload(task.dispatched[0]), 1 << 20)
+            if records:
+                entry = state[key] = {"task": task.task_name, "measured": len(records),
+                                      "complete": len(records) >= per_task}
+        (reused if entry and entry.get("complete") else todo).append((task, key))
     names = [t.task_name for t in extracted]
-    budget = trials if todo else 0
-    per_task = trials_per_task or max(1, -(-trials // max(1, len(todo))))
+    remaining = {key: max(0, per_task - int(state.get(key, {}).get("measured", 0))) for _, key in todo}
+    todo.sort(key=lambda tk: -_task_flops(tk[0]) * tk[0].weight)
     if on_start:
-        on_start([t.task_name for t in todo], min(budget, per_task * len(todo)))
+        on_start([t.task_name for t, _ in todo], min(trials, sum(remaining.values())))
     counts: dict[str, int] = {}
+    best: dict[str, float] = {}
+    current: dict[str, str] = {}
 
-    def _count(name: str, n: int) -> None:
+    def _on_batch(name: str, n: int, best_ms: float | None, scheduler: Any = None, task_id: int = 0) -> None:
         counts[name] = counts.get(name, 0) + n
+        if best_ms is not None:
+            best[name] = min(best.get(name, best_ms), best_ms)
+        entry = state.setdefault(current["key"], {"task": name, "measured": 0, "complete": False})
+        entry["measured"] = int(entry.get("measured", 0)) + n
+        _save_state(db_path, state)  # the records of this batch are in the database already
         if on_trials:
-            on_trials(name, n)
+            on_trials(name, n, best.get(name))
+        if current.get("deadline") is not None and time.perf_counter() >= current["deadline"] and scheduler:
+            current["terminated"] = True
+            scheduler.terminate_task(task_id)
 
+    stopped = None
     if todo:
         _drop_unnamed_handlers("tvm.s_tir.meta_schedule")
         # MetaSchedule sizes its console handler from this logger's level and always logs everything
         # to files under <db>/logs: WARNING keeps its INFO lines and task tables off the terminal
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING if quiet else logging.INFO)
-        work_dir = str(db_dir)
+        num_cores = int(target.attrs.get("num-cores", default_num_cores()))
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            todo, work_dir, strategy=_search_strategy(per_task), num_threads=int(target.attrs.get("num-cores", default_num_cores())), seed=seed
+            [t for t, _ in todo], str(db_path), strategy=_search_strategy(per_task), num_threads=num_cores,
+            seed=seed,
         )
-        builder = ms.builder.LocalBuilder(
-            max_workers=int(target.attrs.get("num-cores", 1)), timeout_sec=120, initializer=_worker_init
-        )
-        cost_model = "xgb" if importlib.util.find_spec("xgboost") else "random"
-        callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [_progress_callback(_count)]
+        builder = ms.builder.LocalBuilder(max_workers=num_cores, timeout_sec=120, initializer=_worker_init)
+        runner = _runner(rpc, target)
+        cost_model_kind = "xgb" if importlib.util.find_spec("xgboost") else "random"
+        # the state is saved right after the database commit, before the (slow) cost-model update
+        default_callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
+        callbacks = default_callbacks[:1] + [_progress_callback(_on_batch)] + default_callbacks[1:]
+        budget_left = trials
+        # the budget is for measuring; task extraction and search set-up above are not counted
+        deadline = None if time_budget_s is None else time.perf_counter() + float(time_budget_s)
+        work = [_task_flops(t) * t.weight for t, _ in todo]
         try:
-            ms.tune.tune_tasks(
-                tasks=contexts,
-                task_weights=weights,
-                work_dir=work_dir,
-                max_trials_global=budget,
-                max_trials_per_task=per_task,
-                num_trials_per_iter=min(trials_per_iter, per_task),
-                builder=builder,
-                runner=_runner(rpc, target),
-                database=database,
-                cost_model=cost_model,
-                measure_callbacks=callbacks,
-            )
+            for i, ((task, key), ctx, weight) in enumerate(zip(todo, contexts, weights)):
+                want = min(remaining[key], budget_left)
+                if want <= 0:
+                    continue
+                now = time.perf_counter()
+                if deadline is not None and now >= deadline:
+                    stopped = "time budget"
+                    break
+                # each kernel gets the share of the time left that its FLOPs have of the work left
+                share = work[i] / sum(work[i:]) if sum(work[i:]) > 0 else 1.0 / (len(todo) - i)
+                current.update(key=key, deadline=None if deadline is None else now + (deadline - now) * share,
+                               terminated=False)
+                got_before = counts.get(task.task_name, 0)
+                ms.tune.tune_tasks(
+                    tasks=[ctx], task_weights=[weight], work_dir=str(db_path), max_trials_global=want,
+                    max_trials_per_task=want, num_trials_per_iter=min(trials_per_iter, want), builder=builder,
+                    runner=runner, database=database, cost_model=cost_model_kind, measure_callbacks=callbacks,
+                    task_scheduler="round-robin",
+                )
+                got = counts.get(task.task_name, 0) - got_before
+                remaining[key] -= got
+                budget_left -= got
+                if got < want and not current["terminated"]:  # the search space is exhausted
+                    remaining[key] = 0
+                if remaining[key] <= 0:
+                    state.setdefault(key, {"task": task.task_name, "measured": 0})["complete"] = True
+                    _save_state(db_path, state)
+                elif current["terminated"]:
+                    stopped = "time budget"
         except Exception as exc:
             raise GraphpruneError(f"tuning failed: {str(exc).strip().splitlines()[-1]}") from exc
+    for (task, key) in todo:
+        entry = state.get(key)
+        if entry and entry.get("measured") and task.task_name not in best:
+            top = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)
+            if top and top[0].run_secs:
+                best[task.task_name] = float(sum(float(x) for x in top[0].run_secs) / len(top[0].run_secs)) * 1e3
     return TuneResult(
         tasks=names,
-        tuned_tasks=[t.task_name for t in todo],
-        reused_tasks=[t.task_name for t in reused],
+        tuned_tasks=[t.task_name for t, _ in todo if counts.get(t.task_name)],
+        reused_tasks=[t.task_name for t, _ in reused],
         new_trials=sum(counts.values()),
         db_records_before=before,
         db_records_after=len(database),
         seconds=time.perf_counter() - t0,
         per_task_trials=counts,
+        best_ms=best,
+        stopped=stopped,
     )
 
 
-def compile_tuned(mod: Any, target: Any, db_dir: str | Path) -> Any:
-    """Compile with the best schedules from the database; kernels without records use defaults."""
+def kernel_coverage(mod: Any, target: Any, db_dir: str | Path | None) -> dict[str, Any]:
+    """Which fused kernels of `mod` have tuning records in `db_dir` and which run a default schedule."""
     require_tvm()
     from tvm.s_tir import meta_schedule as ms
 
-    return ms.relax_integration.compile_relax(open_database(db_dir), mod, target, None)
+    tasks = ms.relax_integration.extract_tasks(_fuse_for_tuning(mod, target), target)
+    database = open_database(db_dir) if db_dir else None
+    tuned = [t.task_name for t in tasks if database is not None and database.has_workload(t.dispatched[0])
+             and database.get_top_k(database.commit_workload(t.dispatched[0]), 1)]
+    return {"kernels": len(tasks), "kernels_tuned": len(tuned),
+            "kernels_default": [t.task_name for t in tasks if t.task_name not in tuned]}
+
+
+def compile_tuned(mod: Any, target: Any, db_dir: str | Path) -> Any:
+    """Compile with the best schedules from the database; kernels without records get the default
+    schedule of `default_schedule_database` (see `kernel_coverage` for which)."""
+    require_tvm()
+    from tvm.s_tir import meta_schedule as ms
+
+    database = open_database(db_dir)
+    if target.kind.name == "llvm":
+        database = ms.database.OrderedUnionDatabase(database, default_schedule_database(target))
+    return ms.relax_integration.compile_relax(database, mod, target, None)
 
 
 def export_library(executable: Any, path: str | Path) -> Path:

@@ -1,0 +1,137 @@
+"""TVM MetaSchedule tuning against onnxruntime, for resnet18 and its 40%-FLOPs slim (issue 17).
+
+For each model: onnxruntime latency, TVM with TVM's unscheduled fallback, TVM with graphprune's
+default schedule (no measurement), then TVM after cumulative tuning budgets (a table of latency
+against budget). The slim model is tuned into the original's database, so kernels whose shapes did
+not change are reused; the report says how many. Same thread count for both runtimes.
+
+    python benchmarks/tvm_tuning.py --budgets 60,120,240 --slim-budgets 60,150 --threads 16 \
+        --out benchmarks/results/tvm_tuning_16c.json
+
+Meant for a many-core machine (the GPU machine's CPU); on 2 cores a useful budget takes hours.
+Results: benchmarks/results/tvm_tuning_*.json, table in docs/backends.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _export_resnet18(path: Path, size: int) -> None:
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    torch.onnx.export(model, (torch.randn(1, 3, size, size),), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["output"])
+
+
+def _ort_ms(path: Path, feeds: dict, threads: int, runs: int) -> float:
+    from graphprune.backends.ort_backend import measure_ort
+
+    return measure_ort(str(path), runs=runs, warmup=5, intra_op_threads=threads).median_ms
+
+
+def _tvm_ms(executable, target, feeds, names, runs: int) -> float:
+    from graphprune.backends import tvm_backend as tb
+
+    return tb.measure_tvm(executable, target, feeds, names, runs=runs, warmup=3).median_ms
+
+
+def run_model(name: str, path: Path, db: Path, budgets: list[float], target, threads: int, runs: int,
+              log) -> dict:
+    from graphprune.backends import tvm_backend as tb
+    from graphprune.backends.ort_backend import random_inputs
+
+    mod = tb.import_onnx(path)
+    feeds = random_inputs(str(path))
+    names = tb.graph_input_names(str(path))
+    row: dict = {"model": name, "threads": threads, "ort_ms": _ort_ms(path, feeds, threads, runs)}
+    log(f"{name}: onnxruntime {row['ort_ms']:.2f} ms")
+    t = time.perf_counter()
+    row["tvm_unscheduled_ms"] = _tvm_ms(tb.compile_untuned(mod, target, schedule="none"), target, feeds, names,
+                                        max(3, runs // 10))
+    row["tvm_default_schedule_ms"] = _tvm_ms(tb.compile_untuned(mod, target), target, feeds, names, runs)
+    log(f"{name}: unscheduled {row['tvm_unscheduled_ms']:.1f} ms, default {row['tvm_default_schedule_ms']:.2f} ms "
+        f"({time.perf_counter() - t:.0f} s)")
+    row["coverage_before"] = tb.kernel_coverage(mod, target, db)
+    spent, steps = 0.0, []
+    for budget in budgets:
+        result = tb.tune(mod, target, db, trials=1 << 30, trials_per_task=2000, time_budget_s=budget - spent)
+        spent = budget
+        ex = tb.compile_tuned(mod, target, db)
+        cover = tb.kernel_coverage(mod, target, db)
+        step = {"budget_s": budget, "tune_s": result.seconds, "new_trials": result.new_trials,
+                "reused_kernels": len(result.reused_tasks), "kernels": cover["kernels"],
+                "kernels_tuned": cover["kernels_tuned"], "tvm_ms": _tvm_ms(ex, target, feeds, names, runs)}
+        step["tvm_over_ort"] = step["tvm_ms"] / row["ort_ms"]
+        steps.append(step)
+        log(f"{name}: budget {budget:.0f} s -> {step['tvm_ms']:.2f} ms ({step['tvm_over_ort']:.2f}x ORT), "
+            f"{step['kernels_tuned']}/{step['kernels']} kernels, {step['new_trials']} trials")
+    row["tuning"] = steps
+    row["max_abs_diff_vs_ort"] = tb.check_against_ort(tb.compile_tuned(mod, target, db), target, str(path),
+                                                      rtol=1e-3, atol=1e-3)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budgets", default="60,120,240", help="cumulative tuning seconds for the original")
+    ap.add_argument("--slim-budgets", default="60,150", help="cumulative tuning seconds for the slim model")
+    ap.add_argument("--threads", type=int, default=16)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--target-flops", type=float, default=0.4)
+    ap.add_argument("--round-to", type=int, default=8)
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--mcpu", default="native")
+    ap.add_argument("--out", default="benchmarks/results/tvm_tuning.json")
+    args = ap.parse_args(argv)
+
+    import graphprune
+    from graphprune.backends import tvm_backend as tb
+
+    started = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - started:6.0f} s] {msg}", flush=True)
+
+    target = tb.make_target("llvm", num_cores=args.threads, mcpu=args.mcpu)
+    report: dict = {"machine": platform.processor() or platform.machine(), "target": str(target),
+                    "threads": args.threads, "target_flops": args.target_flops, "round_to": args.round_to,
+                    "input": [1, 3, args.size, args.size], "models": []}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        original = Path(tmp) / "resnet18.onnx"
+        slim = Path(tmp) / "resnet18_slim.onnx"
+        _export_resnet18(original, args.size)
+        result = graphprune.prune(str(original), target_flops=args.target_flops, round_to=args.round_to)
+        result.save(str(slim))
+        report["slim_macs_ratio"] = result.plan.achieved
+        db = Path(tmp) / "db"
+        for name, path, budgets in (("resnet18", original, args.budgets), ("resnet18_slim", slim, args.slim_budgets)):
+            report["models"].append(run_model(name, path, db, [float(b) for b in budgets.split(",")], target,
+                                              args.threads, args.runs, log))
+            out.write_text(json.dumps(report, indent=2))
+    orig, thin = report["models"]
+    shared = thin["coverage_before"]
+    report["slim_kernels_shared_with_original"] = shared["kernels_tuned"]
+    report["slim_kernels"] = shared["kernels"]
+    report["tvm_speedup_slim_vs_original"] = orig["tuning"][-1]["tvm_ms"] / thin["tuning"][-1]["tvm_ms"]
+    report["ort_speedup_slim_vs_original"] = orig["ort_ms"] / thin["ort_ms"]
+    out.write_text(json.dumps(report, indent=2))
+    log(f"slim: {shared['kernels_tuned']}/{shared['kernels']} kernels reused from the original's records; "
+        f"TVM speed-up {report['tvm_speedup_slim_vs_original']:.2f}x, ORT {report['ort_speedup_slim_vs_original']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

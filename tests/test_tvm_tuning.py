@@ -1,0 +1,165 @@
+"""TVM tuning that records and resumes (issue 17): every measured batch is in the database as soon as
+it is measured, an interrupted run keeps it, a second run adds nothing, and "tuned" is never claimed
+for a kernel without records. Small budgets on one conv kernel so it fits the 2-core CI machine."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+pytestmark = pytest.mark.tvm
+pytest.importorskip("tvm")
+torch = pytest.importorskip("torch")
+
+from graphprune.backends import tvm_backend as tb  # noqa: E402
+from graphprune.backends.ort_backend import random_inputs  # noqa: E402
+from graphprune.cli import main  # noqa: E402
+
+TRIALS = 32
+
+
+def _records(db: Path) -> int:
+    path = db / "database_tuning_record.json"
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def conv_model(tmp_path_factory) -> Path:
+    """One fused conv+bias+relu kernel, large enough that schedules differ clearly in speed."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU()).eval()
+    path = tmp_path_factory.mktemp("tune") / "conv.onnx"
+    torch.onnx.export(m, (torch.randn(1, 16, 32, 32),), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["output"])
+    return path
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tb.make_target("llvm", num_cores=2)
+
+
+@pytest.fixture(scope="module")
+def tuned_db(conv_model, target, tmp_path_factory):
+    db = tmp_path_factory.mktemp("db") / "db"
+    result = tb.tune(tb.import_onnx(conv_model), target, db, trials=TRIALS)
+    return db, result
+
+
+def test_tuning_writes_every_measured_candidate(tuned_db):
+    db, result = tuned_db
+    assert result.new_trials == TRIALS and result.tuned_tasks == result.tasks
+    assert _records(db) == result.db_records_after == TRIALS
+    state = json.loads((db / tb.STATE_FILE).read_text())
+    (entry,) = state.values()
+    assert entry["measured"] == TRIALS and entry["complete"] is True
+    assert all(ms > 0 for ms in result.best_ms.values())
+
+
+def test_second_run_adds_nothing_and_reuses(tuned_db, conv_model, target):
+    db, first = tuned_db
+    second = tb.tune(tb.import_onnx(conv_model), target, db, trials=TRIALS)
+    assert second.new_trials == 0 and not second.tuned_tasks
+    assert set(second.reused_tasks) == set(first.tasks) and _records(db) == TRIALS
+    cover = tb.kernel_coverage(tb.import_onnx(conv_model), target, db)
+    assert cover["kernels_tuned"] == cover["kernels"] == 1 and not cover["kernels_default"]
+
+
+def _median_ms(executable, target, model) -> float:
+    feeds = random_inputs(model)
+    return tb.measure_tvm(executable, target, feeds, tb.graph_input_names(model), runs=15, warmup=3).median_ms
+
+
+def test_tuned_build_is_faster_than_untuned(tuned_db, conv_model, target):
+    db, _ = tuned_db
+    mod = tb.import_onnx(conv_model)
+    tuned = tb.compile_tuned(mod, target, db)
+    assert tb.check_against_ort(tuned, target, conv_model) < 1e-4
+    plain = tb.compile_untuned(mod, target, schedule="none")
+    default = tb.compile_untuned(mod, target)
+    assert tb.check_against_ort(default, target, conv_model) < 1e-4
+    t_tuned, t_plain = _median_ms(tuned, target, conv_model), _median_ms(plain, target, conv_model)
+    assert t_tuned < t_plain, (t_tuned, t_plain)
+    # the default schedule (no measurement) also beats TVM's unscheduled loops
+    assert _median_ms(default, target, conv_model) < t_plain
+
+
+def test_interrupted_run_keeps_what_it_measured_and_resumes(conv_model, tmp_path):
+    db = tmp_path / "db"
+    cmd = [sys.executable, "-m", "graphprune.cli", "tune", str(conv_model), "--db", str(db),
+           "--trials", str(3 * 16), "--num-cores", "2", "--no-check"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    state_file = db / tb.STATE_FILE
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if state_file.exists() and json.loads(state_file.read_text() or "{}"):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "tuning ended before it could be interrupted"
+        assert state_file.exists(), "no batch was measured in time"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    kept = _records(db)
+    (entry,) = json.loads(state_file.read_text()).values()
+    assert 16 <= entry["measured"] < 3 * 16 and kept >= entry["measured"] and entry["complete"] is False
+
+    report = tmp_path / "r.json"
+    res = CliRunner().invoke(main, ["tune", str(conv_model), "--db", str(db), "--trials", str(3 * 16),
+                                    "--num-cores", "2", "--no-check", "--json", str(report)])
+    assert res.exit_code == 0, res.output
+    resumed = json.loads(report.read_text())
+    assert resumed["new_trials"] == 3 * 16 - entry["measured"], resumed  # only the remainder is tuned
+    assert resumed["db_records_before"] == kept and resumed["kernels_tuned"] == resumed["kernels"]
+
+
+def test_time_budget_stops_and_says_so(conv_model, tmp_path):
+    """A budget too small for even one batch: nothing is claimed, the run says it stopped."""
+    result = tb.tune(tb.import_onnx(conv_model), tb.make_target("llvm", num_cores=2), tmp_path / "db",
+                     trials=1000, time_budget_s=1e-6)
+    assert result.stopped == "time budget" and result.new_trials == 0
+    cover = tb.kernel_coverage(tb.import_onnx(conv_model), tb.make_target("llvm", num_cores=2), tmp_path / "db")
+    assert cover["kernels_tuned"] == 0 and len(cover["kernels_default"]) == cover["kernels"]
+
+
+@pytest.mark.parametrize("text,expected", [("90", 90.0), ("90s", 90.0), ("10m", 600.0), ("1.5h", 5400.0)])
+def test_time_budget_parsing(text, expected):
+    from graphprune.cli_backend import _parse_duration
+
+    assert _parse_duration(text) == expected
+
+
+def test_bench_never_claims_tuned_without_records(conv_model, tmp_path):
+    out = tmp_path / "b.json"
+    res = CliRunner().invoke(main, ["bench", str(conv_model), "--backend", "tvm", "--threads", "2", "--runs", "3",
+                                    "--warmup", "1", "--db", str(tmp_path / "empty_db"), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    text = out.read_text()
+    row = json.loads(text)
+    rows = row.get("models") or row.get("rows") or [row]
+    first = rows[0] if isinstance(rows, list) else rows
+    assert first["tuned"] is False and first["kernels_tuned"] == 0 and first["kernels_default"]
+    assert np.isfinite(first["latency"]["median_ms"])
+
+
+def test_time_budget_ends_a_kernel_after_its_batch(conv_model, tmp_path):
+    """The budget runs out during the first batch: that batch is kept, the kernel is ended, and the
+    state says it is not complete, so the next run resumes it."""
+    db = tmp_path / "db"
+    result = tb.tune(tb.import_onnx(conv_model), tb.make_target("llvm", num_cores=2), db, trials=1000,
+                     time_budget_s=1.0)
+    assert result.stopped == "time budget" and 0 < result.new_trials < 1000
+    (entry,) = json.loads((db / tb.STATE_FILE).read_text()).values()
+    assert entry["complete"] is False and entry["measured"] == result.new_trials == _records(db)
