@@ -172,7 +172,8 @@ def prune(
             model, example_inputs, target_flops=target_flops, target_params=target_params, method=method,
             strategy=strategy, round_to=round_to, ignore=ignore, seed=seed, scores=scores, removed=removed,
             progress=progress, calib=calib, calib_samples=calib_samples, recover=recover,
-            recover_options=recover_options, strict_method=strict_method, **method_options,
+            recover_options=recover_options, strict_method=strict_method, allow_floor=allow_floor,
+            **method_options,
         )
     if method in PLAN_METHODS and calib is not None:
         method_options["calib"] = calib

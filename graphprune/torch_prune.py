@@ -53,6 +53,7 @@ def prune_module(
     removed: set[int] | frozenset[int] | None = None,
     progress: Progress | None = None,
     strict_method: bool = False,
+    allow_floor: bool = False,
     inplace: bool = False,
     calib: Any = None,
     calib_samples: int | None = None,
@@ -144,7 +145,7 @@ def prune_module(
             else:
                 say("allocating the budget")
                 plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=round_to,
-                                protected=protected)
+                                protected=protected, allow_floor=allow_floor)
     else:
         plan = Plan(frozenset(removed), "macs", 1.0, analysis.macs(), analysis.macs(removed))
     times["plan_s"] = time.perf_counter() - t
