@@ -141,6 +141,8 @@ def prune(
     recover: str | None = None,
     recover_options: dict[str, Any] | None = None,
     strict_method: bool = False,
+    finetune_steps: int = 0,
+    finetune_options: dict[str, Any] | None = None,
     **method_options: Any,
 ) -> PruneResult:
     """Prune `model` to a cost target and return the validated slim model with a report.
@@ -159,7 +161,20 @@ def prune(
     layer-wise least-squares reconstruction); "bias" compensates only, "none" skips both.
     `recover_options` tunes RecoverOptions (ridge, lsq_samples, rows_per_sample).
     Without `calib` nothing changes: method defaults to "l1" and no recovery runs.
+
+    `finetune_steps=N` then distils the original into the slim model for N steps on the `calib`
+    inputs (graphprune.finetune; `finetune_options` are its FinetuneOptions); the report gains "finetune".
     """
+    if finetune_steps:
+        from graphprune.distill import prune_then_finetune
+
+        return prune_then_finetune(
+            prune, model, example_inputs, finetune_steps, finetune_options, target_flops=target_flops,
+            target_params=target_params, target_latency=target_latency, method=method, strategy=strategy,
+            round_to=round_to, ignore=ignore, seed=seed, input_shape=input_shape, scores=scores, removed=removed,
+            progress=progress, allow_floor=allow_floor, input_values=input_values, calib=calib,
+            calib_samples=calib_samples, calib_preprocess=calib_preprocess, recover=recover,
+            recover_options=recover_options, strict_method=strict_method, **method_options)
     if method is None:
         method = "act" if calib is not None else "l1"
     if calib is None and (recover not in (None, "none") or method in ACT_METHODS):
