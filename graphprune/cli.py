@@ -259,6 +259,10 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
         from graphprune.report.summary import render_tables
 
         render_tables(result.report, Console())
+        if "finetune" in result.report:
+            from graphprune.cli_finetune import print_summary
+
+            print_summary(result.report["finetune"], None)
         if output and not dry_run:
             click.echo(f"wrote {output}")
     if dry_run:

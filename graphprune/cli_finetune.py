@@ -141,12 +141,12 @@ def finetune(original: str, slim: str, data: str, output: str | None, data_sampl
     if as_json:
         click.echo(json.dumps(result.report, indent=2, default=float))
     else:
-        _print_summary(result.report, output if output and not dry_run else None)
+        print_summary(result.report, output if output and not dry_run else None)
     if dry_run:
         _said_dry_run(gate)
 
 
-def _print_summary(rep: dict[str, Any], output: str | None) -> None:
+def print_summary(rep: dict[str, Any], output: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
