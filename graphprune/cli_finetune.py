@@ -61,7 +61,9 @@ def _relaunch(nproc: int) -> None:
 @click.option("--data-layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True)
 @click.option("--steps", type=int, default=500, show_default=True, help="Optimiser steps.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per step (over all processes).")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (cosine decay).")
+@click.option("--lr", type=float, default=5e-4, show_default=True, help="Peak learning rate (cosine decay).")
+@click.option("--warmup", type=float, default=0.05, show_default=True,
+              help="Fraction of the steps with a linear learning-rate ramp.")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Distillation temperature for KL.")
@@ -76,6 +78,8 @@ def _relaunch(nproc: int) -> None:
 @click.option("--no-amp", is_flag=True, help="CUDA: train in fp32 instead of bf16 autocast.")
 @click.option("--no-channels-last", is_flag=True, help="CUDA: keep NCHW memory layout.")
 @click.option("--train-bn", is_flag=True, help="Re-estimate BatchNorm statistics while training.")
+@click.option("--augment", type=click.Choice(["none", "shift"]), default="none", show_default=True,
+              help="Image inputs: random shifts by up to 2 pixels (teacher and student see the same batch).")
 @click.option("--nproc", type=int, default=1, show_default=True,
               help="Processes (torchrun + DistributedDataParallel); one GPU each with --device cuda.")
 @click.option("--input-shape", help="Static input shape for dynamic models, e.g. 1,3,48,320.")
@@ -86,9 +90,9 @@ def _relaunch(nproc: int) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Print each stage on stderr (also when not a terminal).")
 def finetune(original: str, slim: str, data: str, output: str | None, data_samples: int | None,
              data_size: str | None, data_mean: str | None, data_std: str | None, data_bgr: bool, data_gray: bool,
-             data_layout: str, steps: int, batch_size: int, lr: float, optimizer: str, weight_decay: float,
+             data_layout: str, steps: int, batch_size: int, lr: float, warmup: float, optimizer: str, weight_decay: float,
              temperature: float, losses: tuple[str, ...], feature_weight: float, eval_every: int, patience: int,
-             device: str, no_amp: bool, no_channels_last: bool, train_bn: bool, nproc: int,
+             device: str, no_amp: bool, no_channels_last: bool, train_bn: bool, augment: str, nproc: int,
              input_shape: str | None, seed: int, as_json: bool, overwrite: bool, dry_run: bool,
              verbose: bool) -> None:
     """Distil ORIGINAL (teacher) into its pruned SLIM model on unlabeled --data; write the tuned model.
@@ -119,10 +123,10 @@ def finetune(original: str, slim: str, data: str, output: str | None, data_sampl
     kw = run_guarded(_calibration_options, data, data_samples, data_size, data_mean, data_std, data_bgr,
                      data_gray, data_layout, None, "--data")
     opts: dict[str, Any] = dict(
-        steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+        steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, optimizer=optimizer, weight_decay=weight_decay,
         temperature=temperature, loss=run_guarded(_parse_losses, losses), feature_weight=feature_weight,
         eval_every=eval_every, patience=patience, device=device, amp=False if no_amp else None,
-        channels_last=False if no_channels_last else None, train_bn=train_bn, seed=seed,
+        channels_last=False if no_channels_last else None, train_bn=train_bn, augment=None if augment == "none" else augment, seed=seed,
         bar=writer and not as_json and sys.stderr.isatty())
     run_guarded(distill.FinetuneOptions, **opts)  # bad option values fail before any work
     if nproc > 1 and size == 1:

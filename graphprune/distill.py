@@ -38,7 +38,8 @@ class FinetuneOptions:
 
     steps: int = 500
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 5e-4
+    warmup: float = 0.05  # fraction of the steps ramping the learning rate up (a pretrained student)
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     temperature: float = 1.0
@@ -50,17 +51,25 @@ class FinetuneOptions:
     amp: bool | None = None  # None: on for CUDA (bf16 autocast)
     channels_last: bool | None = None  # None: on for CUDA
     train_bn: bool = False  # re-estimate BatchNorm statistics while training (default: keep them)
+    augment: str | None = None  # "shift": random translation by up to 2 pixels of image inputs (teacher sees it too)
     seed: int = 0
     bar: bool = True  # tqdm progress bar with loss and held-out agreement
     grad_clip: float | None = 5.0
+    # called at every held-out evaluation with (step, student module in eval mode); its dict of numbers
+    # joins that point of the report's curve (your own metric, e.g. accuracy on a labelled set)
+    monitor: Callable[[int, Any], dict[str, float]] | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise GraphpruneError(f"finetune steps must be >= 0, got {self.steps}")
         if self.batch_size < 1:
             raise GraphpruneError(f"finetune batch size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.warmup < 1:
+            raise GraphpruneError(f"warmup must be a fraction of the steps in [0, 1), got {self.warmup}")
         if not self.lr > 0:
             raise GraphpruneError(f"finetune learning rate must be > 0, got {self.lr}")
+        if self.augment not in (None, "shift"):
+            raise GraphpruneError(f"unknown augmentation {self.augment!r}: choose shift or none")
         if self.optimizer not in ("adamw", "sgd"):
             raise GraphpruneError(f"unknown optimizer {self.optimizer!r}: choose adamw or sgd")
         if not self.temperature > 0:
@@ -462,7 +471,7 @@ def _distil(teacher: Any, student: Any, fit: Any, hold: Any, names: list[str], l
     """Train `student` towards `teacher` with the shared loop; returns the report and the trained student."""
     import torch
 
-    from graphprune.passes.training import TrainConfig, optimize
+    from graphprune.passes.training import TrainConfig, _shift, optimize
     from graphprune.recovery import output_agreement
 
     rank, size, _local = world()
@@ -517,7 +526,10 @@ def _distil(teacher: Any, student: Any, fit: Any, hold: Any, names: list[str], l
             for i in range(0, n - batch + 1, batch):
                 idx = order[i: i + batch]
                 mine = idx[rank * (batch // size): (rank + 1) * (batch // size)]
-                yield [to_dev(x[mine]) for x in xs_fit]
+                xb = [to_dev(x[mine]) for x in xs_fit]
+                if opts.augment == "shift":
+                    xb = [_shift(x, gen) if x.dim() == 4 else x for x in xb]
+                yield xb
 
     def batch_loss(xb: list[Any]) -> Any:
         student.train()
@@ -548,9 +560,11 @@ def _distil(teacher: Any, student: Any, fit: Any, hold: Any, names: list[str], l
         score = agreement_score(agree)
         cosine = float(np.mean([o["cosine"] for o in agree["outputs"]]))
         curve.append({"step": step, "agreement": score, "cosine": cosine})
+        if opts.monitor is not None:
+            curve[-1].update(opts.monitor(step, student.eval()))
         return score + 1e-3 * cosine  # top-1 agreement on few samples ties often: cosine breaks ties
 
-    cfg = TrainConfig(lr=opts.lr, weight_decay=opts.weight_decay, optimizer=opts.optimizer, device=str(dev),
+    cfg = TrainConfig(lr=opts.lr, warmup=opts.warmup, weight_decay=opts.weight_decay, optimizer=opts.optimizer, device=str(dev),
                       amp=amp, eval_every=opts.eval_every if opts.steps else 0, patience=opts.patience,
                       grad_clip=opts.grad_clip, progress=opts.bar and rank == 0, desc="distilling")
     say(f"distilling: {opts.steps} steps, batch {batch}, {size} process(es) on {dev.type}")
@@ -568,7 +582,7 @@ def _distil(teacher: Any, student: Any, fit: Any, hold: Any, names: list[str], l
         "feature_weight": opts.feature_weight,
         "samples": {"train": n, "heldout": hold.n, "source": fit.source},
         "steps": res.steps, "steps_planned": opts.steps, "batch_size": batch,
-        "optimizer": opts.optimizer, "lr": opts.lr, "temperature": opts.temperature,
+        "optimizer": opts.optimizer, "lr": opts.lr, "augment": opts.augment, "temperature": opts.temperature,
         "device": dev.type, "processes": size, "amp": amp, "channels_last": channels_last, "seed": opts.seed,
         "stopped_early": res.stopped_early, "best_step": res.best_step,
         "loss_first": res.losses[0] if res.losses else None, "loss_last": res.losses[-1] if res.losses else None,

@@ -42,6 +42,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between evaluate() calls; 0 = never
     patience: int = 0  # evaluations without improvement before stopping early; 0 = never stop
     min_delta: float = 0.0
+    warmup: float = 0.0  # fraction of the steps with a linear learning-rate ramp before the cosine decay
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool,
@@ -107,8 +108,10 @@ def optimize(model: nn.Module, cfg: TrainConfig, data: Iterable[Any], batch_loss
     groups += extra_params or []
     opt = make_optimizer(groups, cfg)
     total = max(1, total)
+    warm = max(0, int(cfg.warmup * total))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(s, total) / total)).item()))
+        opt, lambda s: min(1.0, (s + 1) / warm if warm else 1.0)
+        * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(s, total) / total)).item()))
     dev_type = torch.device(cfg.device).type
     res = LoopResult()
     best_state: dict[str, torch.Tensor] | None = None
