@@ -359,7 +359,8 @@ def cmd_digits(a) -> dict:
         t = time.perf_counter()
         res = graphprune.finetune(copy.deepcopy(base).cpu(), slim, tr.x.numpy(), steps=steps, batch_size=128,
                                   lr=0.05, optimizer="sgd", weight_decay=5e-4, temperature=a.digits_temperature,
-                                  eval_every=0, device=a.device, seed=seed, bar=False, augment="shift")
+                                  eval_every=0, device=a.device, seed=seed, bar=False, augment="shift",
+                                  train_bn=True, grad_clip=None)  # as the labelled loop: BN trains, no clipping
         kd_s = time.perf_counter() - t
         kd_acc = evaluate(res.model, te.x, te.y, a.device)
         ranking = {}
@@ -405,7 +406,7 @@ def markdown(parts: list[dict]) -> str:
             cpu_s = f"{cpu['wall_s_per_step']:.2f} s ({cpu['threads']} threads, batch {cpu['batch']})" if cpu else "-"
             lines.append(f"| {p['target']:g} | {100 * p['pruned']['rel_char_acc']:.2f}% | {100 * p['final_rel']:.2f}% | "
                          f"{p['steps']} | {p['finetune_wall_s']:.0f} s | {cpu_s} |")
-        lines += ["", "Character accuracy relative to the original vs distillation steps (GPU evaluation):", ""]
+        lines += ["", "Character accuracy relative to the original vs distillation steps (evaluated with the training module):", ""]
         for p in ocr:
             pts = ", ".join(f"{c['step']}: {100 * c['rel_char_acc']:.1f}%" for c in p["finetune"]["curve"] if "rel_char_acc" in c)
             lines.append(f"- {p['target']:g}: {pts}")
