@@ -11,6 +11,7 @@ import onnx
 
 from graphprune.analysis.groups import Analysis, analyze_graph
 from graphprune.errors import GraphpruneError, SpeedupNotMet
+from graphprune.frontends.external import has_mapped
 from graphprune.frontends.onnx_frontend import LoadedModel, load_onnx
 from graphprune.io import write_model_atomic
 from graphprune.passes.allocate import Plan, allocate, group_multiples, ignored_classes
@@ -418,7 +419,11 @@ def prune(
         report["recovery"] = recovery_report
     if custom:
         report["validation_note"] = f"onnxruntime run skipped: custom op domains {custom}"
-    if measure and not custom:
+    if measure and not custom and has_mapped(loaded.proto) and lat is None:
+        # timing runs both models side by side in onnxruntime, which copies (re-lays out) every
+        # weight of each: that alone would exceed the ~2x memory budget of a memory-mapped model
+        report["latency_note"] = "speed-up not measured: model weights are memory-mapped (large model); use bench"
+    elif measure and not custom:
         report["latency"] = measure_step(loaded.proto, slim, feed, report, plan, lat, say)
     check_speedup(report.get("latency"), min_speedup)
     return PruneResult(slim, analysis, plan, report)
