@@ -10,10 +10,11 @@ from typing import Any, Callable
 import onnx
 
 from graphprune.analysis.groups import Analysis, analyze_graph
-from graphprune.errors import GraphpruneError
+from graphprune.errors import GraphpruneError, SpeedupNotMet
+from graphprune.frontends.external import has_mapped
 from graphprune.frontends.onnx_frontend import LoadedModel, load_onnx
 from graphprune.io import write_model_atomic
-from graphprune.passes.allocate import Plan, allocate, ignored_classes
+from graphprune.passes.allocate import Plan, allocate, group_multiples, ignored_classes
 from graphprune.passes.magnitude import CRITERIA
 from graphprune.passes.methods import (PLAN_METHODS, TRAINING_METHODS, check_strict, di_plan, method_coverage,
                                        training_method_error)
@@ -85,6 +86,84 @@ def _sensitivity_options(options: dict[str, Any]) -> dict[str, Any]:
     return {"samples": samples, "ratios": ratios}
 
 
+def resolve_round_to(analysis: Analysis, round_to: int | str, hardware: str) -> tuple[int | dict[int, int], dict]:
+    """`round_to` as allocate() takes it, plus what the report says about it.
+
+    "auto" looks the channel multiple for `hardware` up in the measured table
+    (graphprune.backends.channel_table) and halves it for groups too small for it.
+    """
+    if round_to == "auto":
+        from graphprune.backends.channel_table import channel_multiple
+
+        multiple = channel_multiple(hardware)
+        return group_multiples(analysis, multiple), {"round_to": multiple, "round_to_source": f"auto ({hardware} table)"}
+    try:
+        value = int(round_to)
+    except (TypeError, ValueError):
+        raise GraphpruneError(f"--round-to must be a positive integer or 'auto', got {round_to!r}") from None
+    if value < 1:
+        raise GraphpruneError(f"--round-to must be >= 1, got {round_to}")
+    return value, {"round_to": value, "round_to_source": "user"}
+
+
+def measure_budget_s(default: float) -> float:
+    """Seconds the speed-up measurement may take (at least 5 interleaved rounds still run);
+    GRAPHPRUNE_MEASURE_S overrides the default, e.g. to keep CI fast or to measure longer."""
+    value = os.environ.get("GRAPHPRUNE_MEASURE_S")
+    try:
+        return max(0.0, float(value)) if value else default
+    except ValueError:
+        raise GraphpruneError(f"GRAPHPRUNE_MEASURE_S must be a number of seconds, got {value!r}") from None
+
+
+def check_speedup(latency: dict[str, Any] | None, min_speedup: float | None) -> None:
+    """--min-speedup: a measured speed-up below the floor is a failure, not a warning."""
+    if min_speedup is None:
+        return
+    if latency is None:
+        raise GraphpruneError("--min-speedup needs the latency measurement (drop --no-measure; "
+                              "models with custom op domains cannot be measured)")
+    if latency["speedup"] < min_speedup:
+        raise SpeedupNotMet(f"measured speed-up {latency['speedup']:.2f}x is below --min-speedup {min_speedup:g}x "
+                            f"({latency['before_ms']:.2f} -> {latency['after_ms']:.2f} ms on {latency['backend']}); "
+                            "nothing written")
+
+
+def fit_latency_plan(original: onnx.ModelProto, analysis: Analysis, target: float,
+                     allocate_at: Callable[[float], Plan], feed: dict, say: Progress) -> tuple[Plan, onnx.ModelProto, dict]:
+    """Latency target: allocate, rewrite and time the slim model, re-planning until the measured
+    ratio meets the target (passes.latency_cost.fit_to_measured). Returns plan, slim model and the
+    latency record (with the fit history), so the measure step does not time it again."""
+    from graphprune.backends.ort_backend import measure_speedup
+    from graphprune.passes.latency_cost import fit_to_measured
+
+    plan, slim, lat, history = fit_to_measured(
+        target, allocate_at, lambda p: rewrite_onnx(original, analysis, p.removed),
+        lambda m: measure_speedup(original, m, feed, budget_s=measure_budget_s(4.0), max_rounds=40, progress=say))
+    lat["calibration"] = history
+    return Plan(plan.removed, plan.kind, target, plan.base_cost, plan.cost, plan.kept), slim, lat
+
+
+def measure_step(original: onnx.ModelProto, slim: onnx.ModelProto, feed: dict, report: dict[str, Any], plan: Plan,
+                 lat: dict[str, Any] | None, say: Progress) -> dict[str, Any]:
+    """Time original vs pruned on onnxruntime (interleaved, bounded by GRAPHPRUNE_MEASURE_S) so every
+    prune states the speed-up it really gives next to the FLOPs reduction; for latency targets the
+    measured ratio becomes "achieved" (the cost model's prediction is kept next to it).
+    `lat` is a measurement already made (the latency fit); channel shapes decide the time, so one
+    made before recovery changed the kept weights still holds."""
+    if lat is None:
+        from graphprune.backends.ort_backend import measure_speedup
+
+        say("measuring original vs pruned latency on onnxruntime")
+        lat = measure_speedup(original, slim, feed, budget_s=measure_budget_s(3.0), max_rounds=30, progress=say)
+    lat["flops_speedup"] = 1.0 / report["macs"]["ratio"] if report["macs"]["ratio"] else float("inf")
+    if plan.kind == "latency":
+        lat["predicted_ratio"] = plan.achieved
+        report["achieved"] = lat["ratio"]
+        report["target_error"] = abs(lat["ratio"] - plan.target)
+    return lat
+
+
 def _blame_input(original: onnx.ModelProto, feed: dict, expected: list, run: bool = True) -> None:
     """A pruned model failed validation: if the input fails the same checks, say that instead."""
     try:
@@ -126,7 +205,8 @@ def prune(
     target_latency: float | None = None,
     method: str | None = None,
     strategy: str = "global",
-    round_to: int = 1,
+    round_to: int | str = "auto",
+    hardware: str | None = None,
     ignore: tuple[str, ...] | list[str] = (),
     seed: int = 0,
     input_shape: dict[str, tuple[int, ...]] | None = None,
@@ -141,6 +221,8 @@ def prune(
     recover: str | None = None,
     recover_options: dict[str, Any] | None = None,
     strict_method: bool = False,
+    measure: bool = True,
+    min_speedup: float | None = None,
     finetune_steps: int = 0,
     finetune_options: dict[str, Any] | None = None,
     **method_options: Any,
@@ -161,6 +243,10 @@ def prune(
     layer-wise least-squares reconstruction); "bias" compensates only, "none" skips both.
     `recover_options` tunes RecoverOptions (ridge, lsq_samples, rows_per_sample).
     Without `calib` nothing changes: method defaults to "l1" and no recovery runs.
+    round_to="auto" keeps channel counts at the multiples measured fast on `hardware` ("ort-cpu",
+    the default for ONNX; "cuda-fp16", the default for nn.Modules when CUDA is available).
+    ONNX results are timed against the original on onnxruntime (measure=False skips it);
+    min_speedup turns a measured speed-up below it into SpeedupNotMet.
 
     `finetune_steps=N` then distils the original into the slim model for N steps on the `calib`
     inputs (graphprune.finetune; `finetune_options` are its FinetuneOptions); the report gains "finetune".
@@ -168,13 +254,11 @@ def prune(
     if finetune_steps:
         from graphprune.distill import prune_then_finetune
 
-        return prune_then_finetune(
-            prune, model, example_inputs, finetune_steps, finetune_options, target_flops=target_flops,
-            target_params=target_params, target_latency=target_latency, method=method, strategy=strategy,
-            round_to=round_to, ignore=ignore, seed=seed, input_shape=input_shape, scores=scores, removed=removed,
-            progress=progress, allow_floor=allow_floor, input_values=input_values, calib=calib,
-            calib_samples=calib_samples, calib_preprocess=calib_preprocess, recover=recover,
-            recover_options=recover_options, strict_method=strict_method, **method_options)
+        # every argument of this call except the fine-tuning ones, forwarded unchanged
+        args = {k: v for k, v in locals().items() if k not in ("model", "example_inputs", "finetune_steps",
+                                                              "finetune_options", "method_options")}
+        return prune_then_finetune(prune, model, example_inputs, finetune_steps, finetune_options,
+                                   **args, **method_options)
     if method is None:
         method = "act" if calib is not None else "l1"
     if calib is None and (recover not in (None, "none") or method in ACT_METHODS):
@@ -183,15 +267,20 @@ def prune(
     if _is_torch_module(model):
         from graphprune.torch_prune import prune_module
 
+        if min_speedup is not None:
+            raise GraphpruneError("min_speedup is measured on onnxruntime: export the module to ONNX first")
+        if hardware is None:
+            hardware = "cuda-fp16" if sys.modules["torch"].cuda.is_available() else "ort-cpu"
         return prune_module(
             model, example_inputs, target_flops=target_flops, target_params=target_params, method=method,
-            strategy=strategy, round_to=round_to, ignore=ignore, seed=seed, scores=scores, removed=removed,
-            progress=progress, calib=calib, calib_samples=calib_samples, recover=recover,
+            strategy=strategy, round_to=round_to, hardware=hardware, ignore=ignore, seed=seed, scores=scores,
+            removed=removed, progress=progress, calib=calib, calib_samples=calib_samples, recover=recover,
             recover_options=recover_options, strict_method=strict_method, allow_floor=allow_floor,
             **method_options,
         )
     if method in PLAN_METHODS and calib is not None:
         method_options["calib"] = calib
+    hardware = hardware or "ort-cpu"
     say = progress or (lambda _msg: None)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -229,6 +318,13 @@ def prune(
     t = time.perf_counter()
     coverage = None
     extra_report: dict[str, Any] = {}
+    multiples, round_info = resolve_round_to(analysis, round_to, hardware)
+    custom = custom_domains(loaded.proto)
+    feed = random_feed(loaded.proto, loaded.graph, seed, values=input_values)
+    slim = lat = None
+    if target_latency is not None and removed is None and (custom or not measure):
+        raise GraphpruneError("--target-latency is checked by measuring: it cannot be combined with --no-measure "
+                              "or custom op domains")
     if removed is None:
         kind, target = _parse_target(target_flops, target_params, target_latency)
         if kind == "latency":
@@ -250,6 +346,11 @@ def prune(
             if scores is None:
                 scores = score_classes(analysis, method, seed=seed, loaded=loaded, **method_options)
             protected = ignored_classes(analysis, list(ignore))
+
+            def allocate_at(goal: float) -> Plan:
+                return allocate(analysis, scores, target=goal, kind=kind, strategy=strategy, round_to=multiples,
+                                protected=protected, allow_floor=allow_floor, cost_aware=kind == "latency")
+
             if strategy == "sensitivity":
                 from graphprune.passes.sensitivity import OnnxMaskedRunner, calibration_feeds, sensitivity_allocate
 
@@ -259,12 +360,14 @@ def prune(
                                           loaded.graph.inputs, sopts["samples"])
                 runner = OnnxMaskedRunner(loaded.proto, analysis, feeds)
                 plan, sens = sensitivity_allocate(analysis, scores, runner, target=target, kind=kind,
-                                                  round_to=round_to, protected=protected, progress=say, **sopts)
+                                                  round_to=multiples, protected=protected, progress=say, **sopts)
                 extra_report["sensitivity"] = sens.to_json()
+            elif kind == "latency":
+                say("allocating the budget, fitted to measured latency")
+                plan, slim, lat = fit_latency_plan(loaded.proto, analysis, target, allocate_at, feed, say)
             else:
                 say("allocating the budget")
-                plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=round_to,
-                                protected=protected, allow_floor=allow_floor)
+                plan = allocate_at(target)
     else:
         base = analysis.macs()
         plan = Plan(frozenset(removed), "macs", 1.0, base, analysis.macs(removed))
@@ -272,7 +375,8 @@ def prune(
 
     t = time.perf_counter()
     say("rewriting the graph")
-    slim = rewrite_onnx(loaded.proto, analysis, plan.removed)
+    if slim is None:
+        slim = rewrite_onnx(loaded.proto, analysis, plan.removed)
     times["rewrite_s"] = time.perf_counter() - t
 
     recovery_report = None
@@ -287,9 +391,7 @@ def prune(
 
     t = time.perf_counter()
     say("validating (checker, shape inference, onnxruntime)")
-    feed = random_feed(loaded.proto, loaded.graph, seed, values=input_values)
     expected = [loaded.graph.shape(o) for o in loaded.graph.outputs]
-    custom = custom_domains(loaded.proto)
     if custom:
         say(f"custom op domains {custom}: onnxruntime stage skipped")
         if any(s is None for s in expected):
@@ -313,9 +415,10 @@ def prune(
 
     from graphprune.report.summary import build_report
 
-    report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_to, times=times,
-                          source=loaded.source, coverage=coverage)
+    report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_info["round_to"],
+                          times=times, source=loaded.source, coverage=coverage)
     report.update(extra_report)
+    report["round_to_source"] = round_info["round_to_source"]
     report["validation"] = (["checker", "shape inference", "channel agreement"] if custom
                             else ["checker", "shape inference", "channel agreement",
                                   "onnxruntime run (optimised and unoptimised)"]
@@ -329,12 +432,11 @@ def prune(
         report["recovery"] = recovery_report
     if custom:
         report["validation_note"] = f"onnxruntime run skipped: custom op domains {custom}"
-    if plan.kind == "latency":
-        from graphprune.passes.latency_cost import time_model
-
-        say("measuring pruned latency")
-        before = time_model(loaded.proto, feed, runs=20)
-        after = time_model(slim, feed, runs=20)
-        report["latency"] = {"backend": "onnxruntime", "threads": 1, "before_ms": before, "after_ms": after,
-                             "ratio": after / before, "predicted_ratio": plan.achieved}
+    if measure and not custom and has_mapped(loaded.proto) and lat is None:
+        # timing runs both models side by side in onnxruntime, which copies (re-lays out) every
+        # weight of each: that alone would exceed the ~2x memory budget of a memory-mapped model
+        report["latency_note"] = "speed-up not measured: model weights are memory-mapped (large model); use bench"
+    elif measure and not custom:
+        report["latency"] = measure_step(loaded.proto, slim, feed, report, plan, lat, say)
+    check_speedup(report.get("latency"), min_speedup)
     return PruneResult(slim, analysis, plan, report)

@@ -13,3 +13,9 @@ class GraphpruneError(Exception):
         from graphprune.escape import plain
 
         super().__init__(plain(message))
+
+
+class SpeedupNotMet(GraphpruneError):
+    """The measured speed-up is below --min-speedup: the CLI exits with code 3 and writes nothing."""
+
+    exit_code = 3

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from graphprune.api import Progress, PruneResult, _parse_target, _sensitivity_options, score_classes
+from graphprune.api import Progress, PruneResult, _parse_target, _sensitivity_options, resolve_round_to, score_classes
 from graphprune.errors import GraphpruneError
 from graphprune.frontends.fx_frontend import TracedModule, analyze_traced, eval_mode, trace_module
 from graphprune.passes.allocate import Plan, allocate, ignored_classes
@@ -46,7 +46,8 @@ def prune_module(
     target_params: float | None = None,
     method: str = "l1",
     strategy: str = "global",
-    round_to: int = 1,
+    round_to: int | str = "auto",
+    hardware: str = "cuda-fp16",
     ignore: tuple[str, ...] | list[str] = (),
     seed: int = 0,
     scores: dict[int, float] | None = None,
@@ -108,6 +109,7 @@ def prune_module(
     t = time.perf_counter()
     coverage = None
     extra_report: dict[str, Any] = {}
+    multiples, round_info = resolve_round_to(analysis, round_to, hardware)
     if removed is None:
         kind, target = _parse_target(target_flops, target_params, None)
         if method in TRAINING_METHODS:
@@ -140,11 +142,11 @@ def prune_module(
                                           sopts["samples"], batch=sopts["samples"])
                 runner = TorchMaskedRunner(analysis, [tuple(torch.as_tensor(f[n]) for n in names) for f in feeds])
                 plan, sens = sensitivity_allocate(analysis, scores, runner, target=target, kind=kind,
-                                                  round_to=round_to, protected=protected, progress=say, **sopts)
+                                                  round_to=multiples, protected=protected, progress=say, **sopts)
                 extra_report["sensitivity"] = sens.to_json()
             else:
                 say("allocating the budget")
-                plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=round_to,
+                plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=multiples,
                                 protected=protected, allow_floor=allow_floor)
     else:
         plan = Plan(frozenset(removed), "macs", 1.0, analysis.macs(), analysis.macs(removed))
@@ -168,9 +170,10 @@ def prune_module(
     _validate(slim, traced)
     times["validate_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - t0
-    report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_to, times=times,
-                          source=f"torch:{type(model).__name__}", coverage=coverage)
+    report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_info["round_to"],
+                          times=times, source=f"torch:{type(model).__name__}", coverage=coverage)
     report.update(extra_report)
+    report["round_to_source"] = round_info["round_to_source"]
     report["module_type"] = type(slim).__name__
     report["frontend"] = traced.frontend
     if traced.fallback_reason:
