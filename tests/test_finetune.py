@@ -115,7 +115,7 @@ def pruned(tmp_path_factory):
     d = tmp_path_factory.mktemp("ft")
     model = tiny_cnn()
     onnx.save(model, d / "m.onnx")
-    graphprune.prune(str(d / "m.onnx"), target_flops=0.35).save(d / "s.onnx")
+    graphprune.prune(str(d / "m.onnx"), target_flops=0.35, round_to=1, measure=False).save(d / "s.onnx")
     x = _data(160)
     np.savez(d / "d.npz", x=x)
     return d
@@ -183,7 +183,7 @@ def test_distillation_lowers_the_gap_module():
         torch.nn.Conv2d(16, 16, 3, padding=1, stride=2), torch.nn.ReLU(),
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 6)).eval()
     x = torch.from_numpy(_data(160))
-    slim = graphprune.prune(net, x[:1], target_flops=0.35).model
+    slim = graphprune.prune(net, x[:1], target_flops=0.35, round_to=1).model
     x_eval = torch.from_numpy(_data(64, seed=9))
     with torch.no_grad():
         t, s = net(x_eval).numpy(), slim(x_eval).numpy()
@@ -261,12 +261,14 @@ def test_interrupted_run_leaves_no_output(pruned, tmp_path):
 def test_prune_with_finetune_steps(pruned, tmp_path):
     out, plain = tmp_path / "p.onnx", tmp_path / "plain.onnx"
     proc = _run([str(pruned / "m.onnx"), "--target-flops", "0.35", "--calib", str(pruned / "d.npz"),
-                 "--recover", "none", "--method", "l1", "--finetune-steps", "30", "-o", str(out), "--json"])
+                 "--recover", "none", "--method", "l1", "--finetune-steps", "30", "-o", str(out), "--json",
+                 "--round-to", "1", "--no-measure"])
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(proc.stdout)
     ft = rep["finetune"]
     assert ft["steps"] <= 30 and ft["score_after"] >= ft["score_before"]
-    assert _run([str(pruned / "m.onnx"), "--target-flops", "0.35", "-o", str(plain)]).returncode == 0
+    assert _run([str(pruned / "m.onnx"), "--target-flops", "0.35", "-o", str(plain), "--round-to", "1",
+                 "--no-measure"]).returncode == 0
     x = _data(16, seed=5)
     t = run_onnx(onnx.load(pruned / "m.onnx"), {"x": x})[0]
     assert _kl(t, run_onnx(onnx.load(out), {"x": x})[0]) < _kl(t, run_onnx(onnx.load(plain), {"x": x})[0])
