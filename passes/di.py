@@ -202,16 +202,17 @@ class _Map:
         self._losses()
 
     def _build(self) -> None:
-        """Exact state for the live dims: Z, H, the diagonal blocks of A and all losses."""
+        """Exact state for the live dims: W, F^T, H, the diagonal blocks of A and all losses."""
         keep = np.nonzero(self.live)[0]
         self.col = np.full(len(self.live), -1)
         self.col[keep] = np.arange(len(keep))
         f, m = self.f_all[:, keep], self.m_all[:, keep]
-        self.f, self.m = f, m
+        self.ft, self.m = np.ascontiguousarray(f.T), m  # F^T: a removal reads it row-blocked, once
         kn = f @ f.T
         kn[np.diag_indices_from(kn)] += self.rho
-        self.z = np.linalg.solve(kn, f) if len(kn) else np.zeros_like(f)
-        self.h = (m - (m @ f.T) @ self.z) / self.rho
+        z = np.linalg.solve(kn, f) if len(kn) else np.zeros_like(f)
+        self.w = np.linalg.inv(kn) if len(kn) else np.zeros_like(kn)  # W = (rho I + F F^T)^-1, Z = W F
+        self.h = (m - (m @ f.T) @ z) / self.rho
         self.current = float(np.sum(self.h * m))
         self.batches: dict[int, list] = {}  # block size -> [classes, column index (n, b), A blocks (n, b, b)]
         by_size: dict[int, list[int]] = {}
@@ -219,7 +220,7 @@ class _Map:
             by_size.setdefault(len(self.dims_of[c]), []).append(c)
         for b, cls in by_size.items():
             idx = np.stack([self.col[self.dims_of[c]] for c in cls])
-            fi, zi = f[:, idx], self.z[:, idx]
+            fi, zi = f[:, idx], z[:, idx]
             a = (np.eye(b) - np.einsum("rna,rnb->nab", fi, zi)) / self.rho
             self.batches[b] = [cls, np.array([self.index[c] for c in cls], dtype=np.int64), idx, a]
 
@@ -246,22 +247,24 @@ class _Map:
         self.current -= self.lossvec[self.index[c]] * self.full
         self.lossvec[self.index[c]] = 0.0
         self.live[self.dims_of[c]] = False
-        if self.live.sum() < 0.75 * self.f.shape[1]:  # compact and rebuild exactly
+        if self.live.sum() < 0.75 * len(self.ft):  # compact and rebuild exactly
             self._build()
             self._losses()
             return
-        r = self.f[:, dc].T @ self.z  # (b, d) = F_c^T Z
+        # Z = W F is never stored: R = F_c^T Z = (W F_c)^T F costs one read of F (kept as F^T, d x rows)
+        # and W takes the rank-|c| Woodbury downdate, so no rows x d array is written per removal.
+        u = self.w @ self.ft[dc].T  # (rows, b) = W F_c
+        rt = self.ft @ u  # (d, b) = R^T
+        r = rt.T
         t = np.linalg.inv(np.eye(b) - r[:, dc])
-        self.z += self.z[:, dc] @ (t @ r)
+        self.w += u @ (t @ u.T)
         e = -r
         e[np.arange(b), dc] += 1.0
         self.h -= (self.h[:, dc] @ t) @ e
         for cls2, _gi, idx2, a2 in self.batches.values():
             if cls2:
-                rj = r[:, idx2]  # (b, n, bs)
-                n, bs = idx2.shape
-                u = (t @ rj.reshape(b, -1)).reshape(b, n, bs)
-                a2 -= (rj.transpose(1, 2, 0) @ u.transpose(1, 0, 2)) / self.rho
+                rj = rt[idx2]  # (n, bs, b)
+                a2 -= (rj @ (t @ rj.transpose(0, 2, 1))) / self.rho
         self._losses()
 
 
@@ -342,7 +345,7 @@ def _estimate(maps: dict[str, _Map], stats: dict[str, FeatureStats], target: flo
     frac = 1 - np.sqrt(min(max(target, 0.0), 1.0))
     flops = 0.0
     for t, mp in maps.items():
-        (r, d), k = mp.f.shape, len(mp.m)
+        (d, r), k = mp.ft.shape, len(mp.m)
         flops += frac * len(mp.classes) * (4 * r + 2 * k) * stats[t].q * d * 0.85
     removals = int(frac * classes)
     return removals, flops / _flop_rate() + 1e-3 * removals
