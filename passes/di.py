@@ -244,8 +244,8 @@ class _Map:
         self.ft, self.m = np.ascontiguousarray(f.T), m  # F^T: a removal reads it row-blocked, once
         kn = f @ f.T
         kn[np.diag_indices_from(kn)] += self.rho
-        z = np.linalg.solve(kn, f) if len(kn) else np.zeros_like(f)
-        self.w = np.linalg.inv(kn) if len(kn) else np.zeros_like(kn)  # W = (rho I + F F^T)^-1, Z = W F
+        self.w = np.linalg.inv(kn) if len(kn) else np.zeros_like(kn)  # W = (rho I + F F^T)^-1
+        z = self.w @ f  # Z = W F, only while building
         self.h = (m - (m @ f.T) @ z) / self.rho
         self.current = float(np.sum(self.h * m))
         self.batches: dict[int, list] = {}  # block size -> [classes, column index (n, b), A blocks (n, b, b)]
