@@ -285,7 +285,7 @@ def update_doc(text: str, src: str = "benchmarks/results/peer_latency.json", doc
         tail = rest.split("<!-- /results -->", 1)[1]
         doc.write_text(head + text + tail)
     else:
-        doc.write_text(old.rstrip("\n") + "\n\n## Speed-up vs Torch-Pruning at equal FLOPs (benchmarks/peer_latency.py)\n\n"
+        doc.write_text(old.rstrip("\n") + f"\n\n## Speed-up vs Torch-Pruning at equal FLOPs ({src})\n\n"
                        + text + "\n")
 
 
