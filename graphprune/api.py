@@ -11,6 +11,7 @@ import onnx
 
 from graphprune.analysis.groups import Analysis, analyze_graph
 from graphprune.errors import GraphpruneError, SpeedupNotMet
+from graphprune.frontends.external import has_mapped
 from graphprune.frontends.onnx_frontend import LoadedModel, load_onnx
 from graphprune.io import write_model_atomic
 from graphprune.passes.allocate import Plan, allocate, group_multiples, ignored_classes
@@ -222,6 +223,8 @@ def prune(
     strict_method: bool = False,
     measure: bool = True,
     min_speedup: float | None = None,
+    finetune_steps: int = 0,
+    finetune_options: dict[str, Any] | None = None,
     **method_options: Any,
 ) -> PruneResult:
     """Prune `model` to a cost target and return the validated slim model with a report.
@@ -244,7 +247,18 @@ def prune(
     the default for ONNX; "cuda-fp16", the default for nn.Modules when CUDA is available).
     ONNX results are timed against the original on onnxruntime (measure=False skips it);
     min_speedup turns a measured speed-up below it into SpeedupNotMet.
+
+    `finetune_steps=N` then distils the original into the slim model for N steps on the `calib`
+    inputs (graphprune.finetune; `finetune_options` are its FinetuneOptions); the report gains "finetune".
     """
+    if finetune_steps:
+        from graphprune.distill import prune_then_finetune
+
+        # every argument of this call except the fine-tuning ones, forwarded unchanged
+        args = {k: v for k, v in locals().items() if k not in ("model", "example_inputs", "finetune_steps",
+                                                              "finetune_options", "method_options")}
+        return prune_then_finetune(prune, model, example_inputs, finetune_steps, finetune_options,
+                                   **args, **method_options)
     if method is None:
         method = "act" if calib is not None else "l1"
     if calib is None and (recover not in (None, "none") or method in ACT_METHODS):
@@ -418,7 +432,11 @@ def prune(
         report["recovery"] = recovery_report
     if custom:
         report["validation_note"] = f"onnxruntime run skipped: custom op domains {custom}"
-    if measure and not custom:
+    if measure and not custom and has_mapped(loaded.proto) and lat is None:
+        # timing runs both models side by side in onnxruntime, which copies (re-lays out) every
+        # weight of each: that alone would exceed the ~2x memory budget of a memory-mapped model
+        report["latency_note"] = "speed-up not measured: model weights are memory-mapped (large model); use bench"
+    elif measure and not custom:
         report["latency"] = measure_step(loaded.proto, slim, feed, report, plan, lat, say)
     check_speedup(report.get("latency"), min_speedup)
     return PruneResult(slim, analysis, plan, report)

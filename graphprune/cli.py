@@ -83,30 +83,34 @@ def parse_values(items: tuple[str, ...]) -> dict[str, float]:
 
 
 def _calibration_options(calib: str | None, samples: int | None, size: str | None, mean: str | None,
-                         std: str | None, bgr: bool, gray: bool, layout: str, recover: str | None) -> dict[str, Any]:
-    """CLI calibration flags -> prune() keyword arguments (checked before any work starts)."""
+                         std: str | None, bgr: bool, gray: bool, layout: str, recover: str | None,
+                         flag: str = "--calib") -> dict[str, Any]:
+    """CLI calibration flags -> prune() keyword arguments (checked before any work starts).
+
+    `flag` names the option family in messages: --calib for prune, --data for finetune."""
     from graphprune.calib import ImagePreprocess, parse_floats, parse_size
 
     if calib is None:
-        given = [n for n, v in (("--calib-samples", samples), ("--calib-size", size), ("--calib-mean", mean),
-                                ("--calib-std", std), ("--recover", recover)) if v is not None]
+        given = [n for n, v in ((f"{flag}-samples", samples), (f"{flag}-size", size), (f"{flag}-mean", mean),
+                                (f"{flag}-std", std), ("--recover", recover)) if v is not None]
         if given:
-            raise GraphpruneError(f"{given[0]} needs --calib")
+            raise GraphpruneError(f"{given[0]} needs {flag}")
         return {}
+    what = "calibration data" if flag == "--calib" else "data"
     if not os.path.exists(calib):
-        raise GraphpruneError(f"calibration data not found: {calib}")
+        raise GraphpruneError(f"{what} not found: {calib}")
     kw: dict[str, Any] = {"calib": calib, "calib_samples": samples}
     if recover is not None:
         kw["recover"] = recover
     if os.path.isdir(calib):
         hw = parse_size(size)
         if hw is None:
-            raise GraphpruneError("calibration from an image folder needs --calib-size H,W")
-        kw["calib_preprocess"] = ImagePreprocess(hw, parse_floats(mean, "--calib-mean") or (0.0,),
-                                                 parse_floats(std, "--calib-std") or (1.0,), bgr=bgr,
+            raise GraphpruneError(f"{what} from an image folder needs {flag}-size H,W")
+        kw["calib_preprocess"] = ImagePreprocess(hw, parse_floats(mean, f"{flag}-mean") or (0.0,),
+                                                 parse_floats(std, f"{flag}-std") or (1.0,), bgr=bgr,
                                                  layout=layout, grayscale=gray)
     elif size or mean or std:
-        raise GraphpruneError("--calib-size/--calib-mean/--calib-std apply to an image folder, not to an .npz")
+        raise GraphpruneError(f"{flag}-size/{flag}-mean/{flag}-std apply to an image folder, not to an .npz")
     return kw
 
 
@@ -191,6 +195,11 @@ def _said_dry_run(gate: Any) -> None:
               help="Accuracy recovery from calibration data [default: lsq with --calib]: bias compensation "
                    "(bias), then layer-wise least-squares reconstruction (lsq).")
 @click.option("--strict-method", is_flag=True, help="Fail (exit 2) if the method cannot score every prunable group.")
+@click.option("--finetune-steps", type=int, default=0, show_default=True,
+              help="After pruning, distil the original into the slim model for N steps on the --calib data "
+                   "(label-free; see `graphprune finetune` for the full set of options).")
+@click.option("--finetune-device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Device for --finetune-steps.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of tables.")
 @click.option("--report", "report_html", type=click.Path(), help="Write a self-contained HTML report.")
 @click.option("--overwrite", is_flag=True, help="Allow an output to be the input file (or its external data).")
@@ -204,7 +213,8 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
           input_shape: str | None, seed: int, calib: str | None, calib_samples: int | None, calib_size: str | None,
           calib_mean: str | None, calib_std: str | None, calib_bgr: bool, calib_gray: bool, calib_layout: str,
           recover: str | None, as_json: bool, report_html: str | None, overwrite: bool, dry_run: bool,
-          allow_floor: bool, input_values: tuple[str, ...], strict_method: bool) -> None:
+          allow_floor: bool, input_values: tuple[str, ...], strict_method: bool, finetune_steps: int,
+          finetune_device: str) -> None:
     """Prune MODEL (ONNX) to a FLOPs/params/latency target and write a validated slim model."""
     from graphprune import api
 
@@ -214,6 +224,10 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
         fail("give a target: --target-flops, --target-params or --target-latency")
     if seed < 0:
         fail(f"--seed must be a non-negative integer, got {seed}")
+    if finetune_steps < 0:
+        fail(f"--finetune-steps must be >= 0, got {finetune_steps}")
+    if finetune_steps and not calib:
+        fail("--finetune-steps needs --calib (the unlabeled inputs to distil on)")
     from graphprune.outputs import OutputGate
 
     # every output is checked before any work: input/external-data files, devices, same file twice, folder
@@ -234,6 +248,9 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
             hardware=hardware, measure=not no_measure, min_speedup=min_speedup,
             ignore=ignore, seed=seed, input_shape=shapes, progress=say, allow_floor=allow_floor,
             input_values=values or None, strict_method=strict_method, **calib_kw,
+            **({"finetune_steps": finetune_steps,
+                "finetune_options": {"device": finetune_device, "bar": status is None and sys.stderr.isatty()}}
+               if finetune_steps else {}),
         )
         if output and not dry_run:
             run_guarded(gate.write_model, result.model, output)
@@ -253,6 +270,10 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
         from graphprune.report.summary import render_tables
 
         render_tables(result.report, Console())
+        if "finetune" in result.report:
+            from graphprune.cli_finetune import print_summary
+
+            print_summary(result.report["finetune"], None)
         if output and not dry_run:
             click.echo(f"wrote {output}")
     warn_if_not_faster(result.report)
@@ -353,6 +374,8 @@ from graphprune.cli_inspect import inspect  # noqa: E402
 main.add_command(inspect)
 from graphprune.cli_backend import bench, tune  # noqa: E402
 main.add_command(bench); main.add_command(tune)
+from graphprune.cli_finetune import finetune  # noqa: E402
+main.add_command(finetune)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
