@@ -13,16 +13,14 @@ from graphprune.analysis.groups import Analysis, analyze_graph
 from graphprune.errors import GraphpruneError
 from graphprune.frontends.onnx_frontend import LoadedModel, load_onnx
 from graphprune.io import write_model_atomic
-from graphprune.passes.allocate import Plan, allocate, ignored_classes
+from graphprune.passes.allocate import Plan, allocate, ignore_reasons
 from graphprune.passes.magnitude import CRITERIA
-from graphprune.passes.methods import (PLAN_METHODS, TRAINING_METHODS, check_strict, di_plan, method_coverage,
-                                       training_method_error)
+from graphprune.passes.methods import (ACT_METHODS, PLAN_METHODS, TRAINING_METHODS, check_method, check_strict,
+                                       di_plan, method_coverage, training_method_error)
 from graphprune.rewrite.onnx_rewrite import rewrite_onnx
 from graphprune.rewrite.validate import custom_domains, masked_reference, random_feed, run_onnx, validate
 
 Progress = Callable[[str], None]
-# the activation-aware criterion (passes/act_importance.py); needs calibration data
-ACT_METHODS = {"act", "activation"}
 
 
 @dataclass
@@ -58,6 +56,19 @@ def analyze(model: Any, example_inputs: Any = None, *, input_shape: dict[str, tu
     return analyze_graph(load_onnx(model, input_shape).graph)
 
 
+def inspect(model: Any, example_inputs: Any = None, *, input_shape: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
+    """Inspect an ONNX model (path or ModelProto) or an nn.Module (with example inputs)."""
+    from graphprune.report.inspect import inspect_analysis
+
+    if _is_torch_module(model):
+        source = type(model).__name__
+    elif isinstance(model, str) or hasattr(model, "__fspath__"):
+        source = str(model)
+    else:
+        source = None
+    return inspect_analysis(analyze(model, example_inputs, input_shape=input_shape), source=source)
+
+
 def _parse_target(target_flops: float | None, target_params: float | None, target_latency: float | None) -> tuple[str, float]:
     given = [(k, v) for k, v in (("macs", target_flops), ("params", target_params), ("latency", target_latency)) if v is not None]
     if len(given) != 1:
@@ -74,6 +85,14 @@ def score_classes(analysis: Analysis, method: str, *, seed: int = 0, **options: 
     if fn is None:
         raise GraphpruneError(f"unknown or unsupported method {method!r} for this model; choose from {sorted(CRITERIA)}")
     return fn(analysis, seed=seed, **options)
+
+
+def protect(analysis: Analysis, ignore: tuple[str, ...] | list[str]) -> tuple[dict[int, str], list[str]]:
+    """Classes the ignore patterns keep (with why) and a warning for each pattern that matches nothing."""
+    if not ignore:
+        return {}, []
+    protected, unmatched = ignore_reasons(analysis, list(ignore))
+    return protected, [f"--ignore {p!r} matches no layer or parameter name" for p in unmatched]
 
 
 def _sensitivity_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -165,6 +184,12 @@ def prune(
     if calib is None and (recover not in (None, "none") or method in ACT_METHODS):
         raise GraphpruneError(f"{'recover=' + recover if recover not in (None, 'none') else 'method act'} "
                               "needs calibration data (calib=... / --calib)")
+    if ignore and removed is not None:
+        raise GraphpruneError("ignore patterns have no effect on an explicit plan (removed=): leave those classes out of it")
+    if ignore and scores is None and method in PLAN_METHODS:
+        raise GraphpruneError(f"method {method} searches the whole structure and cannot honour ignore patterns yet")
+    if removed is None and scores is None:
+        check_method(method, "torch" if _is_torch_module(model) else "onnx")
     if _is_torch_module(model):
         from graphprune.torch_prune import prune_module
 
@@ -214,6 +239,8 @@ def prune(
     t = time.perf_counter()
     coverage = None
     extra_report: dict[str, Any] = {}
+    protected: dict[int, str] = {}
+    warnings: list[str] = []
     if removed is None:
         kind, target = _parse_target(target_flops, target_params, target_latency)
         if kind == "latency":
@@ -234,7 +261,7 @@ def prune(
             say(f"scoring channels ({method})")
             if scores is None:
                 scores = score_classes(analysis, method, seed=seed, loaded=loaded, **method_options)
-            protected = ignored_classes(analysis, list(ignore))
+            protected, warnings = protect(analysis, ignore)
             if strategy == "sensitivity":
                 from graphprune.passes.sensitivity import OnnxMaskedRunner, calibration_feeds, sensitivity_allocate
 
@@ -244,12 +271,12 @@ def prune(
                                           loaded.graph.inputs, sopts["samples"])
                 runner = OnnxMaskedRunner(loaded.proto, analysis, feeds)
                 plan, sens = sensitivity_allocate(analysis, scores, runner, target=target, kind=kind,
-                                                  round_to=round_to, protected=protected, progress=say, **sopts)
+                                                  round_to=round_to, protected=set(protected), progress=say, **sopts)
                 extra_report["sensitivity"] = sens.to_json()
             else:
                 say("allocating the budget")
                 plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=round_to,
-                                protected=protected, allow_floor=allow_floor)
+                                protected=set(protected), allow_floor=allow_floor)
     else:
         base = analysis.macs()
         plan = Plan(frozenset(removed), "macs", 1.0, base, analysis.macs(removed))
@@ -299,7 +326,7 @@ def prune(
     from graphprune.report.summary import build_report
 
     report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_to, times=times,
-                          source=loaded.source, coverage=coverage)
+                          source=loaded.source, coverage=coverage, ignored=protected, warnings=warnings)
     report.update(extra_report)
     report["validation"] = (["checker", "shape inference", "channel agreement"] if custom
                             else ["checker", "shape inference", "channel agreement",

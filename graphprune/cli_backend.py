@@ -141,7 +141,7 @@ def bench(model: str, compare: str | None, backend: str, target: str, runs: int,
           input_shape: str | None) -> None:
     """Latency (median, p90, spread) of MODEL, and of --compare, with speed-up vs MAC ratio."""
     from graphprune.backends.latency import speedup
-    from graphprune.cli import parse_shape
+    from graphprune.cli_common import parse_shape
 
     gate = _output_gate(model, (json_path, "--json"))
     if compare:

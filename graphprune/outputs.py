@@ -328,10 +328,60 @@ class OutputGate:
 
     def write_model(self, model: Any, path: str | os.PathLike, external: bool | None = None) -> None:
         """An ONNX model; with external data (next to it, `<name>.data`) when asked or when over 2 GB."""
-        from graphprune.frontends.external import write_model
-
         real = self.real(path)
         if external is None:
             external = self.input_has_external_data
         if self._may_write(os.fspath(path)):
-            write_model(model, real, external=external, gate=self, shown=os.fspath(path))
+            write_onnx(model, real, external=external, gate=self, shown=os.fspath(path))
+
+
+# -- ONNX files --------------------------------------------------------------------------------------
+def serialized_size(model: Any) -> int:
+    return model.ByteSize()
+
+
+def write_onnx(model: Any, real: str, *, external: bool, gate: Any = None, shown: str | None = None) -> None:
+    """Write `model` atomically; with external data in `<name>.data` next to it when asked or when
+    the model would not fit one protobuf message. The data file is written (atomically) first."""
+    import onnx
+
+    from graphprune.frontends import external as ext
+
+    shown = shown or real
+    big = serialized_size(model) >= ext.PROTO_LIMIT
+    movable = [t for t in model.graph.initializer if len(t.raw_data) >= ext.EXTERNAL_MIN_BYTES] if (external or big) else []
+    if not movable:
+        if big:
+            raise GraphpruneError(f"cannot write {shown}: model over 2 GB with no tensor that can move to external data")
+        atomic_write(real, lambda fh: fh.write(model.SerializeToString()), shown=shown)
+        return
+    data_real = real + ".data"
+    location = os.path.basename(real) + ".data"
+    if gate is not None:
+        gate.claim(data_real, f"external data of {shown}")
+    saved: list[tuple[onnx.TensorProto, bytes]] = []
+
+    def fill_data(fh: Any) -> None:
+        offset = 0
+        for t in movable:
+            raw = t.raw_data
+            fh.write(raw)
+            saved.append((t, raw))
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            del t.external_data[:]
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(raw)
+
+    try:
+        atomic_write(data_real, fill_data, shown=shown + ".data")
+        if serialized_size(model) >= ext.PROTO_LIMIT:
+            raise GraphpruneError(f"cannot write {shown}: over 2 GB even with its weights in external data")
+        atomic_write(real, lambda fh: fh.write(model.SerializeToString()), shown=shown)
+    finally:
+        for t, raw in saved:  # the caller's proto is left as it was
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = raw

@@ -156,7 +156,7 @@ def recover_module(original: nn.Module, slim: nn.Module, analysis: Analysis, rem
 
 def holdout_agreement_module(original: nn.Module, slim: nn.Module, holdout: Calibration) -> dict[str, Any]:
     from graphprune.recovery import output_agreement
-    from graphprune.torch_prune import _run
+    from graphprune.frontends.fx_frontend import run_module as _run
 
     ref: list[list[np.ndarray]] = []
     got: list[list[np.ndarray]] = []

@@ -8,24 +8,18 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from graphprune.api import Progress, PruneResult, _parse_target, _sensitivity_options, score_classes
+from graphprune.api import Progress, PruneResult, _parse_target, _sensitivity_options, protect, score_classes
 from graphprune.errors import GraphpruneError
-from graphprune.frontends.fx_frontend import TracedModule, analyze_traced, eval_mode, trace_module
-from graphprune.passes.allocate import Plan, allocate, ignored_classes
+from graphprune.frontends.fx_frontend import TracedModule, analyze_traced, run_module, trace_module
+from graphprune.passes.allocate import Plan, allocate
 from graphprune.passes.methods import (PLAN_METHODS, TRAINING_METHODS, check_strict, di_plan, method_coverage,
                                        training_method_error)
 from graphprune.report.summary import build_report
 from graphprune.rewrite.torch_rewrite import rewrite_module
 
 
-def _flat_tensors(out: Any) -> list[torch.Tensor]:
-    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
-def _run(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
-    """Forward in eval mode without touching BN statistics, restoring each module's mode."""
-    with eval_mode(model), torch.no_grad():
-        return _flat_tensors(model(*inputs))
+# kept for callers of the old private name
+_run = run_module
 
 
 def _validate(slim: nn.Module, traced: TracedModule) -> None:
@@ -88,7 +82,8 @@ def prune_module(
     data = stats = None
     # DI reads its labelled (x, y) calibration itself; recovery data is only prepared when asked for
     if calib is not None and not (method in PLAN_METHODS and recover in (None, "none") and strategy != "sensitivity"):
-        from graphprune.api import ACT_METHODS, prepare_calibration
+        from graphprune.api import prepare_calibration
+        from graphprune.passes.methods import ACT_METHODS
         from graphprune.recovery import RecoverOptions
         from graphprune.recovery_torch import collect_stats_module
 
@@ -108,6 +103,8 @@ def prune_module(
     t = time.perf_counter()
     coverage = None
     extra_report: dict[str, Any] = {}
+    protected: dict[int, str] = {}
+    warnings: list[str] = []
     if removed is None:
         kind, target = _parse_target(target_flops, target_params, None)
         if method in TRAINING_METHODS:
@@ -118,7 +115,7 @@ def prune_module(
                 check_strict(coverage)
         if method in PLAN_METHODS and scores is None:
             say(f"searching the structure ({method})")
-            found = di_plan(analysis, target, kind, opts, module=work.eval(), progress=say)
+            found = di_plan(analysis, target, kind, opts, module=work, progress=say)
             plan = Plan(found, kind, target, analysis.cost(kind), analysis.cost(kind, found))
         else:
             if scores is None:
@@ -129,7 +126,7 @@ def prune_module(
                     scores = taylor(analysis, model=work, **opts)
                 else:
                     scores = score_classes(analysis, method, seed=seed, **opts)
-            protected = ignored_classes(analysis, list(ignore))
+            protected, warnings = protect(analysis, ignore)
             if strategy == "sensitivity":
                 from graphprune.passes.sensitivity import TorchMaskedRunner, calibration_feeds, sensitivity_allocate
 
@@ -140,12 +137,12 @@ def prune_module(
                                           sopts["samples"], batch=sopts["samples"])
                 runner = TorchMaskedRunner(analysis, [tuple(torch.as_tensor(f[n]) for n in names) for f in feeds])
                 plan, sens = sensitivity_allocate(analysis, scores, runner, target=target, kind=kind,
-                                                  round_to=round_to, protected=protected, progress=say, **sopts)
+                                                  round_to=round_to, protected=set(protected), progress=say, **sopts)
                 extra_report["sensitivity"] = sens.to_json()
             else:
                 say("allocating the budget")
                 plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=round_to,
-                                protected=protected, allow_floor=allow_floor)
+                                protected=set(protected), allow_floor=allow_floor)
     else:
         plan = Plan(frozenset(removed), "macs", 1.0, analysis.macs(), analysis.macs(removed))
     times["plan_s"] = time.perf_counter() - t
@@ -169,7 +166,8 @@ def prune_module(
     times["validate_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - t0
     report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_to, times=times,
-                          source=f"torch:{type(model).__name__}", coverage=coverage)
+                          source=f"torch:{type(model).__name__}", coverage=coverage, ignored=protected,
+                          warnings=warnings)
     report.update(extra_report)
     report["module_type"] = type(slim).__name__
     report["frontend"] = traced.frontend
