@@ -1,26 +1,29 @@
-"""The public Python API. The CLI is a thin layer over these functions."""
+"""The public Python API. The CLI is a thin layer over these functions.
+
+`prune` only assembles: it checks the options, picks the adapter for the model kind, builds the
+default pass list (graphprune.passes.stages.default_passes) or takes the caller's, and runs it
+through one PassManager. ONNX models and nn.Modules go through the same code.
+"""
 from __future__ import annotations
 
 import os
-import sys
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-import onnx
-
-from graphprune.analysis.groups import Analysis, analyze_graph
+from graphprune.adapters import adapter_for, is_torch_module
+from graphprune.analysis.groups import Analysis
+from graphprune.analysis.plan import Plan
+from graphprune.calib import CalibrationSplit, prepare_calibration
 from graphprune.errors import GraphpruneError
-from graphprune.frontends.onnx_frontend import LoadedModel, load_onnx
-from graphprune.io import write_model_atomic
-from graphprune.passes.allocate import Plan, allocate, ignore_reasons
 from graphprune.passes.magnitude import CRITERIA
-from graphprune.passes.methods import (ACT_METHODS, PLAN_METHODS, TRAINING_METHODS, check_method, check_strict,
-                                       di_plan, method_coverage, training_method_error)
-from graphprune.rewrite.onnx_rewrite import rewrite_onnx
-from graphprune.rewrite.validate import custom_domains, masked_reference, random_feed, run_onnx, validate
+from graphprune.passes.methods import ACT_METHODS, PLAN_METHODS, TRAINING_METHODS, check_method, training_method_error
+from graphprune.passes.stages import analysis_passes, default_passes
+from graphprune.pipeline import Pass, PassManager, Progress, PruneOptions, PruneState
 
-Progress = Callable[[str], None]
+PassList = Sequence[Pass] | Callable[[list[Pass]], Sequence[Pass]]
+
+# kept for callers of the old private name
+_is_torch_module = is_torch_module
 
 
 @dataclass
@@ -31,52 +34,49 @@ class PruneResult:
     analysis: Analysis
     plan: Plan
     report: dict[str, Any] = field(default_factory=dict)
+    state: PruneState | None = field(default=None, repr=False, compare=False)
 
     def save(self, path: str | os.PathLike, overwrite: bool = True) -> None:
-        if isinstance(self.model, onnx.ModelProto):
-            write_model_atomic(self.model, path, overwrite=overwrite)
-        else:
-            from graphprune.torch_io import save as save_module
+        """Write the slim model atomically (ONNX: the .onnx file; nn.Module: graphprune.save's format)."""
+        adapter = self.state.adapter if self.state is not None else adapter_for(self.model)
+        adapter.save(self.model, path, overwrite=overwrite)
 
-            save_module(self.model, path)
+    def reference(self) -> Any:
+        """The correctness oracle: the source model with the removed channels' consumers zeroed.
+
+        Without recovery the slim model computes exactly what this model computes; with recovery
+        (report['recovery']['mode'] other than 'none') the kept weights were refitted on purpose.
+        """
+        if self.state is None:
+            raise GraphpruneError("this result carries no pipeline state to rebuild the reference from")
+        return self.state.adapter.reference(self.state)
 
 
-def _is_torch_module(model: Any) -> bool:
-    # an nn.Module can only exist if torch is already imported; importing it here costs seconds
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(model, torch.nn.Module)
+def _state(model: Any, example_inputs: Any, options: PruneOptions, progress: Progress | None, adapter: Any) -> PruneState:
+    state = PruneState(source=model, adapter=adapter, options=options, example_inputs=example_inputs)
+    if progress is not None:
+        state.progress = progress
+    return state
 
 
 def analyze(model: Any, example_inputs: Any = None, *, input_shape: dict[str, tuple[int, ...]] | None = None) -> Analysis:
     """Dependency analysis of an ONNX model (path or ModelProto) or an nn.Module (with example inputs)."""
-    if _is_torch_module(model):
-        from graphprune.frontends.fx_frontend import analyze_module
-
-        return analyze_module(model, example_inputs)
-    return analyze_graph(load_onnx(model, input_shape).graph)
+    # the module itself is captured (no copy): the analysis refers to the caller's parameters
+    state = _state(model, example_inputs, PruneOptions(input_shape=input_shape), None, adapter_for(model, inplace=True))
+    return PassManager(analysis_passes(), instruments=[]).run(state).analysis
 
 
 def inspect(model: Any, example_inputs: Any = None, *, input_shape: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
     """Inspect an ONNX model (path or ModelProto) or an nn.Module (with example inputs)."""
     from graphprune.report.inspect import inspect_analysis
 
-    if _is_torch_module(model):
+    if is_torch_module(model):
         source = type(model).__name__
     elif isinstance(model, str) or hasattr(model, "__fspath__"):
         source = str(model)
     else:
         source = None
     return inspect_analysis(analyze(model, example_inputs, input_shape=input_shape), source=source)
-
-
-def _parse_target(target_flops: float | None, target_params: float | None, target_latency: float | None) -> tuple[str, float]:
-    given = [(k, v) for k, v in (("macs", target_flops), ("params", target_params), ("latency", target_latency)) if v is not None]
-    if len(given) != 1:
-        raise GraphpruneError("give exactly one of target_flops, target_params, target_latency")
-    kind, value = given[0]
-    if not 0 < float(value) <= 1:
-        raise GraphpruneError(f"target must be a fraction kept in (0, 1], got {value}")
-    return kind, float(value)
 
 
 def score_classes(analysis: Analysis, method: str, *, seed: int = 0, **options: Any) -> dict[int, float]:
@@ -87,53 +87,14 @@ def score_classes(analysis: Analysis, method: str, *, seed: int = 0, **options: 
     return fn(analysis, seed=seed, **options)
 
 
-def protect(analysis: Analysis, ignore: tuple[str, ...] | list[str]) -> tuple[dict[int, str], list[str]]:
-    """Classes the ignore patterns keep (with why) and a warning for each pattern that matches nothing."""
-    if not ignore:
-        return {}, []
-    protected, unmatched = ignore_reasons(analysis, list(ignore))
-    return protected, [f"--ignore {p!r} matches no layer or parameter name" for p in unmatched]
-
-
-def _sensitivity_options(options: dict[str, Any]) -> dict[str, Any]:
-    """sensitivity_samples / sensitivity_ratios from the prune() options, with the pass's defaults."""
-    from graphprune.passes.sensitivity import DEFAULT_RATIOS, DEFAULT_SAMPLES
-
-    samples = int(options.get("sensitivity_samples", DEFAULT_SAMPLES))
-    ratios = tuple(float(r) for r in options.get("sensitivity_ratios", DEFAULT_RATIOS))
-    return {"samples": samples, "ratios": ratios}
-
-
-def _blame_input(original: onnx.ModelProto, feed: dict, expected: list, run: bool = True) -> None:
-    """A pruned model failed validation: if the input fails the same checks, say that instead."""
-    try:
-        validate(original, feed, expected, run=run)
-    except GraphpruneError as exc:
-        raise GraphpruneError(f"input model is invalid: {str(exc).replace('pruned model ', '', 1)}") from None
-
-
-@dataclass
-class CalibrationSplit:
-    """Calibration samples used for statistics/fitting, and the held-out ones used to report agreement."""
-
-    fit: Any
-    holdout: Any
-
-    def summary(self) -> dict[str, Any]:
-        return {"samples": self.fit.n + self.holdout.n, "fit_samples": self.fit.n,
-                "heldout_samples": self.holdout.n, "source": self.fit.source}
-
-
-def prepare_calibration(calib: Any, graph: Any, samples: int | None = None, preprocess: Any = None,
-                        labelled: bool = False) -> CalibrationSplit:
-    """Load and validate calibration data for a model's IR graph and split off held-out samples."""
-    from graphprune.calib import load_calibration, split_holdout
-
-    if labelled and isinstance(calib, tuple) and len(calib) == 2:
-        calib = calib[0]  # DI-style (inputs, labels): recovery only needs the inputs
-    data = load_calibration(calib, graph, samples=samples, preprocess=preprocess)
-    fit, hold = split_holdout(data)
-    return CalibrationSplit(fit, hold)
+def _parse_target(target_flops: float | None, target_params: float | None, target_latency: float | None) -> tuple[str, float]:
+    given = [(k, v) for k, v in (("macs", target_flops), ("params", target_params), ("latency", target_latency)) if v is not None]
+    if len(given) != 1:
+        raise GraphpruneError("give exactly one of target_flops, target_params, target_latency")
+    kind, value = given[0]
+    if not 0 < float(value) <= 1:
+        raise GraphpruneError(f"target must be a fraction kept in (0, 1], got {value}")
+    return kind, float(value)
 
 
 def prune(
@@ -160,24 +121,29 @@ def prune(
     recover: str | None = None,
     recover_options: dict[str, Any] | None = None,
     strict_method: bool = False,
+    inplace: bool = False,
+    passes: PassList | None = None,
     **method_options: Any,
 ) -> PruneResult:
     """Prune `model` to a cost target and return the validated slim model with a report.
 
-    The report lists which groups `method` scored and which fell back to another criterion;
+    ONNX models (path or ModelProto) come back as a ModelProto; nn.Modules as a smaller nn.Module
+    (a copy unless inplace=True). Pass `scores` to use your own importance, or `removed` to apply an
+    explicit plan. A target below what pruning can reach is an error unless `allow_floor` (then the
+    floor is kept). `input_values` fixes inputs of the validation feed (e.g. a sample rate the model
+    checks). The report lists which groups `method` scored and which fell back to another criterion;
     `strict_method=True` makes any fallback an error instead.
-
-    ONNX models (path or ModelProto) come back as a ModelProto; nn.Modules as a smaller nn.Module.
-    Pass `scores` to use your own importance, or `removed` to apply an explicit plan.
-    A target below what pruning can reach is an error unless `allow_floor` (then the floor is kept).
-    `input_values` fixes inputs of the validation feed (e.g. a sample rate the model checks).
 
     Calibration (`calib`: arrays, a dict input name -> array, an iterable of batches, an .npz path or
     an image folder with `calib_preprocess`) makes pruning data-aware: the default method becomes
     "act" (activation-aware importance) and `recover` defaults to "lsq" (bias compensation, then
     layer-wise least-squares reconstruction); "bias" compensates only, "none" skips both.
-    `recover_options` tunes RecoverOptions (ridge, lsq_samples, rows_per_sample).
-    Without `calib` nothing changes: method defaults to "l1" and no recovery runs.
+    `recover_options` tunes RecoverOptions (ridge, lsq_samples, rows_per_sample). For method "di",
+    `calib` is (inputs, labels) or an .npz with x, y. Without `calib` method defaults to "l1" and no
+    recovery runs.
+
+    `passes` replaces the pipeline: a list of Pass objects, or a function that receives the default
+    list (graphprune.passes.stages.default_passes) and returns the one to run.
     """
     if method is None:
         method = "act" if calib is not None else "l1"
@@ -188,165 +154,30 @@ def prune(
         raise GraphpruneError("ignore patterns have no effect on an explicit plan (removed=): leave those classes out of it")
     if ignore and scores is None and method in PLAN_METHODS:
         raise GraphpruneError(f"method {method} searches the whole structure and cannot honour ignore patterns yet")
-    if removed is None and scores is None:
-        check_method(method, "torch" if _is_torch_module(model) else "onnx")
-    if _is_torch_module(model):
-        from graphprune.torch_prune import prune_module
-
-        return prune_module(
-            model, example_inputs, target_flops=target_flops, target_params=target_params, method=method,
-            strategy=strategy, round_to=round_to, ignore=ignore, seed=seed, scores=scores, removed=removed,
-            progress=progress, calib=calib, calib_samples=calib_samples, recover=recover,
-            recover_options=recover_options, strict_method=strict_method, allow_floor=allow_floor,
-            **method_options,
-        )
-    if method in PLAN_METHODS and calib is not None:
-        method_options["calib"] = calib
-    say = progress or (lambda _msg: None)
-    times: dict[str, float] = {}
-    t0 = time.perf_counter()
-    loaded: LoadedModel = load_onnx(model, input_shape)
-    times["load_s"] = time.perf_counter() - t0
-
-    t = time.perf_counter()
-    say("analysing channel dependencies")
-    analysis = analyze_graph(loaded.graph)
-    times["analyze_s"] = time.perf_counter() - t
-
-    data = None
-    # DI reads its labelled (x, y) calibration itself; recovery data is only prepared when asked for
-    if calib is not None and not (method in PLAN_METHODS and recover in (None, "none") and strategy != "sensitivity"):
-        from graphprune.recovery import RecoverOptions
-
-        t = time.perf_counter()
-        say("reading calibration data")
-        # DI's calibration is its labelled search data: it keeps its exact plain-pruning output unless asked
-        opts = RecoverOptions(mode=recover or ("none" if method in PLAN_METHODS else "lsq"), seed=seed,
-                              **(recover_options or {}))
-        data = prepare_calibration(calib, loaded.graph, calib_samples, calib_preprocess, method in PLAN_METHODS)
-        stats = None
-        if method in ACT_METHODS or opts.mode != "none":
-            from graphprune.recovery import collect_stats_onnx
-
-            say("calibration statistics")
-            stats = collect_stats_onnx(loaded.proto, analysis, data.fit, opts.progress)
-        if method in ACT_METHODS and scores is None and removed is None:
-            from graphprune.passes.act_importance import act_scores
-
-            scores = act_scores(analysis, stats, centered=opts.mode != "none")
-        times["calib_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    coverage = None
-    extra_report: dict[str, Any] = {}
-    protected: dict[int, str] = {}
-    warnings: list[str] = []
+    adapter = adapter_for(model, inplace=inplace)
+    kind = target = None
     if removed is None:
         kind, target = _parse_target(target_flops, target_params, target_latency)
-        if kind == "latency":
-            from graphprune.passes.latency_cost import register_latency_cost
-
-            kind = register_latency_cost(analysis, loaded, progress=say)
+        adapter.check_target(kind)
         if method in TRAINING_METHODS:
             raise training_method_error(method)
         if scores is None:
-            coverage = method_coverage(analysis, method)
-            if strict_method:
-                check_strict(coverage)
-        if method in PLAN_METHODS and scores is None:
-            say(f"searching the structure ({method}, calibration data through onnxruntime)")
-            found = di_plan(analysis, target, kind, method_options, onnx_model=loaded.proto, progress=say)
-            plan = Plan(found, kind, target, analysis.cost(kind), analysis.cost(kind, found))
-        else:
-            say(f"scoring channels ({method})")
-            if scores is None:
-                scores = score_classes(analysis, method, seed=seed, loaded=loaded, **method_options)
-            protected, warnings = protect(analysis, ignore)
-            if strategy == "sensitivity":
-                from graphprune.passes.sensitivity import OnnxMaskedRunner, calibration_feeds, sensitivity_allocate
+            check_method(method, adapter.kind)
+    options = PruneOptions(
+        target_kind=kind, target=target, method=method, strategy=strategy, round_to=round_to, ignore=tuple(ignore),
+        seed=seed, input_shape=input_shape, scores=scores, removed=frozenset(removed) if removed is not None else None,
+        allow_floor=allow_floor, strict_method=strict_method, input_values=input_values, calibration=calib,
+        calib_samples=calib_samples, calib_preprocess=calib_preprocess, recover=recover,
+        recover_options=dict(recover_options or {}), method_options=dict(method_options),
+    )
+    pipeline = default_passes(options)
+    if passes is not None:
+        pipeline = list(passes(pipeline) if callable(passes) else passes)
+    state = PassManager(pipeline).run(_state(model, example_inputs, options, progress, adapter))
+    if state.slim is None or state.plan is None:
+        raise GraphpruneError("the pass list produced no pruned model (it needs a plan and a rewrite pass)")
+    return PruneResult(state.slim, state.analysis, state.plan, state.report, state)
 
-                say("sensitivity: measuring each group on calibration data")
-                sopts = _sensitivity_options(method_options)
-                feeds = calibration_feeds(data.fit if data is not None else method_options.get("calib"),
-                                          loaded.graph.inputs, sopts["samples"])
-                runner = OnnxMaskedRunner(loaded.proto, analysis, feeds)
-                plan, sens = sensitivity_allocate(analysis, scores, runner, target=target, kind=kind,
-                                                  round_to=round_to, protected=set(protected), progress=say, **sopts)
-                extra_report["sensitivity"] = sens.to_json()
-            else:
-                say("allocating the budget")
-                plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=round_to,
-                                protected=set(protected), allow_floor=allow_floor)
-    else:
-        base = analysis.macs()
-        plan = Plan(frozenset(removed), "macs", 1.0, base, analysis.macs(removed))
-    times["plan_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    say("rewriting the graph")
-    slim = rewrite_onnx(loaded.proto, analysis, plan.removed)
-    times["rewrite_s"] = time.perf_counter() - t
-
-    recovery_report = None
-    if data is not None:
-        from graphprune.recovery import recover_onnx
-
-        t = time.perf_counter()
-        if opts.mode != "none":
-            say(f"recovering accuracy ({opts.mode})")
-        slim, recovery_report = recover_onnx(loaded.proto, slim, analysis, plan.removed, data.fit, stats, opts, say)
-        times["recover_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    say("validating (checker, shape inference, onnxruntime)")
-    feed = random_feed(loaded.proto, loaded.graph, seed, values=input_values)
-    expected = [loaded.graph.shape(o) for o in loaded.graph.outputs]
-    custom = custom_domains(loaded.proto)
-    if custom:
-        say(f"custom op domains {custom}: onnxruntime stage skipped")
-        if any(s is None for s in expected):
-            raise GraphpruneError(f"model uses custom op domains {custom} and its output shapes are not declared: "
-                                  "cannot validate the pruned model")
-    elif any(s is None for s in expected):
-        try:
-            expected = [tuple(o.shape) for o in run_onnx(loaded.proto, feed)]
-        except Exception as exc:  # the input itself is broken; say so instead of a traceback
-            raise GraphpruneError(f"input model fails to run in onnxruntime: {str(exc).splitlines()[0][:200]}") from None
-    # recovery changes kept weights on purpose: the slim model then no longer equals the masked original
-    recovered = data is not None and opts.mode != "none"
-    reference = None if custom or recovered else masked_reference(loaded.proto, analysis, plan.removed, feed)
-    try:
-        validate(slim, feed, expected, run=not custom, reference=reference)
-    except GraphpruneError as exc:
-        _blame_input(loaded.proto, feed, expected, run=not custom)
-        raise exc from None
-    times["validate_s"] = time.perf_counter() - t
-    times["total_s"] = time.perf_counter() - t0
-
-    from graphprune.report.summary import build_report
-
-    report = build_report(analysis, plan, method=method, strategy=strategy, round_to=round_to, times=times,
-                          source=loaded.source, coverage=coverage, ignored=protected, warnings=warnings)
-    report.update(extra_report)
-    report["validation"] = (["checker", "shape inference", "channel agreement"] if custom
-                            else ["checker", "shape inference", "channel agreement",
-                                  "onnxruntime run (optimised and unoptimised)"]
-                            + (["equals masked original"] if reference is not None else []))
-    if data is not None:
-        from graphprune.recovery import holdout_agreement_onnx
-
-        say("agreement on held-out calibration samples")
-        recovery_report["agreement"] = holdout_agreement_onnx(loaded.proto, slim, data.holdout)
-        report["calibration"] = data.summary()
-        report["recovery"] = recovery_report
-    if custom:
-        report["validation_note"] = f"onnxruntime run skipped: custom op domains {custom}"
-    if plan.kind == "latency":
-        from graphprune.passes.latency_cost import time_model
-
-        say("measuring pruned latency")
-        before = time_model(loaded.proto, feed, runs=20)
-        after = time_model(slim, feed, runs=20)
-        report["latency"] = {"backend": "onnxruntime", "threads": 1, "before_ms": before, "after_ms": after,
-                             "ratio": after / before, "predicted_ratio": plan.achieved}
-    return PruneResult(slim, analysis, plan, report)
+__all__ = ["prune", "analyze", "inspect", "score_classes", "prepare_calibration", "CalibrationSplit", "PruneResult",
+           "PLAN_METHODS", "ACT_METHODS"]

@@ -97,17 +97,12 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_walker_sees_imports_and_finds_cycles():
     graph = import_graph()
     assert "graphprune.api" in graph["graphprune.cli"]
-    assert "graphprune.analysis.groups" in graph["graphprune.passes.allocate"]
+    assert "graphprune.pipeline" in graph["graphprune.passes.stages"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-# api.prune hands nn.Modules to torch_prune.prune_module, which reuses api's helpers: one cycle left
-# until the pipeline refactor of issue 10 (both become adapters of one pass list) removes it
-KNOWN = [["graphprune.api", "graphprune.torch_prune"]]
-
-
 def test_no_import_cycles():
-    assert cycles(import_graph()) == KNOWN
+    assert cycles(import_graph()) == []
 
 
 def test_imports_flow_one_way():
