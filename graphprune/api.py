@@ -7,6 +7,7 @@ through one PassManager. ONNX models and nn.Modules go through the same code.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -16,6 +17,7 @@ from graphprune.analysis.plan import Plan
 from graphprune.calib import CalibrationSplit, prepare_calibration
 from graphprune.errors import GraphpruneError
 from graphprune.passes.magnitude import CRITERIA
+from graphprune.passes.measure import check_speedup
 from graphprune.passes.methods import ACT_METHODS, PLAN_METHODS, TRAINING_METHODS, check_method, training_method_error
 from graphprune.passes.stages import analysis_passes, default_passes
 from graphprune.pipeline import Pass, PassManager, Progress, PruneOptions, PruneState
@@ -106,7 +108,8 @@ def prune(
     target_latency: float | None = None,
     method: str | None = None,
     strategy: str = "global",
-    round_to: int = 1,
+    round_to: int | str = "auto",
+    hardware: str | None = None,
     ignore: tuple[str, ...] | list[str] = (),
     seed: int = 0,
     input_shape: dict[str, tuple[int, ...]] | None = None,
@@ -121,6 +124,8 @@ def prune(
     recover: str | None = None,
     recover_options: dict[str, Any] | None = None,
     strict_method: bool = False,
+    measure: bool = True,
+    min_speedup: float | None = None,
     inplace: bool = False,
     passes: PassList | None = None,
     **method_options: Any,
@@ -142,6 +147,11 @@ def prune(
     `calib` is (inputs, labels) or an .npz with x, y. Without `calib` method defaults to "l1" and no
     recovery runs.
 
+    round_to="auto" keeps channel counts at the multiples measured fast on `hardware` ("ort-cpu",
+    the default for ONNX; "cuda-fp16", the default for nn.Modules when CUDA is available).
+    ONNX results are timed against the original on onnxruntime (measure=False skips it);
+    min_speedup turns a measured speed-up below it into SpeedupNotMet.
+
     `passes` replaces the pipeline: a list of Pass objects, or a function that receives the default
     list (graphprune.passes.stages.default_passes) and returns the one to run.
     """
@@ -155,16 +165,28 @@ def prune(
     if ignore and scores is None and method in PLAN_METHODS:
         raise GraphpruneError(f"method {method} searches the whole structure and cannot honour ignore patterns yet")
     adapter = adapter_for(model, inplace=inplace)
+    if adapter.kind == "torch":
+        if min_speedup is not None:
+            raise GraphpruneError("min_speedup is measured on onnxruntime: export the module to ONNX first")
+        if hardware is None:
+            hardware = "cuda-fp16" if sys.modules["torch"].cuda.is_available() else "ort-cpu"
+    hardware = hardware or "ort-cpu"
+    if not measure and min_speedup is not None:
+        check_speedup(None, min_speedup)  # fails before any work: nothing would be measured
     kind = target = None
     if removed is None:
         kind, target = _parse_target(target_flops, target_params, target_latency)
         adapter.check_target(kind)
+        if kind == "latency" and not measure:
+            raise GraphpruneError("--target-latency is checked by measuring: it cannot be combined with --no-measure "
+                                  "or custom op domains")
         if method in TRAINING_METHODS:
             raise training_method_error(method)
         if scores is None:
             check_method(method, adapter.kind)
     options = PruneOptions(
-        target_kind=kind, target=target, method=method, strategy=strategy, round_to=round_to, ignore=tuple(ignore),
+        target_kind=kind, target=target, method=method, strategy=strategy, round_to=round_to, hardware=hardware,
+        measure=measure, min_speedup=min_speedup, ignore=tuple(ignore),
         seed=seed, input_shape=input_shape, scores=scores, removed=frozenset(removed) if removed is not None else None,
         allow_floor=allow_floor, strict_method=strict_method, input_values=input_values, calibration=calib,
         calib_samples=calib_samples, calib_preprocess=calib_preprocess, recover=recover,

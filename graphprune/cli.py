@@ -125,7 +125,12 @@ def _said_dry_run(gate: Any) -> None:
                    "from Python (docs/methods.md). [default: act with --calib, else l1]")
 @click.option("--strategy", type=click.Choice(["global", "uniform", "sensitivity"]), default="global", show_default=True,
               help="Budget per layer: global ranking, uniform ratio, or measured sensitivity (needs --calib).")
-@click.option("--round-to", type=int, default=1, show_default=True, help="Keep channel counts multiples of N.")
+@click.option("--round-to", default="auto", show_default=True,
+              help="Keep channel counts multiples of N; auto: the multiple measured fast on --hardware.")
+@click.option("--hardware", type=click.Choice(["ort-cpu", "cuda-fp16"]), default="ort-cpu", show_default=True,
+              help="Whose channel table --round-to auto uses.")
+@click.option("--no-measure", is_flag=True, help="Skip timing original vs pruned on onnxruntime.")
+@click.option("--min-speedup", type=float, help="Fail (exit 3, nothing written) if the measured speed-up is below X.")
 @click.option("--ignore", multiple=True, help="Node or parameter name (glob) whose channels are never pruned.")
 @click.option("--input-shape", help="Static input shape for dynamic models, e.g. 1,3,224,224.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -154,7 +159,8 @@ def _said_dry_run(gate: Any) -> None:
               help="Rows of the group table (largest MAC share first).")
 @click.option("--all", "all_groups", is_flag=True, help="List every group in the table.")
 def prune(model: str, output: str | None, target_flops: float | None, target_params: float | None,
-          target_latency: float | None, method: str | None, strategy: str, round_to: int, ignore: tuple[str, ...],
+          target_latency: float | None, method: str | None, strategy: str, round_to: str, hardware: str,
+          no_measure: bool, min_speedup: float | None, ignore: tuple[str, ...],
           input_shape: str | None, seed: int, calib: str | None, calib_samples: int | None, calib_size: str | None,
           calib_mean: str | None, calib_std: str | None, calib_bgr: bool, calib_gray: bool, calib_layout: str,
           recover: str | None, as_json: bool, report_html: str | None, overwrite: bool, dry_run: bool,
@@ -193,6 +199,7 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
         result = run_guarded(
             api.prune, model, target_flops=target_flops, target_params=target_params,
             target_latency=target_latency, method=method, strategy=strategy, round_to=round_to,
+            hardware=hardware, measure=not no_measure, min_speedup=min_speedup,
             ignore=ignore, seed=seed, input_shape=shapes, progress=say, allow_floor=allow_floor,
             input_values=values or None, strict_method=strict_method, **calib_kw,
         )
@@ -222,8 +229,22 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
     # what happened to the files, last: on stdout with the tables, on stderr when stdout is JSON
     for path in written:
         click.echo(f"wrote {path}", err=as_json)
+    warn_if_not_faster(result.report)
     if dry_run:
         _said_dry_run(gate)
+
+
+def warn_if_not_faster(report: dict) -> None:
+    """A pruned model that is not measurably faster gets a loud warning on stderr, whatever the output mode."""
+    lat = report.get("latency")
+    if not lat:
+        return
+    sp = lat["speedup"]
+    if sp < 1.05:
+        click.secho(f"WARNING: the pruned model is {'SLOWER than' if sp < 1 else 'not measurably faster than'} the "
+                    f"original on {lat['backend']} ({lat['before_ms']:.2f} -> {lat['after_ms']:.2f} ms, {sp:.2f}x, "
+                    f"while FLOPs shrank {lat['flops_speedup']:.2f}x). Try --round-to auto or --target-latency; "
+                    "--min-speedup makes this an error.", err=True, fg="red", bold=True)
 
 
 @main.command()
@@ -268,6 +289,38 @@ def demo(out_dir: str, target_flops: float, overwrite: bool) -> None:
     click.echo(f"example model: {src}\npruned model:  {dst}\nmax |pruned - masked original| = {diff:.2e}")
     if diff > 1e-4:
         fail(f"equivalence check failed (max diff {diff:.2e})")
+
+
+@main.command()
+@click.option("--hardware", "targets", multiple=True, type=click.Choice(["ort-cpu", "cuda-fp16"]),
+              help="Which backend to measure (repeatable; default: ort-cpu, plus cuda-fp16 when a GPU is visible).")
+@click.option("--rounds", default=7, show_default=True, help="Timed runs per channel count (median).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Where to write the table (default: the user cache, which --round-to auto then prefers).")
+def calibrate(targets: tuple[str, ...], rounds: int, output: str | None) -> None:
+    """Measure which channel multiples are fast here (the table behind --round-to auto)."""
+    from graphprune.backends import channel_table as ct
+
+    if not targets:
+        targets = ("ort-cpu",)
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                targets += ("cuda-fp16",)
+        except ImportError:
+            pass
+    status, say = _progress_printer(sys.stderr.isatty())
+    try:
+        entries = {hw: run_guarded(ct.measure, hw, rounds=rounds, progress=say) for hw in targets}
+    finally:
+        if status is not None:
+            status.stop()
+    path = run_guarded(ct.write_table, entries, output or ct.user_table_path())
+    for hw, e in entries.items():
+        gains = ", ".join(f"{m}: {g:.2f}" for m, g in e["gains"].items())
+        click.echo(f"{hw}: multiple {e['multiple']} (MACs/ms gain by multiple {gains}) on {e['measured_on']}")
+    click.echo(f"wrote {path}")
 
 
 main.add_command(inspect)

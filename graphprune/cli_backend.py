@@ -55,25 +55,15 @@ def _write_json(gate: Any, path: str | None, report: dict) -> None:
         console.print(f"report written to {markup(path)}")
 
 
-def _same_signature(a: str, b: str) -> None:
-    """--compare only makes sense for two versions of one model: same input and output names/types."""
-    import onnx
+def _same_signature(a: str, b: str, model_a: Any, model_b: Any) -> None:
+    """--compare only makes sense for two versions of one model: same inputs (name, type, shape once
+    dynamic dims are pinned) and outputs (name, type, rank)."""
+    from graphprune.frontends.onnx_frontend import interface_mismatch
 
-    def signature(path: str) -> tuple:
-        try:
-            g = onnx.load(path, load_external_data=False).graph
-        except Exception:
-            raise GraphpruneError(f"not a valid ONNX file: {path}") from None
-        inits = {t.name for t in g.initializer}
-        io = lambda vs: [(v.name, v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim))  # noqa: E731
-                         for v in vs if v.name not in inits]
-        return io(g.input), io(g.output)
-
-    (ai, ao), (bi, bo) = signature(a), signature(b)
-    if ai != bi or ao != bo:
-        raise GraphpruneError(f"--compare {b} does not have the same inputs and outputs as {a} "
-                              f"(inputs {[x[0] for x in ai]} vs {[x[0] for x in bi]}, "
-                              f"outputs {[x[0] for x in ao]} vs {[x[0] for x in bo]}); compare two versions of one model")
+    why = interface_mismatch(model_a, model_b)
+    if why:
+        raise GraphpruneError(f"--compare {b} does not have the same inputs and outputs as {a} ({why}); "
+                              "it is not a drop-in replacement: compare two versions of one model")
 
 
 def _parse_duration(text: str) -> float:
@@ -91,34 +81,83 @@ def _parse_duration(text: str) -> float:
     return value
 
 
-def _measure(model: str, backend: str, target: str, runs: int, warmup: int, threads: int,
-             db: str | None, rpc: Any, mcpu: str = "generic",
-             shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
-    from graphprune.backends.macs import count_macs
-    from graphprune.backends.ort_backend import measure_ort, random_inputs
+def _load_pinned(path: str, shapes: dict[str, tuple[int, ...]] | None) -> Any:
+    """The model with dynamic input dims pinned (batch -> 1, others from --input-shape)."""
+    from graphprune.frontends.onnx_frontend import pin_input_shapes, read_model
 
-    row: dict[str, Any] = {"model": model, "macs": count_macs(model, input_shape=shapes)}
+    model, _ = read_model(path)
+    return pin_input_shapes(model, shapes)
+
+
+def _runners(models: list[Any], backend: str, target: str, threads: int, db: str | None, rpc: Any,
+             feeds: dict, say: Callable[[str], None], mcpu: str = "generic",
+             coverage: list[dict] | None = None) -> list[Callable[[], float]]:
+    """One callable per model that runs one inference and returns its milliseconds.
+
+    For TVM, each model's kernel coverage by the tuning database is appended to `coverage`.
+    """
+    import time
+
     if backend == "ort":
-        stats = measure_ort(model, runs=runs, warmup=warmup, intra_op_threads=threads,
-                            feeds=random_inputs(model, input_shape=shapes))
-    else:
-        from graphprune.backends import tvm_backend as tb
+        from graphprune.backends.ort_backend import make_session
 
-        tgt = tb.make_target(target, num_cores=threads or None, mcpu=None if mcpu == "generic" else mcpu)
-        mod = tb.import_onnx(model)
+        out = []
+        for m in models:
+            sess = make_session(m, threads, spin=threads == 1)
+
+            def run(sess: Any = sess) -> float:
+                t0 = time.perf_counter()
+                sess.run(None, feeds)
+                return (time.perf_counter() - t0) * 1e3
+
+            out.append(run)
+        return out
+    from graphprune.backends import tvm_backend as tb
+
+    tgt = tb.make_target(target, num_cores=threads or None, mcpu=None if mcpu == "generic" else mcpu)
+    names = tb.graph_input_names(models[0])
+    out = []
+    for i, m in enumerate(models):
+        say(f"compiling model {i + 1}/{len(models)} with TVM")
+        mod = tb.import_onnx(m)
         ex = tb.compile_tuned(mod, tgt, db) if db else tb.compile_untuned(mod, tgt)
-        coverage = tb.kernel_coverage(mod, tgt, db)
-        row.update(coverage)
+        cov = tb.kernel_coverage(mod, tgt, db)
         # "tuned" only when every kernel runs a measured schedule; the others use the default schedule
-        row["tuned"] = coverage["kernels_tuned"] == coverage["kernels"] > 0
-        if coverage["kernels_default"]:
-            console.print(f"{markup(model)}: {coverage['kernels_tuned']} of {coverage['kernels']} kernels have tuning "
-                          f"records; {len(coverage['kernels_default'])} run the default schedule")
-        stats = tb.measure_tvm(ex, tgt, random_inputs(model, input_shape=shapes), tb.graph_input_names(model), runs,
-                               warmup, rpc=rpc)
-    row["latency"] = stats.to_dict()
-    row["_stats"] = stats
-    return row
+        cov["tuned"] = cov["kernels_tuned"] == cov["kernels"] > 0
+        if cov["kernels_default"]:
+            console.print(f"model {i + 1}: {cov['kernels_tuned']} of {cov['kernels']} kernels have tuning "
+                          f"records; {len(cov['kernels_default'])} run the default schedule")
+        if coverage is not None:
+            coverage.append(cov)
+        out.append(tb.single_run_timer(ex, tgt, feeds, names, rpc=rpc))
+    return out
+
+
+MIN_ROUNDS = 5  # below this the IQR says nothing about the noise
+
+
+def interleaved_bench(runners: list[Callable[[], float]], runs: int, warmup: int,
+                      on_round: Callable[[int], None] | None = None) -> list[list[float]]:
+    """Warm every model up, then `runs` rounds that each time every model once, in turn.
+
+    Interleaving makes machine noise (other processes, clock changes) hit every model alike; timing
+    one model completely and then the other turns that noise into a fake speed-up or slow-down.
+    """
+    for run in runners:
+        for _ in range(warmup):
+            run()
+    samples: list[list[float]] = [[] for _ in runners]
+    for r in range(runs):
+        for i, run in enumerate(runners):
+            samples[i].append(run())
+        if on_round:
+            on_round(r + 1)
+    return samples
+
+
+def comparison_noise(a: Any, b: Any) -> float:
+    """Relative half-width of the medians' noise (IQR / median, the larger of the two), in percent."""
+    return max(a.iqr_pct, b.iqr_pct) / 2
 
 
 @click.command()
@@ -126,31 +165,35 @@ def _measure(model: str, backend: str, target: str, runs: int, warmup: int, thre
 @click.option("--compare", type=click.Path(exists=True, dir_okay=False), help="Pruned model to compare against MODEL.")
 @click.option("--backend", type=click.Choice(["ort", "tvm"]), default="ort", show_default=True)
 @click.option("--target", type=click.Choice(["llvm", "cuda"]), default="llvm", show_default=True, help="TVM target.")
-@click.option("--runs", default=50, show_default=True, help="Timed runs per model.")
-@click.option("--warmup", default=5, show_default=True, help="Untimed runs before timing.")
+@click.option("--runs", default=50, show_default=True, help="Timed rounds (each round runs every model once).")
+@click.option("--warmup", default=5, show_default=True, help="Untimed runs per model before timing.")
 @click.option("--threads", default=1, show_default=True, help="Intra-op threads (ORT) / cores (TVM).")
+@click.option("--input-shape", help="Static input shape for dynamic models, e.g. 1,3,224,224.")
+@click.option("--strict", is_flag=True, help="Exit 4 when the noise makes the comparison meaningless.")
 @click.option("--db", type=click.Path(file_okay=False), help="TVM: compile with this tuning database.")
 @click.option("--mcpu", default="native", show_default=True, help="TVM: LLVM CPU ('native', 'generic' or a name).")
 @click.option("--rpc-tracker", help="TVM: measure on a remote device, tracker host:port.")
 @click.option("--rpc-key", default="graphprune", show_default=True, help="TVM: device key at the tracker.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
-@click.option("--input-shape", help="Static input shape for dynamic models, e.g. 1,3,224,224.")
 @_one_line_errors
 def bench(model: str, compare: str | None, backend: str, target: str, runs: int, warmup: int, threads: int,
-          db: str | None, mcpu: str, rpc_tracker: str | None, rpc_key: str, json_path: str | None,
-          input_shape: str | None) -> None:
-    """Latency (median, p90, spread) of MODEL, and of --compare, with speed-up vs MAC ratio."""
-    from graphprune.backends.latency import speedup
+          input_shape: str | None, strict: bool, db: str | None, mcpu: str, rpc_tracker: str | None,
+          rpc_key: str, json_path: str | None) -> None:
+    """Latency (median, p90, spread) of MODEL, and of --compare in interleaved rounds, with speed-up vs MAC ratio."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from graphprune.backends.latency import LatencyStats, speedup
+    from graphprune.backends.macs import count_macs
+    from graphprune.backends.ort_backend import random_inputs
     from graphprune.cli_common import parse_shape
 
     gate = _output_gate(model, (json_path, "--json"))
     if compare:
         gate.protect_input(compare)
-        _same_signature(model, compare)
-    shapes = parse_shape(input_shape)
-
     if backend == "ort" and target != "llvm":
         raise GraphpruneError("--target only applies to --backend tvm (onnxruntime runs on CPU here)")
+    if runs < 1 or warmup < 0:
+        raise GraphpruneError("--runs must be at least 1 and --warmup at least 0")
     rpc = None
     if rpc_tracker:
         if backend != "tvm":
@@ -158,23 +201,53 @@ def bench(model: str, compare: str | None, backend: str, target: str, runs: int,
         from graphprune.backends.tvm_backend import parse_tracker
 
         rpc = parse_tracker(rpc_tracker, rpc_key)
-    rows = [_measure(m, backend, target, runs, warmup, threads, db, rpc, mcpu, shapes) for m in [model, compare] if m]
-    table = Table(title=f"latency ({backend}{'/' + target if backend == 'tvm' else ''}, {runs} runs)")
-    for col in ("model", "MMACs", "median ms", "p90 ms", "stdev ms", "spread"):
+    shapes = parse_shape(input_shape)
+    paths = [m for m in (model, compare) if m]
+    models = [_load_pinned(p, shapes) for p in paths]
+    if len(models) == 2:
+        _same_signature(model, compare, models[0], models[1])
+    feeds = random_inputs(models[0])
+    with Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as progress:
+        bar = progress.add_task("preparing", total=runs)
+        coverage: list[dict] = []
+        runners = _runners(models, backend, target, threads, db, rpc, feeds,
+                           lambda msg: progress.update(bar, description=msg), mcpu=mcpu, coverage=coverage)
+        progress.update(bar, description=f"warm-up ({warmup} runs per model)")
+        samples = interleaved_bench(runners, runs, warmup,
+                                    lambda r: progress.update(bar, completed=r, description="interleaved rounds"))
+    stats = [LatencyStats.from_samples(s) for s in samples]
+    macs = [count_macs(m) for m in models]
+    table = Table(title=f"latency ({backend}{'/' + target if backend == 'tvm' else ''}, {runs} interleaved rounds)")
+    for col in ("model", "MMACs", "median ms", "p90 ms", "IQR", "spread"):
         table.add_column(col, justify="left" if col == "model" else "right")
-    for r in rows:
-        s = r["_stats"]
-        table.add_row(markup(Path(r["model"]).name), f"{r['macs'] / 1e6:.1f}", f"{s.median_ms:.3f}", f"{s.p90_ms:.3f}",
-                      f"{s.stdev:.3f}", f"{s.spread_pct:.1f}%")
+    for p, s, mc in zip(paths, stats, macs):
+        table.add_row(markup(Path(p).name), f"{mc / 1e6:.1f}", f"{s.median_ms:.3f}", f"{s.p90_ms:.3f}",
+                      f"{s.iqr_pct:.1f}%", f"{s.spread_pct:.1f}%")
     Console().print(table)
-    report: dict[str, Any] = {"backend": backend, "target": target, "runs": runs,
-                              "models": [{k: v for k, v in r.items() if k != "_stats"} for r in rows]}
-    if len(rows) == 2:
-        sp = speedup(rows[0]["_stats"], rows[1]["_stats"])
-        ratio = rows[0]["macs"] / rows[1]["macs"] if rows[1]["macs"] else float("nan")
-        Console().print(f"speed-up {sp:.2f}x  (MACs ratio {ratio:.2f}x)")
-        report.update(speedup=sp, macs_ratio=ratio)
+    report: dict[str, Any] = {"backend": backend, "target": target, "runs": runs, "warmup": warmup,
+                              "interleaved": True, "input_shape": input_shape,
+                              "models": [{"model": p, "macs": mc, "latency": s.to_dict(), **cov}
+                                         for p, s, mc, cov in zip(paths, stats, macs, coverage or [{}] * len(paths))]}
+    noisy = False
+    if len(stats) == 2:
+        sp = speedup(stats[0], stats[1])
+        ratio = macs[0] / macs[1] if macs[1] else float("nan")
+        noise = comparison_noise(stats[0], stats[1])
+        Console().print(f"speed-up {sp:.2f}x  (MACs ratio {ratio:.2f}x)  noise ±{noise:.1f}%")
+        # fewer than MIN_ROUNDS rounds cannot show the noise at all: never call such a comparison meaningful
+        noisy = abs(sp - 1) * 100 < noise or noise > 10 or runs < MIN_ROUNDS
+        report.update(speedup=sp, macs_ratio=ratio, noise_pct=noise, meaningful=not noisy)
+        if runs < MIN_ROUNDS:
+            click.secho(f"WARNING: {runs} rounds cannot show the timing noise; {sp:.2f}x is not a reliable "
+                        f"speed-up (use --runs {MIN_ROUNDS} or more).", err=True, fg="red", bold=True)
+        elif noisy:
+            click.secho(f"WARNING: timing noise (±{noise:.1f}%, IQR/2 of the noisier model) is too large for this "
+                        f"comparison: {sp:.2f}x is not a reliable speed-up. Close other programs, add --runs, or "
+                        "pin the process to idle cores.", err=True, fg="red", bold=True)
     _write_json(gate, json_path, report)
+    if noisy and strict:
+        sys.exit(4)
 
 
 @click.command()
@@ -196,16 +269,18 @@ def bench(model: str, compare: str | None, backend: str, target: str, runs: int,
 @click.option("--rpc-key", default="graphprune", show_default=True)
 @click.option("--retune", is_flag=True, help="Tune kernels even when the database already has them.")
 @click.option("--no-check", is_flag=True, help="Skip the output check against onnxruntime.")
+@click.option("--input-shape", help="Static input shape for dynamic models, e.g. 1,3,224,224 (dynamic batch -> 1).")
+@click.option("--verbose", is_flag=True, help="Show TVM's own log on the terminal (it always goes to DB/logs/).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @_one_line_errors
 def tune(model: str, target: str, trials: int | None, time_budget: str | None, trials_per_task: int | None,
-         db_dir: str, output: str | None,
-         num_cores: int | None, mcpu: str, rpc_tracker: str | None, rpc_key: str, retune: bool, no_check: bool,
-         json_path: str | None) -> None:
+         db_dir: str, output: str | None, num_cores: int | None, mcpu: str, rpc_tracker: str | None, rpc_key: str,
+         retune: bool, no_check: bool, input_shape: str | None, verbose: bool, json_path: str | None) -> None:
     """MetaSchedule-tune MODEL with TVM, reusing the database in --db; optionally export a library."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from graphprune.backends import tvm_backend as tb
+    from graphprune.cli_common import parse_shape
 
     gate = _output_gate(model, (output, "-o"), (json_path, "--json"))
     if os.path.exists(db_dir) and not os.path.isdir(db_dir):
@@ -219,7 +294,9 @@ def tune(model: str, target: str, trials: int | None, time_budget: str | None, t
         raise GraphpruneError(f"--trials must be at least 1, got {trials}")
     tgt = tb.make_target(target, num_cores=num_cores, mcpu=None if mcpu == "generic" else mcpu)
     rpc = tb.parse_tracker(rpc_tracker, rpc_key) if rpc_tracker else None
-    mod = tb.import_onnx(model)
+    # dynamic dims are pinned before import: MetaSchedule extracts tasks from static shapes only
+    pinned = _load_pinned(model, parse_shape(input_shape))
+    mod = tb.import_onnx(pinned)
     with Progress(TextColumn("[bold]tuning[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
         bar = progress.add_task("", total=None)
@@ -233,12 +310,13 @@ def tune(model: str, target: str, trials: int | None, time_budget: str | None, t
             progress.update(bar, advance=n, description=escape(f"{name}{best}"))
 
         result = tb.tune(mod, tgt, db_dir, trials, trials_per_task=trials_per_task, rpc=rpc, retune=retune,
-                         time_budget_s=budget_s, on_start=on_start, on_trials=on_trials)
-    report: dict[str, Any] = {"model": model, "target": str(tgt), **result.to_dict(),
+                         time_budget_s=budget_s, on_start=on_start, on_trials=on_trials, quiet=not verbose)
+    report: dict[str, Any] = {"model": model, "target": str(tgt), "input_shape": input_shape,
+                              "tvm_log_dir": str(Path(db_dir) / "logs"), **result.to_dict(),
                               **tb.kernel_coverage(mod, tgt, db_dir)}
     ex = tb.compile_tuned(mod, tgt, db_dir)
     if not no_check and rpc is None:
-        report["max_abs_diff_vs_ort"] = tb.check_against_ort(ex, tgt, model)
+        report["max_abs_diff_vs_ort"] = tb.check_against_ort(ex, tgt, pinned)
     if output:
         gate.write_with(output, lambda tmp: tb.export_library(ex, tmp))
         report["library"] = str(output)
@@ -254,6 +332,7 @@ def tune(model: str, target: str, trials: int | None, time_budget: str | None, t
         table.add_row("stopped", f"{result.stopped} (run again to resume)")
     table.add_row("db records", f"{result.db_records_before} -> {result.db_records_after}")
     table.add_row("time", f"{result.seconds:.1f} s")
+    table.add_row("TVM log", str(Path(db_dir) / "logs"))
     if "max_abs_diff_vs_ort" in report:
         table.add_row("max |tvm - ort|", f"{report['max_abs_diff_vs_ort']:.2e}")
     if output:

@@ -28,6 +28,12 @@ def run_guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
     except GraphpruneError as exc:
+        code = getattr(exc, "exit_code", EXIT_USAGE)  # e.g. SpeedupNotMet: 3
+        if code != EXIT_USAGE:
+            from graphprune.escape import plain
+
+            click.echo(f"graphprune: error: {plain(exc)}", err=True)
+            sys.exit(code)
         fail(str(exc))
     except OSError as exc:  # any file-system failure not already worded by the output gate
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""

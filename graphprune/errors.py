@@ -27,3 +27,9 @@ class GraphpruneError(Exception):
     def from_exception(cls, prefix: str, exc: BaseException, limit: int = 200) -> "GraphpruneError":
         """`prefix: <first line of exc>`, for wrapping a library's multi-line error into the one-line contract."""
         return cls(f"{prefix}: {first_line(exc, limit)}")
+
+
+class SpeedupNotMet(GraphpruneError):
+    """The measured speed-up is below --min-speedup: the CLI exits with code 3 and writes nothing."""
+
+    exit_code = 3

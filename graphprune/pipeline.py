@@ -36,7 +36,10 @@ class PruneOptions:
     target: float | None = None  # fraction of the cost to keep
     method: str = "l1"
     strategy: str = "global"
-    round_to: int = 1
+    round_to: int | str = "auto"  # "auto": the channel multiple measured fast on `hardware`
+    hardware: str = "ort-cpu"  # whose channel table round_to="auto" reads
+    measure: bool = True  # time original vs pruned (ONNX: onnxruntime) and report the speed-up
+    min_speedup: float | None = None  # a measured speed-up below this is SpeedupNotMet
     ignore: tuple[str, ...] = ()
     seed: int = 0
     input_shape: dict[str, tuple[int, ...]] | None = None
@@ -68,6 +71,8 @@ class PruneState:
     graph: Graph | None = None
     analysis: Analysis | None = None
     cost_kind: str | None = None  # the cost the plan targets (differs from the option once latency is registered)
+    round_to: int | dict[int, int] | None = None  # channel multiple(s) allocation keeps (per group for "auto")
+    round_info: dict[str, Any] = field(default_factory=dict)  # what the report says about round_to
     # calibration: the loaded samples split into fit/held-out, the recovery knobs, channel statistics
     calibration: Any = None  # graphprune.calib.CalibrationSplit
     recover_options: Any = None  # graphprune.recovery.RecoverOptions
@@ -80,6 +85,7 @@ class PruneState:
     slim: Any = None
     recovered: bool = False  # recovery changed kept weights: the slim model no longer equals the masked original
     feed: Any = None  # the validation inputs, reused by measurement
+    latency: dict[str, Any] | None = None  # measured original vs pruned (a latency fit measures while planning)
     report: dict[str, Any] = field(default_factory=dict)  # entries passes add; the report pass merges them
     times: dict[str, float] = field(default_factory=dict)
     passes_run: list[tuple[str, float]] = field(default_factory=list)  # (pass name, seconds), in run order

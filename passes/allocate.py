@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import heapq
 from math import prod
+from typing import Mapping
 
 from graphprune.analysis.groups import Analysis
 from graphprune.analysis.plan import Plan
@@ -95,28 +96,48 @@ def ignored_classes(analysis: Analysis, patterns: list[str] | tuple[str, ...]) -
     return set(ignore_reasons(analysis, patterns)[0]) if patterns else set()
 
 
-def _chunks(analysis: Analysis, scores: dict[int, float], protected: set[int], round_to: int,
+def group_multiples(analysis: Analysis, multiple: int) -> dict[int, int]:
+    """Per-group channel multiple for `--round-to auto`: the hardware's multiple, halved for small groups.
+
+    A group smaller than twice the multiple could otherwise only stay whole; halving (down to 1)
+    until it is at least twice the multiple keeps small layers prunable at a coarser-but-sane step.
+    """
+    out = {}
+    for g in analysis.groups:
+        m = max(1, int(multiple))
+        while m > 1 and g.size < 2 * m:
+            m //= 2
+        out[g.id] = m
+    return out
+
+
+def _multiple(round_to: int | Mapping[int, int], gid: int) -> int:
+    return round_to.get(gid, 1) if isinstance(round_to, Mapping) else round_to
+
+
+def _chunks(analysis: Analysis, scores: dict[int, float], protected: set[int], round_to: int | Mapping[int, int],
             normalize: bool) -> dict[int, list[list[int]]]:
     """Per group: removable classes, least important first, cut into round_to-sized chunks."""
     out: dict[int, list[list[int]]] = {}
     for g in analysis.groups:
+        step = _multiple(round_to, g.id)
         free = [r for r in g.classes if not analysis.is_frozen(r) and r not in protected]
         if not free:
             continue
         n_fixed = g.size - len(free)
-        min_keep = max(1, round_to) if n_fixed == 0 else 0
+        min_keep = max(1, step) if n_fixed == 0 else 0
         ordered = sorted(free, key=lambda r: (scores.get(r, 0.0), r))
         removable = len(free) - max(0, min_keep - n_fixed)
         if removable <= 0:
             continue
         chunks = []
-        first = g.size % round_to if round_to > 1 else 1
+        first = g.size % step if step > 1 else 1
         pos = 0
-        size = first or round_to
+        size = first or step
         while pos + size <= removable:
             chunks.append(ordered[pos:pos + size])
             pos += size
-            size = round_to if round_to > 1 else 1
+            size = step if step > 1 else 1
         if chunks:
             out[g.id] = chunks
     if normalize:
@@ -145,11 +166,13 @@ def allocate(
     target: float,
     kind: str = "macs",
     strategy: str = "global",
-    round_to: int = 1,
+    round_to: int | Mapping[int, int] = 1,
     protected: set[int] | None = None,
     tolerance: float = 0.002,
     allow_floor: bool = False,
     normalize: bool = True,
+    cost_aware: bool = False,
+    value_kind: str | None = "macs",
 ) -> Plan:
     """Pick classes to remove so that cost(kind) <= target * original cost, as tightly as possible.
 
@@ -159,13 +182,21 @@ def allocate(
     scales can be ranked together; scores that are already comparable across groups (measured
     sensitivity prices: damage per unit of cost) pass normalize=False, and then the chunk that finally
     closes the gap is the set-aside one of least damage (score x cost saved), not of least overshoot.
+    `round_to` is one multiple for all groups or a multiple per group id (see group_multiples).
+
+    cost_aware=False removes the least important chunk first (cost only decides when to stop);
+    cost_aware=True removes the chunk with the least value per unit of cost saved first, the greedy
+    solution of the knapsack "keep the most value within the budget" (as in HALP). A chunk's value
+    is its importance times the MACs it holds (`value_kind`; None: importance alone), so at equal
+    importance a channel that does more work per millisecond is kept: used for latency targets,
+    where a MAC costs very different time in different layers (depthwise, 1x1, early layers).
 
     A target below the floor (every prunable channel removed) is an error naming the floor, unless
     allow_floor: then the floor plan is returned and its `achieved` shows the miss.
     """
     if not 0 < target <= 1:
         raise GraphpruneError(f"target must be a fraction in (0, 1], got {target}")
-    if round_to < 1:
+    if any(m < 1 for m in (round_to.values() if isinstance(round_to, Mapping) else [round_to])):
         raise GraphpruneError(f"--round-to must be >= 1, got {round_to}")
     scores = dict(scores)
     chunks = _chunks(analysis, scores, protected or set(), round_to, normalize=normalize)
@@ -189,10 +220,30 @@ def allocate(
     elif strategy != "global":
         raise GraphpruneError(f"unknown strategy {strategy!r} (use {', '.join(STRATEGIES)}; "
                               "sensitivity needs calibration data)")
-    heap = [
-        (sum(scores.get(r, 0.0) for r in chunks[gid][i]) / len(chunks[gid][i]), gid, i)
-        for gid, i in next_chunk.items() if i < len(chunks[gid])
-    ]
+    work = IncrementalCost(analysis, value_kind) if cost_aware and value_kind else None
+    if work is not None:
+        for r in removed:  # (uniform's bisection left these removed)
+            work.remove(r)
+
+    def delta(counter: IncrementalCost, c: list[int]) -> float:
+        before = counter.total
+        for r in c:
+            counter.remove(r)
+        saved = (before - counter.total) / counter.base_total if counter.base_total else 0.0
+        for r in c:
+            counter.restore(r)
+        return saved
+
+    def priority(gid: int, i: int) -> float:
+        c = chunks[gid][i]
+        importance = sum(scores.get(r, 0.0) for r in c)
+        if not cost_aware:
+            return importance / len(c)
+        saved = delta(cost, c)
+        value = importance / len(scores) * (delta(work, c) if work is not None else 1.0)
+        return value / saved if saved > 1e-12 else float("inf")
+
+    heap = [(priority(gid, i), gid, i) for gid, i in next_chunk.items() if i < len(chunks[gid])]
     heapq.heapify(heap)
     taken: list[tuple[float, int, int]] = []
     too_big: list[tuple[float, float, int, int, float]] = []  # (overshoot, score, gid, i, cost saved)
@@ -209,6 +260,12 @@ def allocate(
             too_big.clear()
         else:
             score, gid, i = heapq.heappop(heap)
+            if cost_aware:  # lazy greedy: savings shrink as neighbours go, so re-check before taking
+                fresh = priority(gid, i)
+                if heap and fresh > heap[0][0] * (1 + 1e-9):
+                    heapq.heappush(heap, (fresh, gid, i))
+                    continue
+                score = fresh
         before = cost.total
         for r in chunks[gid][i]:
             cost.remove(r)
@@ -219,10 +276,12 @@ def allocate(
                 cost.restore(r)
             continue
         removed.update(chunks[gid][i])
+        if work is not None:
+            for r in chunks[gid][i]:
+                work.remove(r)
         taken.append((score, gid, i))
         if i + 1 < len(chunks[gid]):
-            c = chunks[gid][i + 1]
-            heapq.heappush(heap, (sum(scores.get(r, 0.0) for r in c) / len(c), gid, i + 1))
+            heapq.heappush(heap, (priority(gid, i + 1), gid, i + 1))
     _fill_back(chunks, taken, cost, goal, removed, round_to)
     if cost.total > goal * (1 + 1e-9) and not allow_floor:
         raise GraphpruneError(
@@ -233,7 +292,7 @@ def allocate(
 
 
 def _fill_back(chunks: dict[int, list[list[int]]], taken: list[tuple[float, int, int]], cost: IncrementalCost,
-               goal: float, removed: set[int], round_to: int) -> None:
+               goal: float, removed: set[int], round_to: int | Mapping[int, int]) -> None:
     """The last chunk can overshoot the target; give back the most important chunks that still fit."""
     last: dict[int, int] = {}
     for gid, cs in chunks.items():
@@ -242,7 +301,8 @@ def _fill_back(chunks: dict[int, list[list[int]]], taken: list[tuple[float, int,
             last[gid] = n - 1
     for _, gid, i in sorted(taken, reverse=True):
         # only a group's last removed chunk may come back: within a group removal stays in score order
-        if last.get(gid) != i or (i == 0 and round_to > 1 and len(chunks[gid][0]) != round_to):
+        step = _multiple(round_to, gid)
+        if last.get(gid) != i or (i == 0 and step > 1 and len(chunks[gid][0]) != step):
             continue  # (the remainder chunk is what keeps the group a multiple of round_to)
         chunk = chunks[gid][i]
         for r in chunk:
@@ -284,3 +344,23 @@ def _uniform(analysis: Analysis, chunks: dict[int, list[list[int]]], cost: Incre
         else:
             hi = mid
     apply(hi)
+
+
+def resolve_round_to(analysis: Analysis, round_to: int | str, hardware: str) -> tuple[int | dict[int, int], dict]:
+    """`round_to` as allocate() takes it, plus what the report says about it.
+
+    "auto" looks the channel multiple for `hardware` up in the measured table
+    (graphprune.backends.channel_table) and halves it for groups too small for it.
+    """
+    if round_to == "auto":
+        from graphprune.backends.channel_table import channel_multiple
+
+        multiple = channel_multiple(hardware)
+        return group_multiples(analysis, multiple), {"round_to": multiple, "round_to_source": f"auto ({hardware} table)"}
+    try:
+        value = int(round_to)
+    except (TypeError, ValueError):
+        raise GraphpruneError(f"--round-to must be a positive integer or 'auto', got {round_to!r}") from None
+    if value < 1:
+        raise GraphpruneError(f"--round-to must be >= 1, got {round_to}")
+    return value, {"round_to": value, "round_to_source": "user"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -86,30 +86,50 @@ def _single_op(analysis: Analysis, node: Node, fin: float, fout: float) -> tuple
 
 def layer_latency_table(analysis: Analysis, runs: int = 8, threads: int = 1,
                         progress: Callable[[str], None] | None = None) -> list[LayerLatency]:
-    """Measure and fit every weighted op that the MAC model knows about."""
-    rows = []
+    """Measure and fit every weighted op that the MAC model knows about.
+
+    All probes (every layer at every width) are timed in interleaved rounds and their medians
+    taken, so a burst of machine noise shifts every layer alike instead of reordering them: the
+    plan built on the table is then stable from run to run.
+    """
+    from graphprune.backends.ort_backend import interleaved_samples
+
     by_name = analysis.graph.node_by_name
     terms = analysis.mac_terms
+    probes: list[tuple[int, float, onnx.ModelProto, dict]] = []  # (term index, kept product, model, feed)
     for i, term in enumerate(terms):
         node = by_name[term.node]
-        if progress and i % 10 == 0:
-            progress(f"measuring layer latency {i + 1}/{len(terms)}")
         in_t = node.inputs[0] in term.tensors
         out_t = node.outputs[0] in term.tensors
-        xs, ys = [], []
         for f in FRACTIONS:
             built = _single_op(analysis, node, f if in_t else 1.0, f)
             if built is None:
                 break
-            try:
-                ms = time_model(built[0], built[1], runs=runs, threads=threads)
-            except Exception:
-                break
-            xs.append((f if in_t else 1.0) * (f if out_t else 1.0))
-            ys.append(ms)
-        if len(xs) < 2:
+            probes.append((i, (f if in_t else 1.0) * (f if out_t else 1.0), built[0], built[1]))
+    medians: dict[int, list[tuple[float, float]]] = {}
+    if probes:
+        if progress:
+            progress(f"measuring layer latency ({len(terms)} layers, {len(probes)} probes, interleaved)")
+        try:
+            samples = interleaved_samples([p[2] for p in probes], [p[3] for p in probes], rounds=runs,
+                                          warmup=2, intra_op_threads=threads)
+        except Exception:  # a probe onnxruntime cannot run: time the probes one by one instead
+            samples = []
+            for _, _, model, feed in probes:
+                try:
+                    samples.append(sample_ort(model, feed, runs, warmup=2, intra_op_threads=threads))
+                except Exception:
+                    samples.append([])
+        for (i, x, _, _), s in zip(probes, samples):
+            if s:
+                medians.setdefault(i, []).append((x, statistics.median(s)))
+    rows = []
+    for i, term in enumerate(terms):
+        pts = medians.get(i, [])
+        if len(pts) < 2:
             rows.append(LayerLatency(term.node, 0.0, 0.0, term.tensors))
             continue
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         b, a = np.polyfit(xs, ys, 1)
         b = max(float(b), 0.0)
         a = max(float(np.mean(ys) - b * np.mean(xs)), 0.0)
@@ -149,3 +169,33 @@ def register_latency_cost(analysis: Analysis, loaded: LoadedModel, runs: int = 8
     analysis.extra_costs["latency"] = terms
     analysis.latency_info = info  # type: ignore[attr-defined]
     return "latency"
+
+
+def fit_to_measured(target: float, allocate_at: Callable[[float], Any], rewrite: Callable[[Any], onnx.ModelProto],
+                    measure: Callable[[onnx.ModelProto], dict], iterations: int = 3,
+                    tolerance: float = 0.03) -> tuple[Any, onnx.ModelProto, dict, list[dict]]:
+    """Close the loop between the latency model and the clock.
+
+    The per-layer model predicts, the pruned model is measured (interleaved with the original), and
+    the model's target is rescaled by target / measured for the next try, up to `iterations` times.
+    Returns the plan whose measured ratio is the largest one not above target * (1 + tolerance)
+    (the most capacity within the budget), or the fastest one if none fits, with its model,
+    measurement and the history of tries.
+    """
+    internal = target
+    tries: list[tuple[Any, onnx.ModelProto, dict]] = []
+    history = []
+    for _ in range(iterations):
+        plan = allocate_at(internal)
+        slim = rewrite(plan)
+        lat = measure(slim)
+        tries.append((plan, slim, lat))
+        history.append({"model_target": round(internal, 5), "predicted_ratio": round(plan.achieved, 5),
+                        "measured_ratio": round(lat["ratio"], 5)})
+        if abs(lat["ratio"] - target) <= tolerance * target:
+            break
+        internal = min(1.0, max(0.02, internal * target / max(lat["ratio"], 1e-6)))
+    fitting = [t for t in tries if t[2]["ratio"] <= target * (1 + tolerance)]
+    plan, slim, lat = (max(fitting, key=lambda t: t[2]["ratio"]) if fitting
+                       else min(tries, key=lambda t: t[2]["ratio"]))
+    return plan, slim, lat, history

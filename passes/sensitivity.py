@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -155,7 +155,7 @@ def sensitivity_allocate(
     *,
     target: float,
     kind: str = "macs",
-    round_to: int = 1,
+    round_to: int | Mapping[int, int] = 1,
     protected: set[int] | None = None,
     ratios: Sequence[float] = DEFAULT_RATIOS,
     samples: int = 0,

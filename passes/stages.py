@@ -7,7 +7,7 @@ the whole pruning pipeline in one list; read it first.
 from __future__ import annotations
 
 from graphprune.analysis.plan import Plan
-from graphprune.passes.allocate import allocate, ignore_reasons
+from graphprune.passes.allocate import allocate, ignore_reasons, resolve_round_to
 from graphprune.passes.methods import (ACT_METHODS, PLAN_METHODS, check_strict, di_plan, method_coverage,
                                        unknown_method_error)
 from graphprune.pipeline import Pass, PruneOptions, PruneState
@@ -101,6 +101,19 @@ class ExplicitPlan(Pass):
         return state
 
 
+class RoundTo(Pass):
+    """The channel multiple allocation keeps: the user's N, or (auto) the multiple a measured table says
+    is fast on the target hardware, halved for groups too small for it (passes/allocate.py)."""
+
+    name, time_key = "round_to", "plan_s"
+
+    def run(self, state: PruneState) -> PruneState:
+        state.need("analysis")
+        o = state.options
+        state.round_to, state.round_info = resolve_round_to(state.analysis, o.round_to, o.hardware)
+        return state
+
+
 def _coverage(state: PruneState) -> None:
     """Which prunable groups the method scores itself; strict_method makes any fallback an error."""
     state.coverage = state.adapter.coverage(state, state.options.method)
@@ -170,17 +183,36 @@ def _protect(state: PruneState) -> set[int]:
 
 
 class Allocate(Pass):
-    """Turn scores into removed classes meeting the cost target (global or uniform, rounded)."""
+    """Turn scores into removed classes meeting the cost target (global or uniform, rounded).
 
-    name, time_key, message = "allocate", "plan_s", "allocating the budget"
+    A latency target is closed against the clock: allocate on the per-layer latency model, rewrite,
+    measure, rescale the model's target, up to three tries (the adapter's fit_latency); the slim model
+    and its measurement of the chosen try are kept, so rewrite and measure do not repeat them.
+    """
+
+    name, time_key = "allocate", "plan_s"
+
+    def describe(self, state: PruneState) -> str | None:
+        if _target_kind(state) == "latency":
+            return "allocating the budget, fitted to measured latency"
+        return "allocating the budget"
 
     def run(self, state: PruneState) -> PruneState:
-        state.need("analysis", "scores")
+        state.need("analysis", "scores", "round_to")
         o = state.options
         protected = _protect(state)
-        state.plan = allocate(state.analysis, state.scores, target=o.target, kind=_target_kind(state),
-                              strategy=o.strategy, round_to=o.round_to, protected=protected,
-                              allow_floor=o.allow_floor)
+        kind = _target_kind(state)
+
+        def allocate_at(goal: float) -> Plan:
+            return allocate(state.analysis, state.scores, target=goal, kind=kind, strategy=o.strategy,
+                            round_to=state.round_to, protected=protected, allow_floor=o.allow_floor,
+                            cost_aware=kind == "latency")
+
+        if kind == "latency":
+            plan, state.slim, state.latency = state.adapter.fit_latency(state, allocate_at)
+            state.plan = Plan(plan.removed, plan.kind, o.target, plan.base_cost, plan.cost, plan.kept)
+        else:
+            state.plan = allocate_at(o.target)
         return state
 
 
@@ -201,7 +233,7 @@ class SensitivityAllocate(Pass):
         fit = state.calibration.fit if state.calibration is not None else None
         runner = state.adapter.masked_runner(state, fit, samples)
         state.plan, sens = sensitivity_allocate(state.analysis, state.scores, runner, target=o.target,
-                                                kind=_target_kind(state), round_to=o.round_to, protected=protected,
+                                                kind=_target_kind(state), round_to=state.round_to, protected=protected,
                                                 progress=state.say, samples=samples, ratios=ratios)
         state.report["sensitivity"] = sens.to_json()
         return state
@@ -218,7 +250,8 @@ class Rewrite(Pass):
 
     def run(self, state: PruneState) -> PruneState:
         state.need("analysis", "plan")
-        state.slim = state.adapter.rewrite(state)
+        if state.slim is None:  # a latency fit already rewrote the plan it chose
+            state.slim = state.adapter.rewrite(state)
         return state
 
 
@@ -270,14 +303,25 @@ class HeldOutAgreement(Pass):
         return state
 
 
-class MeasureLatency(Pass):
-    """Time the source and the slim model on the same inputs (report['latency'])."""
+class Measure(Pass):
+    """Time original vs pruned (interleaved, bounded by GRAPHPRUNE_MEASURE_S) so every prune states the
+    speed-up it really gives next to the FLOPs reduction; --min-speedup turns a smaller one into
+    SpeedupNotMet. A measurement the latency fit made is reused: channel shapes decide the time, so
+    it still holds after recovery changed the kept weights. Model kinds the adapter cannot time
+    (nn.Modules: no onnxruntime; custom op domains) report none."""
 
-    name, time_key, message = "measure", "measure_s", "measuring pruned latency"
+    name, time_key = "measure", "measure_s"
+
+    def describe(self, state: PruneState) -> str | None:
+        return None if state.latency is not None else state.adapter.measure_message
 
     def run(self, state: PruneState) -> PruneState:
+        from graphprune.passes.measure import check_speedup, speedup_record
+
         state.need("slim", "plan")
-        state.report["latency"] = state.adapter.measure_latency(state)
+        lat = state.latency if state.latency is not None else state.adapter.measure(state)
+        state.latency = None if lat is None else speedup_record(lat, state.analysis, state.plan)
+        check_speedup(state.latency, state.options.min_speedup)
         return state
 
 
@@ -291,11 +335,19 @@ class Report(Pass):
 
         state.need("analysis", "plan")
         o = state.options
-        report = build_report(state.analysis, state.plan, method=o.method, strategy=o.strategy, round_to=o.round_to,
+        round_to = state.round_info.get("round_to", o.round_to)
+        report = build_report(state.analysis, state.plan, method=o.method, strategy=o.strategy, round_to=round_to,
                               times=state.times, source=state.source_label, coverage=state.coverage,
                               ignored=state.protected, warnings=state.warnings)
+        if state.round_info:
+            report["round_to_source"] = state.round_info["round_to_source"]
         report.update(state.report)
         report.update(state.adapter.report_notes(state))
+        if state.latency is not None:
+            report["latency"] = state.latency
+            if state.plan.kind == "latency":  # the measured ratio is what was achieved
+                report["achieved"] = state.latency["ratio"]
+                report["target_error"] = abs(state.latency["ratio"] - state.plan.target)
         state.report = report
         return state
 
@@ -304,8 +356,8 @@ class Report(Pass):
 def plan_passes(options: PruneOptions) -> list[Pass]:
     """How the plan is made: an explicit plan, a structure search, or scores + allocation."""
     if options.removed is not None:
-        return [ExplicitPlan()]
-    out: list[Pass] = [LatencyCost()] if options.target_kind == "latency" else []
+        return [RoundTo(), ExplicitPlan()]
+    out: list[Pass] = [RoundTo()] + ([LatencyCost()] if options.target_kind == "latency" else [])
     if options.method in PLAN_METHODS and options.scores is None:
         return out + [SearchPlan()]
     return out + [Score(), SensitivityAllocate() if options.strategy == "sensitivity" else Allocate()]
@@ -318,7 +370,7 @@ def default_passes(options: PruneOptions) -> list[Pass]:
               -> [agreement] -> [measure] -> report
 
     Brackets: calibration data given (statistics only when the act criterion or recovery reads
-    them); measure for latency targets.
+    them); measure unless measure=False (--no-measure).
     """
     passes: list[Pass] = [Lower(), Analyze()]
     calibrated = uses_calibration(options)
@@ -334,8 +386,8 @@ def default_passes(options: PruneOptions) -> list[Pass]:
     passes.append(Validate())
     if calibrated:
         passes.append(HeldOutAgreement())
-    if options.target_kind == "latency" and options.removed is None:
-        passes.append(MeasureLatency())
+    if options.measure:
+        passes.append(Measure())
     passes.append(Report())
     return passes
 
@@ -347,5 +399,5 @@ def analysis_passes() -> list[Pass]:
 
 __all__ = ["default_passes", "analysis_passes", "plan_passes", "uses_calibration", "Lower", "Analyze", "Calibrate",
            "ChannelStatistics", "LatencyCost", "ExplicitPlan", "SearchPlan", "Score", "Allocate",
-           "SensitivityAllocate", "Rewrite", "Recover", "Validate", "HeldOutAgreement", "MeasureLatency", "Report"]
+           "SensitivityAllocate", "Rewrite", "Recover", "Validate", "HeldOutAgreement", "Measure", "Report", "RoundTo"]
 

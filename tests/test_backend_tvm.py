@@ -100,3 +100,24 @@ def test_rpc_loopback_measure_and_tune(one_kernel, target, tmp_path):
 def test_cuda_target_unavailable_message():
     with pytest.raises(tb.GraphpruneError, match="CUDA-enabled TVM"):
         tb.make_target("cuda")
+
+
+@pytest.mark.slow  # a real (1-trial) tuning session: minutes on a shared 2-core machine
+def test_cli_tune_pins_dynamic_dims_and_logs_to_the_database(tmp_path):
+    """A model with dynamic batch/height/width tunes once --input-shape pins it; TVM's log goes to DB/logs."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.ReLU()).eval()
+    path = tmp_path / "dyn.onnx"
+    torch.onnx.export(m, (torch.randn(1, 4, 8, 8),), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["output"],
+                      dynamic_axes={"input": {0: "n", 2: "h", 3: "w"}, "output": {0: "n", 2: "h", 3: "w"}})
+    db, rep = tmp_path / "db", tmp_path / "r.json"
+    res = CliRunner().invoke(main, ["tune", str(path), "--db", str(db), "--trials", "1", "--num-cores", "2",
+                                    "--input-shape", "1,4,8,8", "--json", str(rep)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(rep.read_text())
+    assert report["input_shape"] == "1,4,8,8" and report["max_abs_diff_vs_ort"] < 1e-4
+    assert any((db / "logs").iterdir())
+    assert "[INFO]" not in res.output and "ID | Name" not in res.output
+    res = CliRunner().invoke(main, ["tune", str(path), "--db", str(db), "--trials", "1", "--num-cores", "2"])
+    assert res.exit_code == 2 and "--input-shape" in res.output

@@ -46,7 +46,8 @@ def test_fx_prunes_to_40_percent_and_runs(name):
     result = graphprune.prune(model, x, target_flops=0.4)
     report = result.report
     assert report["macs"]["ratio"] <= 0.4 + 1e-9
-    assert abs(report["achieved"] - 0.4) <= 0.005, report["achieved"]
+    # --round-to auto (the default) removes channels in multiples of 8-32: up to a point below the target
+    assert abs(report["achieved"] - 0.4) <= 0.01, report["achieved"]
     assert report["params"]["after"] < report["params"]["before"]
     if name not in TRANSFORMERS:
         assert report["channels"]["prunable_groups"] >= 0.3 * report["channels"]["groups"]

@@ -40,7 +40,8 @@ def test_prunes_to_40_percent_and_runs(name, zoo_dir):
         result = graphprune.prune(path, target_flops=target)
     report = result.report
     assert report["macs"]["ratio"] <= target + 1e-9
-    assert abs(report["achieved"] - target) <= 0.005, report["achieved"]
+    # --round-to auto (the default) removes channels in multiples of 8-32: up to a point below the target
+    assert abs(report["achieved"] - target) <= 0.01, report["achieved"]
     assert report["params"]["after"] < report["params"]["before"]
     if name not in TRANSFORMERS:
         # convnets: most of the compute must be prunable, not frozen

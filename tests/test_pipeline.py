@@ -16,31 +16,33 @@ def names(options: PruneOptions) -> list[str]:
 
 
 def test_default_pipelines_read_as_lists():
-    assert names(PruneOptions("macs", 0.5)) == ["lower", "analyze", "score", "allocate", "rewrite", "validate", "report"]
-    assert names(PruneOptions("latency", 0.5)) == ["lower", "analyze", "latency_cost", "score", "allocate",
-                                                   "rewrite", "validate", "measure", "report"]
-    assert names(PruneOptions(method="di", target_kind="macs", target=0.5))[2] == "search"
-    assert names(PruneOptions(removed=frozenset({1})))[2:4] == ["explicit_plan", "rewrite"]
+    assert names(PruneOptions("macs", 0.5)) == ["lower", "analyze", "round_to", "score", "allocate", "rewrite",
+                                                "validate", "measure", "report"]
+    assert names(PruneOptions("latency", 0.5)) == ["lower", "analyze", "round_to", "latency_cost", "score",
+                                                   "allocate", "rewrite", "validate", "measure", "report"]
+    assert "measure" not in names(PruneOptions("macs", 0.5, measure=False))
+    assert names(PruneOptions(method="di", target_kind="macs", target=0.5))[3] == "search"
+    assert names(PruneOptions(removed=frozenset({1})))[2:5] == ["round_to", "explicit_plan", "rewrite"]
     calib = np.zeros((4, 3, 8, 8))
     # calibration data: statistics before the plan, recovery after the rewrite, held-out agreement last
     assert names(PruneOptions("macs", 0.5, method="act", calibration=calib)) == [
-        "lower", "analyze", "calibrate", "statistics", "score", "allocate", "rewrite", "recover", "validate",
-        "agreement", "report"]
+        "lower", "analyze", "calibrate", "statistics", "round_to", "score", "allocate", "rewrite", "recover",
+        "validate", "agreement", "measure", "report"]
     # recover=none with a weight criterion: no statistics pass (nothing reads them)
     assert "statistics" not in names(PruneOptions("macs", 0.5, calibration=calib, recover="none"))
     # di reads its labelled data itself: no calibration passes unless recovery is asked for
-    assert names(PruneOptions("macs", 0.5, method="di", calibration=calib))[2] == "search"
+    assert names(PruneOptions("macs", 0.5, method="di", calibration=calib))[2:4] == ["round_to", "search"]
     assert names(PruneOptions("macs", 0.5, method="di", calibration=calib, recover="bias"))[2:4] == [
         "calibrate", "statistics"]
-    assert names(PruneOptions("macs", 0.5, strategy="sensitivity", calibration=calib, recover="none"))[2:5] == [
-        "calibrate", "score", "sensitivity"]
+    assert names(PruneOptions("macs", 0.5, strategy="sensitivity", calibration=calib, recover="none"))[2:6] == [
+        "calibrate", "round_to", "score", "sensitivity"]
 
 
 def test_report_lists_every_pass_and_times_them():
     seen = []
     result = graphprune.prune(example_cnn(image=16), target_flops=0.5, progress=seen.append)
     run = [p["name"] for p in result.report["passes"]]
-    assert run == ["lower", "analyze", "score", "allocate", "rewrite", "validate", "report"]
+    assert run == ["lower", "analyze", "round_to", "score", "allocate", "rewrite", "validate", "measure", "report"]
     assert set(result.report["time"]) >= {"load_s", "analyze_s", "plan_s", "rewrite_s", "validate_s", "total_s"}
     assert result.report["time"]["total_s"] >= result.report["time"]["rewrite_s"] > 0
     assert seen[:3] == ["loading the model", "analysing channel dependencies", "scoring channels (l1)"]
@@ -122,8 +124,8 @@ def test_calibration_passes_run_on_both_kinds(kind, tmp_path):
     seen = []
     result = graphprune.prune(model, example, target_flops=0.6, calib=calib, progress=seen.append)
     run = [p["name"] for p in result.report["passes"]]
-    assert run == ["lower", "analyze", "calibrate", "statistics", "score", "allocate", "rewrite", "recover",
-                   "validate", "agreement", "report"]
+    assert run == ["lower", "analyze", "calibrate", "statistics", "round_to", "score", "allocate", "rewrite",
+                   "recover", "validate", "agreement", "measure", "report"]
     assert result.report["method"] == "act" and result.report["recovery"]["mode"] == "lsq"
     assert result.report["recovery"]["layers"] and "agreement" in result.report["recovery"]
     assert result.report["calibration"]["samples"] == 12

@@ -24,6 +24,7 @@ class OnnxAdapter:
     rewrite_message = "rewriting the graph"
     validate_message = "validating (checker, shape inference, onnxruntime)"
     search_note = ", calibration data through onnxruntime"
+    measure_message = "measuring original vs pruned latency on onnxruntime"
 
     # -- load and analyse --------------------------------------------------------------------------
     def lower(self, state: PruneState) -> None:
@@ -56,7 +57,32 @@ class OnnxAdapter:
     def latency_cost(self, state: PruneState) -> str:
         from graphprune.passes.latency_cost import register_latency_cost
 
+        if custom_domains(state.lowered.proto):
+            raise GraphpruneError("--target-latency is checked by measuring: it cannot be combined with --no-measure "
+                                  "or custom op domains")
         return register_latency_cost(state.analysis, state.lowered, progress=state.say)
+
+    def fit_latency(self, state: PruneState, allocate_at: Callable[[float], Any]) -> tuple[Any, onnx.ModelProto, dict]:
+        """Allocate, rewrite and time the slim model, re-planning until the measured ratio meets the
+        target (passes.latency_cost.fit_to_measured); the latency record carries the fit history."""
+        from graphprune.backends.ort_backend import measure_speedup
+        from graphprune.passes.latency_cost import fit_to_measured
+        from graphprune.passes.measure import measure_budget_s
+
+        original, feed = state.lowered.proto, self.feed(state)
+        plan, slim, lat, history = fit_to_measured(
+            state.options.target, allocate_at, lambda p: rewrite_onnx(original, state.analysis, p.removed),
+            lambda m: measure_speedup(original, m, feed, budget_s=measure_budget_s(4.0), max_rounds=40,
+                                      progress=state.say))
+        lat["calibration"] = history
+        return plan, slim, lat
+
+    def feed(self, state: PruneState) -> dict:
+        """The random inputs validation and timing share (seeded; --input-value fixes some)."""
+        if state.feed is None:
+            o = state.options
+            state.feed = random_feed(state.lowered.proto, state.lowered.graph, o.seed, values=o.input_values)
+        return state.feed
 
     def masked_runner(self, state: PruneState, calib: Any, samples: int) -> Any:
         from graphprune.passes.sensitivity import OnnxMaskedRunner, calibration_feeds
@@ -94,8 +120,7 @@ class OnnxAdapter:
         report. If the slim model fails, the source is checked the same way, so a broken input is
         blamed on the input rather than on the pruning.
         """
-        loaded, o = state.lowered, state.options
-        feed = random_feed(loaded.proto, loaded.graph, o.seed, values=o.input_values)
+        loaded, feed = state.lowered, self.feed(state)
         expected = [loaded.graph.shape(out) for out in loaded.graph.outputs]
         custom = custom_domains(loaded.proto)
         if custom:
@@ -116,7 +141,6 @@ class OnnxAdapter:
         except GraphpruneError as exc:
             _blame_input(loaded.proto, feed, expected, run=not custom)
             raise exc from None
-        state.feed = feed
         checks = ["checker", "shape inference", "channel agreement"]
         if not custom:
             checks.append("onnxruntime run (optimised and unoptimised)")
@@ -126,14 +150,15 @@ class OnnxAdapter:
         if custom:
             state.report["validation_note"] = f"onnxruntime run skipped: custom op domains {custom}"
 
-    def measure_latency(self, state: PruneState) -> dict[str, Any]:
-        from graphprune.passes.latency_cost import time_model
+    def measure(self, state: PruneState) -> dict[str, Any] | None:
+        """Original vs pruned on onnxruntime CPU, interleaved (None: custom op domains cannot run)."""
+        from graphprune.backends.ort_backend import measure_speedup
+        from graphprune.passes.measure import measure_budget_s
 
-        feed = state.feed if state.feed is not None else random_feed(state.lowered.proto, state.graph, state.options.seed)
-        before = time_model(state.lowered.proto, feed, runs=20)
-        after = time_model(state.slim, feed, runs=20)
-        return {"backend": "onnxruntime", "threads": 1, "before_ms": before, "after_ms": after,
-                "ratio": after / before, "predicted_ratio": state.plan.achieved}
+        if custom_domains(state.lowered.proto):
+            return None
+        return measure_speedup(state.lowered.proto, state.slim, self.feed(state), budget_s=measure_budget_s(3.0),
+                               max_rounds=30, progress=state.say)
 
     def report_notes(self, state: PruneState) -> dict[str, Any]:
         return {}

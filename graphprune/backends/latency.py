@@ -15,6 +15,7 @@ class LatencyStats:
     mean: float
     stdev: float
     runs: int
+    iqr_pct: float = 0.0
 
     @classmethod
     def from_samples(cls, samples_ms: Sequence[float]) -> "LatencyStats":
@@ -23,17 +24,20 @@ class LatencyStats:
             raise ValueError("no latency samples")
         ordered = sorted(samples_ms)
         rank = max(0, min(len(ordered) - 1, -(-9 * len(ordered) // 10) - 1))
+        median = statistics.median(ordered)
+        q = statistics.quantiles(ordered, n=4) if len(ordered) > 1 else [median, median, median]
         return cls(
             median_ms=statistics.median(ordered),
             p90_ms=ordered[rank],
             mean=statistics.fmean(ordered),
             stdev=statistics.stdev(ordered) if len(ordered) > 1 else 0.0,
             runs=len(ordered),
+            iqr_pct=100.0 * (q[2] - q[0]) / median if median else 0.0,
         )
 
     @property
     def spread_pct(self) -> float:
-        """Relative spread (stdev / median), the number to eyeball before trusting a speed-up."""
+        """Relative spread (stdev / median); iqr_pct is the outlier-robust one the noise warnings use."""
         return 100.0 * self.stdev / self.median_ms if self.median_ms else 0.0
 
     def to_dict(self) -> dict:

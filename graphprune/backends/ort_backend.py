@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -66,11 +67,17 @@ def random_inputs(model: onnx.ModelProto | str | Path, seed: int = 0,
     return feeds
 
 
-def make_session(model: onnx.ModelProto | str | Path, intra_op_threads: int = 1):
-    """An onnxruntime CPU session; one intra-op thread by default so numbers are stable and comparable."""
+def make_session(model: onnx.ModelProto | str | Path, intra_op_threads: int = 1, spin: bool = True):
+    """An onnxruntime CPU session; one intra-op thread by default so numbers are stable and comparable.
+
+    spin=False stops idle worker threads from busy-waiting, so sessions timed in turn do not steal
+    cores from each other.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.intra_op_num_threads = intra_op_threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -113,3 +120,62 @@ def sample_ort(model: onnx.ModelProto | str | Path | bytes, feeds: dict[str, np.
         sess.run(None, feeds)
         samples.append((time.perf_counter() - t0) * 1e3)
     return samples
+
+
+def interleaved_samples(
+    models: list[onnx.ModelProto | str | Path],
+    feeds: list[dict[str, np.ndarray]] | dict[str, np.ndarray],
+    rounds: int = 20,
+    warmup: int = 3,
+    intra_op_threads: int = 1,
+    budget_s: float | None = None,
+    min_rounds: int = 5,
+    on_round: Callable[[int, int], None] | None = None,
+) -> list[list[float]]:
+    """Per-model milliseconds from interleaved rounds: each round runs every model once, in turn.
+
+    Why interleave: machine noise (another process, frequency changes) then hits all models alike,
+    so the ratio of medians stays meaningful on a busy machine where back-to-back timing does not.
+    `budget_s` bounds the timed part (at least `min_rounds` rounds still run).
+    """
+    if rounds < 1:
+        raise GraphpruneError("--runs must be at least 1")
+    feed_list = feeds if isinstance(feeds, list) else [feeds] * len(models)
+    sessions = [make_session(m, intra_op_threads, spin=intra_op_threads == 1 or len(models) == 1) for m in models]
+    for _ in range(warmup):
+        for sess, feed in zip(sessions, feed_list):
+            sess.run(None, feed)
+    samples: list[list[float]] = [[] for _ in models]
+    start = time.perf_counter()
+    for r in range(rounds):
+        for i, (sess, feed) in enumerate(zip(sessions, feed_list)):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            samples[i].append((time.perf_counter() - t0) * 1e3)
+        if on_round:
+            on_round(r + 1, rounds)
+        if budget_s is not None and r + 1 >= min_rounds and time.perf_counter() - start > budget_s:
+            break
+    return samples
+
+
+def measure_speedup(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dict[str, np.ndarray],
+                    budget_s: float = 3.0, max_rounds: int = 50, intra_op_threads: int = 1,
+                    progress: Callable[[str], None] | None = None) -> dict:
+    """Original vs pruned latency on onnxruntime CPU, interleaved and bounded by `budget_s`.
+
+    This is the measurement every `prune` run reports next to its FLOPs ratio: short (a few seconds),
+    so it is a sanity check against "pruned but not faster", not a benchmark.
+    """
+    def tick(done: int, total: int) -> None:
+        if progress:
+            progress(f"measuring speed-up on onnxruntime (round {done})")
+
+    a, b = interleaved_samples([original, pruned], feed, rounds=max_rounds, warmup=2,
+                               intra_op_threads=intra_op_threads, budget_s=budget_s, on_round=tick)
+    before, after = LatencyStats.from_samples(a), LatencyStats.from_samples(b)
+    return {"backend": "onnxruntime CPU", "threads": intra_op_threads, "rounds": len(a),
+            "before_ms": before.median_ms, "after_ms": after.median_ms,
+            "ratio": after.median_ms / before.median_ms if before.median_ms else 1.0,
+            "speedup": before.median_ms / after.median_ms if after.median_ms else float("inf"),
+            "spread_pct": [round(before.spread_pct, 2), round(after.spread_pct, 2)]}

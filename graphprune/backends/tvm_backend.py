@@ -357,6 +357,7 @@ def tune(
     on_start: Callable[[list[str], int], None] | None = None,
     on_trials: Callable[[str, int, float | None], None] | None = None,
     seed: int = 0,
+    quiet: bool = True,
 ) -> TuneResult:
     """MetaSchedule-tune every fused kernel of `mod`, recording into the JSON database in `db_dir`.
 
@@ -417,6 +418,9 @@ def tune(
     stopped = None
     if todo:
         _drop_unnamed_handlers("tvm.s_tir.meta_schedule")
+        # MetaSchedule sizes its console handler from this logger's level and always logs everything
+        # to files under <db>/logs: WARNING keeps its INFO lines and task tables off the terminal
+        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING if quiet else logging.INFO)
         num_cores = int(target.attrs.get("num-cores", default_num_cores()))
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             [t for t, _ in todo], str(db_path), strategy=_search_strategy(per_task), num_threads=num_cores,
@@ -590,24 +594,37 @@ def measure_tvm(
     rpc: RPCSpec | None = None,
 ) -> LatencyStats:
     """Latency of a compiled model, locally or on the device behind an RPC tracker."""
+    vm, dev, args = _vm_on_device(executable, target, feeds, input_order, rpc)
+    return _stats_from_evaluator(vm, dev, args, runs, warmup)
+
+
+def _vm_on_device(executable: Any, target: Any, feeds: dict[str, np.ndarray], input_order: list[str],
+                  rpc: RPCSpec | None) -> tuple[Any, Any, list[Any]]:
+    """A VM for the compiled model on the local device, or uploaded to the RPC device, and its inputs."""
     tvm = require_tvm()
     from tvm import relax
 
     if rpc is None:
         dev = device_for(target)
         vm = relax.VirtualMachine(executable, dev)
-        args = [tvm.runtime.tensor(feeds[n], dev) for n in input_order]
-        return _stats_from_evaluator(vm, dev, args, runs, warmup)
-    remote = connect(rpc)
-    with tempfile.TemporaryDirectory() as tmp:
-        lib = Path(tmp) / "graphprune_model.so"
-        export_library(executable, lib)
-        remote.upload(str(lib))
-        rexec = remote.load_module(lib.name)
-    dev = device_for(target, remote)
-    vm = relax.VirtualMachine(rexec, dev)
-    args = [tvm.runtime.tensor(feeds[n], dev) for n in input_order]
-    return _stats_from_evaluator(vm, dev, args, runs, warmup)
+    else:
+        remote = connect(rpc)
+        with tempfile.TemporaryDirectory() as tmp:
+            lib = Path(tmp) / "graphprune_model.so"
+            export_library(executable, lib)
+            remote.upload(str(lib))
+            rexec = remote.load_module(lib.name)
+        dev = device_for(target, remote)
+        vm = relax.VirtualMachine(rexec, dev)
+    return vm, dev, [tvm.runtime.tensor(feeds[n], dev) for n in input_order]
+
+
+def single_run_timer(executable: Any, target: Any, feeds: dict[str, np.ndarray], input_order: list[str],
+                     rpc: RPCSpec | None = None) -> Callable[[], float]:
+    """A callable timing one inference (ms, measured on the device), for interleaved benchmarking."""
+    vm, dev, args = _vm_on_device(executable, target, feeds, input_order, rpc)
+    timer = vm.time_evaluator("main", dev, number=1, repeat=1, min_repeat_ms=0)
+    return lambda: float(timer(*args).results[0]) * 1e3
 
 
 def connect(rpc: RPCSpec) -> Any:

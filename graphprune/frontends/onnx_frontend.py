@@ -652,3 +652,26 @@ def _load_checked(model: onnx.ModelProto, path: str | None,
     fold_bounds(graph)
     # the IR's node names must match the proto's, so the rewriter can find nodes by index
     return LoadedModel(proto=model, graph=graph, source=path)
+
+
+def _interface(model: onnx.ModelProto) -> tuple[list[tuple], list[tuple]]:
+    inits = {i.name for i in model.graph.initializer}
+
+    def sig(vi: onnx.ValueInfoProto, with_shape: bool) -> tuple:
+        tt = vi.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in tt.shape.dim)
+        return (vi.name, onnx.TensorProto.DataType.Name(tt.elem_type), dims if with_shape else len(dims))
+
+    return ([sig(i, True) for i in model.graph.input if i.name not in inits],
+            [sig(o, False) for o in model.graph.output])
+
+
+def interface_mismatch(a: onnx.ModelProto, b: onnx.ModelProto) -> str | None:
+    """Why two models cannot be compared as drop-in replacements (inputs: name, type, shape; outputs:
+    name, type, rank), or None when they can. A pruned model keeps its original's interface."""
+    (ia, oa), (ib, ob) = _interface(a), _interface(b)
+    if ia != ib:
+        return f"inputs differ: {ia} vs {ib}"
+    if oa != ob:
+        return f"outputs differ: {oa} vs {ob}"
+    return None

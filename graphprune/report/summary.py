@@ -219,11 +219,16 @@ def render_tables(report: dict[str, Any], console: Any, max_groups: int | None =
                         f"{lat['ratio']:.2%}")
     console.print(summary)
     t = report["target"]
+    predicted = f" (measured; predicted {lat['predicted_ratio']:.2%})" if lat and "predicted_ratio" in lat else ""
     console.print(
-        f"target {t['kind']} {t['fraction']:.2%}  achieved {report['achieved']:.2%}  "
+        f"target {t['kind']} {t['fraction']:.2%}  achieved {report['achieved']:.2%}{predicted}  "
         f"error {report['target_error']:.3%}  method {markup(report['method'])}/{report['strategy']}  "
+        f"round_to {report.get('round_to')} ({report.get('round_to_source', 'user')})  "
         f"time {report['time'].get('total_s', 0):.2f}s"
     )
+    if lat and "speedup" in lat:
+        console.print(f"[bold]speed-up {lat['speedup']:.2f}x[/] measured ({lat['backend']}, {lat['threads']} thread, "
+                      f"{lat['rounds']} interleaved rounds)  vs  FLOPs reduction {lat['flops_speedup']:.2f}x")
     if report.get("target_met") is False:
         console.print("[yellow]target not met: this is the floor (--allow-floor)[/yellow]")
 
