@@ -114,7 +114,7 @@ def test_if_wrapped_cnn_counts_the_larger_branch(tmp_path):
     if_macs = sum(m.base for m in analysis.mac_terms if m.node.startswith("If"))
     assert if_macs == 16 * 16 * 8 * 3 * 25  # the 5x5 branch, not the 1x1 one
     loaded = load_onnx(src)
-    result = graphprune.prune(src, target_flops=0.6)
+    result = graphprune.prune(src, target_flops=0.6, round_to=1)  # the cost model, not rounding, is under test
     feed = random_feed(loaded.proto, loaded.graph, seed=1)
     independent = _independent_ratio(src, result, feed)
     assert abs(result.report["achieved"] - independent) <= 0.005, (result.report["achieved"], independent)

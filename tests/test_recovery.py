@@ -208,7 +208,7 @@ def test_without_calibration_the_output_is_plain_pruning_byte_for_byte():
     from graphprune.rewrite.onnx_rewrite import rewrite_onnx
 
     model = constant_channel_model()
-    res = graphprune.prune(model, target_flops=0.6)
+    res = graphprune.prune(model, target_flops=0.6, round_to=1)  # allocate()'s default multiple below
     loaded = load_onnx(model)
     analysis = analyze_graph(loaded.graph)
     plan = allocate(analysis, l1(analysis), target=0.6, kind="macs")
@@ -223,7 +223,7 @@ def test_recover_none_keeps_data_aware_selection_and_changes_no_weights():
 
     model = constant_channel_model()
     x = np.random.default_rng(3).standard_normal((64, 3, 8, 8)).astype(np.float32)
-    res = graphprune.prune(model, target_flops=0.7, calib=x, recover="none")
+    res = graphprune.prune(model, target_flops=0.7, calib=x, recover="none", round_to=1)
     assert res.report["method"] == "act" and res.report["recovery"]["mode"] == "none"
     loaded = load_onnx(model)
     analysis = analyze_graph(loaded.graph)
