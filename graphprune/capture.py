@@ -21,6 +21,7 @@ from onnx import helper
 
 from graphprune.calib import Batch, Calibration
 from graphprune.errors import GraphpruneError
+from graphprune.frontends.external import ort_session
 
 Visitor = Callable[[dict[str, np.ndarray]], None]
 
@@ -64,7 +65,7 @@ class OnnxRunner:
         opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize
                                          else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         try:
-            self.sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            self.sess = ort_session(model, opts)
         except Exception as exc:
             raise GraphpruneError(f"onnxruntime cannot load the model for calibration: {str(exc).splitlines()[0][:200]}") from None
         self.input_types = {}
@@ -264,7 +265,7 @@ def iter_tensors(model: Any, names: list[str], inputs: np.ndarray | Feed, batch_
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # graph outputs are kept
     opts.log_severity_level = 3
     try:
-        sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = ort_session(proto, opts)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise GraphpruneError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0][:200]}") from None
     fixed = static_batch(proto)

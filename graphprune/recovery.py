@@ -25,6 +25,8 @@ from graphprune.analysis.groups import Analysis
 from graphprune.calib import Calibration
 from graphprune.capture import _progress, capture_onnx
 from graphprune.errors import GraphpruneError
+from graphprune.frontends.external import ort_session
+from graphprune.frontends.onnx_frontend import tensor_to_array
 from graphprune.passes.act_importance import ChannelStats, stat_tensors
 from graphprune.passes.compensate import compensation
 from graphprune.passes.consumers import Consumer, conv_geometry, consumers
@@ -93,7 +95,7 @@ class OnnxParams:
         self.index = _init_index(model)
 
     def _get(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.model.graph.initializer[self.index[name]])
+        return np.array(tensor_to_array(self.model.graph.initializer[self.index[name]]))
 
     def _set(self, name: str, value: np.ndarray, dtype: Any) -> None:
         self.model.graph.initializer[self.index[name]].CopyFrom(
@@ -244,7 +246,7 @@ class Segments:
             opts.log_severity_level = 3
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-            sess = ort.InferenceSession(sub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            sess = ort_session(sub, opts)
             results: dict[str, list[np.ndarray]] = {o: [] for o in outs}
             for j in range(self.n):
                 vals = sess.run(outs, {t: self.state[t][j] for t in needed_in})

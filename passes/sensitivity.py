@@ -28,6 +28,7 @@ import numpy as np
 
 from graphprune.analysis.groups import Analysis
 from graphprune.errors import GraphpruneError
+from graphprune.frontends.external import ort_session
 from graphprune.passes.allocate import IncrementalCost, Plan, _chunks, allocate
 
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
@@ -304,7 +305,7 @@ class OnnxMaskedRunner:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return ort_session(model, opts)
 
     def outputs(self, removed: frozenset[int]) -> list[np.ndarray]:
         keep = self.analysis.keep_masks(removed) if removed else {}

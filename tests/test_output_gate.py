@@ -344,28 +344,3 @@ def test_outputs_over_the_proto_limit_use_external_data(model, tmp_path, monkeyp
 
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert sess.run(None, {"image": np.zeros((1, 3, 16, 16), np.float32)})[0].shape == (1, 10)
-
-
-@pytest.mark.slow
-def test_model_over_2gb_prunes_through_external_data(tmp_path):
-    from onnx import TensorProto, helper, numpy_helper
-
-    c = 6144  # three 6144x6144x3x3 float weights: ~4 GB in all
-    rng = np.random.default_rng(0)
-    ws = [numpy_helper.from_array((rng.standard_normal((c, 3 if k == 0 else c, 3, 3)) * 0.01).astype(np.float32), f"w{k}")
-          for k in range(3)]
-    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], pads=[1] * 4, name="c0"),
-             helper.make_node("Relu", ["a"], ["b"], name="r0"),
-             helper.make_node("Conv", ["b", "w1"], ["c"], pads=[1] * 4, name="c1"),
-             helper.make_node("Relu", ["c"], ["d"], name="r1"),
-             helper.make_node("Conv", ["d", "w2"], ["y"], pads=[1] * 4, name="c2")]
-    g = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 2])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 2, 2])], ws)
-    src = tmp_path / "big.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(src),
-              save_as_external_data=True, location="big.onnx.data")
-    del ws, g
-    out = tmp_path / "slim.onnx"
-    res = run(src, "--target-params", "0.8", "-o", out)
-    assert res.exit_code == 0, res.output
-    assert (tmp_path / "slim.onnx.data").stat().st_size > 2**31

@@ -10,6 +10,7 @@ import onnx
 
 from graphprune.backends.latency import LatencyStats
 from graphprune.errors import GraphpruneError
+from graphprune.frontends.external import ort_session
 
 _NP_TYPES = {
     onnx.TensorProto.FLOAT: np.float32,
@@ -84,7 +85,7 @@ def make_session(model: onnx.ModelProto | str | Path, intra_op_threads: int = 1,
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     proto = _as_proto(model)
     try:
-        return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return ort_session(proto, opts)
     except Exception as exc:  # onnxruntime raises several unrelated types
         raise GraphpruneError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from exc
 

@@ -198,6 +198,8 @@ def fold_graph_constants(graph: onnx.GraphProto, opsets: list) -> int:
     from onnx import helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
 
+    from graphprune.frontends.external import is_mapped
+
     values = {t.name: t for t in graph.initializer}
     keep: list[onnx.NodeProto] = []
     folded_nodes: list[onnx.NodeProto] = []
@@ -208,6 +210,8 @@ def fold_graph_constants(graph: onnx.GraphProto, opsets: list) -> int:
             keep.append(node)
             continue
         try:
+            if any(is_mapped(values[i]) for i in ins):
+                raise ValueError("a memory-mapped weight is not folded")  # folding would copy it into memory
             arrays = {i: numpy_helper.to_array(values[i]) for i in ins}
             tiny = helper.make_graph([node], "fold", [], [helper.make_empty_tensor_value_info(node.output[0])],
                                      initializer=[values[i] for i in ins])

@@ -15,6 +15,7 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from graphprune.errors import GraphpruneError
+from graphprune.frontends.external import ort_session
 from graphprune.frontends.fold import (fold_bounds, fold_constant_nodes, fold_dequantized_weights, fold_graph_constants,
                                        shape_value)
 from graphprune.ir.graph import Graph, Node
@@ -64,9 +65,10 @@ def compared_constants(proto: onnx.ModelProto) -> dict[str, list[float]]:
 def read_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     """Read an ONNX model from disk (or copy a proto), turning every failure into one clear line."""
     if isinstance(source, onnx.ModelProto):
-        from graphprune.frontends.external import iter_tensors
+        from graphprune.frontends.external import only_mapped_external
 
-        if any(t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data) for t in iter_tensors(source)):
+        # weights this process mapped (a slim model it returned) are fine; any other reference is not
+        if not only_mapped_external(source):
             # no folder to resolve against; never fall back to the current directory
             raise GraphpruneError("the ModelProto refers to external data that is not loaded; "
                                   "pass the model's file path instead")
@@ -134,7 +136,11 @@ def outer_reads(node: onnx.NodeProto) -> list[str]:
 
 def tensor_to_array(t: onnx.TensorProto) -> np.ndarray:
     """Decode a tensor, turning unknown data types and size/dims mismatches into one clear line."""
+    from graphprune.frontends.external import is_mapped, map_tensor
+
     try:
+        if is_mapped(t):
+            return map_tensor(t)
         return numpy_helper.to_array(t)
     except Exception as exc:  # KeyError (bad data_type), ValueError (data does not fill dims), ...
         raise GraphpruneError(
@@ -597,7 +603,7 @@ def probe_shapes(model: onnx.ModelProto, pinned: onnx.ModelProto, known: set[str
         opts = ort.SessionOptions()
         opts.log_severity_level = 4
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = ort_session(probe, opts)
         rng = np.random.default_rng(0)
         enums = compared_constants(model)
         feed = {}

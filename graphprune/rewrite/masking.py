@@ -6,6 +6,7 @@ exactly what the pruned one does, so comparing the two checks the whole analysis
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 import onnx
@@ -29,16 +30,28 @@ def consumer_masks(analysis: Analysis, removed: frozenset[int] | set[int]) -> di
     return out
 
 
-def mask_consumers_onnx(proto: onnx.ModelProto, analysis: Analysis, removed: frozenset[int] | set[int]) -> onnx.ModelProto:
+def mask_consumers_onnx(proto: onnx.ModelProto, analysis: Analysis, removed: frozenset[int] | set[int],
+                        spill: Any = None) -> onnx.ModelProto:
+    """`spill` (an external.SpillFile): where masked copies of memory-mapped weights go, so a big
+    model's reference is built one tensor in memory at a time."""
+    from graphprune.frontends import external
+    from graphprune.frontends.onnx_frontend import tensor_to_array
+
     model = copy.deepcopy(proto)
     zero = consumer_masks(analysis, removed)
     for k, init in enumerate(model.graph.initializer):
         if init.name not in zero:
             continue
-        arr = numpy_helper.to_array(init).copy()
+        arr = np.array(tensor_to_array(init))
         for axis, idx in zero[init.name]:
             index = [slice(None)] * arr.ndim
             index[axis] = idx
             arr[tuple(index)] = 0
-        model.graph.initializer[k].CopyFrom(numpy_helper.from_array(arr, init.name))
+        if spill is not None and external.is_mapped(init):
+            new = spill.add(arr, init)
+        else:
+            new = numpy_helper.from_array(arr, init.name)
+        model.graph.initializer[k].CopyFrom(new)
+        del arr
+    external.drop_pages()
     return model

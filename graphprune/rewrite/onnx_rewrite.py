@@ -94,19 +94,31 @@ def _replace_permute_chains(model: onnx.ModelProto, analysis: Analysis, masks: d
 
 def rewrite_onnx(proto: onnx.ModelProto, analysis: Analysis, removed: frozenset[int] | set[int]) -> onnx.ModelProto:
     """A new ModelProto with the removed classes' channels gone; `proto` is left untouched."""
-    model = copy.deepcopy(proto)
+    from graphprune.frontends import external
+    from graphprune.frontends.onnx_frontend import tensor_to_array
+
+    model = copy.deepcopy(proto)  # cheap for mapped weights: the copy refers to the same file ranges
     masks = analysis.keep_masks(removed)
     slices = param_indices(analysis, masks)
+    spill = None
     for k, init in enumerate(model.graph.initializer):
         axes = slices.get(init.name)
         if not axes:
             continue
-        arr = numpy_helper.to_array(init)
+        arr = tensor_to_array(init)
         for axis, idx in axes.items():
             if len(idx) != arr.shape[axis]:
                 arr = np.take(arr, idx, axis=axis)
         if arr.shape != tuple(init.dims):
-            model.graph.initializer[k].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), init.name))
+            if external.is_mapped(init) and arr.size > external.MAP_MIN_ELEMENTS:
+                # a big model's sliced weights go to disk, one tensor in memory at a time
+                spill = spill or external.SpillFile()
+                new = spill.add(arr, init)
+            else:
+                new = numpy_helper.from_array(np.ascontiguousarray(arr), init.name)
+            model.graph.initializer[k].CopyFrom(new)
+        del arr
+    external.drop_pages()
     for i, edit in node_edits(analysis, masks).items():
         _apply_edit(model, model.graph.node[i], edit, str(i))
     _replace_permute_chains(model, analysis, masks)

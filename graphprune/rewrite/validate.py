@@ -6,6 +6,7 @@ import onnx
 from onnx import helper, shape_inference
 
 from graphprune.errors import GraphpruneError
+from graphprune.frontends.external import has_mapped
 from graphprune.frontends.onnx_frontend import compared_constants
 from graphprune.ir.graph import Graph
 
@@ -69,28 +70,9 @@ def run_onnx(proto: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int =
         opts.intra_op_num_threads = threads
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    from graphprune.frontends import external
+    from graphprune.frontends.external import ort_session
 
-    if proto.ByteSize() >= external.PROTO_LIMIT:
-        return _run_large(proto, feed, opts)
-    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, feed)
-
-
-def _run_large(proto: onnx.ModelProto, feed: dict[str, np.ndarray], opts) -> list[np.ndarray]:
-    """A model over protobuf's 2 GB limit runs from a temp folder, its weights in external data."""
-    import os
-    import tempfile
-
-    import onnxruntime as ort
-
-    from graphprune.outputs import write_onnx
-
-    with tempfile.TemporaryDirectory(prefix="graphprune-validate-") as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        write_onnx(proto, path, external=True)
-        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        return sess.run(None, feed)
+    return ort_session(proto, opts).run(None, feed)
 
 
 def _scoped_shapes(graph: onnx.GraphProto, outer: dict[str, tuple[int | None, ...]]) -> dict[str, tuple[int | None, ...]]:
@@ -214,7 +196,8 @@ def validate(model: onnx.ModelProto, feed: dict[str, np.ndarray], expected_shape
         if got != [tuple(o.shape) for o in plain]:
             raise GraphpruneError("pruned model gives different output shapes with onnxruntime's optimisations off")
         if reference is not None:
-            problem = compare_to_masked(reference, outputs)
+            # a big (memory-mapped) model's reference ran unoptimised (see masked_reference)
+            problem = compare_to_masked(reference, plain if has_mapped(model) else outputs)
             if problem:
                 raise GraphpruneError("pruned model is not equivalent to the original with the removed channels "
                                       f"masked: {problem}")
@@ -238,11 +221,18 @@ def masked_reference(original: onnx.ModelProto, analysis, removed,
     as a validation stage (it catches an analysis that missed a consumer - the slim model would
     still run, with different numbers). None when nothing is removed or the original cannot run
     (then the plain validation reports the problem)."""
+    from graphprune.frontends.external import SpillFile
     from graphprune.rewrite.masking import mask_consumers_onnx
 
     if not removed:
         return None
+    # a big model's masked weights go to a spill file, and the run is unoptimised: onnxruntime then
+    # memory-maps them instead of copying every weight into a re-laid-out form
+    spill = SpillFile() if has_mapped(original) else None
     try:
-        return run_onnx(mask_consumers_onnx(original, analysis, removed), feed)
+        return run_onnx(mask_consumers_onnx(original, analysis, removed, spill=spill), feed, optimize=spill is None)
     except Exception:
         return None
+    finally:
+        if spill is not None:
+            spill.remove()
