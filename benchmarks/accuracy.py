@@ -51,6 +51,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--method-epochs", type=int)
     p.add_argument("--ft-epochs", type=int)
     p.add_argument("--kd", type=float, default=0.0, help="distillation weight from the unpruned model")
+    p.add_argument("--label-free", action="store_true",
+                   help="no labels after the base model: every method trains on distillation from it alone")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--calib", type=int, default=512, help="DI calibration samples")
     p.add_argument("--threads", type=int, help="CPU threads (default 1 on a CPU run: no oversubscription)")
@@ -98,9 +100,12 @@ def _fresh(model: torch.nn.Module):
 def run_method(method: str, base: torch.nn.Module, space: ChannelSpace, history: NormHistory, tr, target: float,
                a: argparse.Namespace, seed: int) -> dict:
     dev, prog = a.device, not a.no_progress
-    teacher = base if a.kd > 0 else None
+    label_free = getattr(a, "label_free", False)
+    teacher = base if a.kd > 0 or label_free else None
     cfg = lambda epochs, desc: TrainConfig(epochs=epochs, lr=a.lr, device=dev, kd_alpha=a.kd,  # noqa: E731
-                                           progress=prog, desc=desc)
+                                           label_free=label_free, progress=prog, desc=desc)
+    if label_free:  # no labels anywhere: DI's classes are the unpruned model's predictions, y is never read
+        tr = type(tr)(tr.x, teacher_labels(base, tr.x, dev))
     m = copy.deepcopy(base)
     t0 = time.perf_counter()
     ft_epochs = a.ft_epochs
@@ -135,6 +140,13 @@ def run_method(method: str, base: torch.nn.Module, space: ChannelSpace, history:
           after_step=lambda _s: masker.apply(), seed=seed)
     return {"macs": space.ratio("macs", removed), "params": space.ratio("params", removed), "removed": removed,
             "model": m, "time_s": time.perf_counter() - t0}
+
+
+def teacher_labels(model: torch.nn.Module, x: torch.Tensor, device: str) -> torch.Tensor:
+    """The model's own top-1 predictions (pseudo-labels for label-free runs)."""
+    model.to(device).eval()
+    with torch.no_grad():
+        return torch.cat([model(xb.to(device)).argmax(1).cpu() for xb in x.split(512)])
 
 
 def _l1_of(model: torch.nn.Module) -> dict[int, float]:
@@ -194,6 +206,7 @@ def main() -> None:
     print_table(table, a, total)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     name = "accuracy_quick" if a.quick else "accuracy"
+    name += "_label_free" if a.label_free else ""
     with open(Path(a.out) / f"{name}.json", "w") as f:
         json.dump({"args": {k: v for k, v in vars(a).items()}, "rows": rows, "summary": table, "total_s": total}, f,
                   indent=1, default=str)

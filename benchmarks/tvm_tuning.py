@@ -47,7 +47,7 @@ def _tvm_ms(executable, target, feeds, names, runs: int) -> float:
 
 
 def run_model(name: str, path: Path, db: Path, budgets: list[float], target, threads: int, runs: int,
-              log) -> dict:
+              log, skip_unscheduled: bool = False) -> dict:
     from graphprune.backends import tvm_backend as tb
     from graphprune.backends.ort_backend import random_inputs
 
@@ -57,10 +57,12 @@ def run_model(name: str, path: Path, db: Path, budgets: list[float], target, thr
     row: dict = {"model": name, "threads": threads, "ort_ms": _ort_ms(path, feeds, threads, runs)}
     log(f"{name}: onnxruntime {row['ort_ms']:.2f} ms")
     t = time.perf_counter()
-    row["tvm_unscheduled_ms"] = _tvm_ms(tb.compile_untuned(mod, target, schedule="none"), target, feeds, names,
-                                        max(3, runs // 10))
+    if not skip_unscheduled:
+        row["tvm_unscheduled_ms"] = _tvm_ms(tb.compile_untuned(mod, target, schedule="none"), target, feeds, names,
+                                            max(3, runs // 10))
     row["tvm_default_schedule_ms"] = _tvm_ms(tb.compile_untuned(mod, target), target, feeds, names, runs)
-    log(f"{name}: unscheduled {row['tvm_unscheduled_ms']:.1f} ms, default {row['tvm_default_schedule_ms']:.2f} ms "
+    log(f"{name}: unscheduled {row.get('tvm_unscheduled_ms', float('nan')):.1f} ms, "
+        f"default {row['tvm_default_schedule_ms']:.2f} ms "
         f"({time.perf_counter() - t:.0f} s)")
     row["coverage_before"] = tb.kernel_coverage(mod, target, db)
     spent, steps = 0.0, []
@@ -93,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--mcpu", default="native")
     ap.add_argument("--out", default="benchmarks/results/tvm_tuning.json")
+    ap.add_argument("--db", help="keep the tuning database in this folder (a later run resumes from it); "
+                    "default: a temporary folder")
+    ap.add_argument("--skip-unscheduled", action="store_true",
+                    help="do not time TVM's unscheduled fallback (minutes per model on big inputs)")
     args = ap.parse_args(argv)
 
     import graphprune
@@ -116,10 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         result = graphprune.prune(str(original), target_flops=args.target_flops, round_to=args.round_to)
         result.save(str(slim))
         report["slim_macs_ratio"] = result.plan.achieved
-        db = Path(tmp) / "db"
+        db = Path(args.db) if args.db else Path(tmp) / "db"
+        db.mkdir(parents=True, exist_ok=True)
+        report["db_records_at_start"] = len(tb.open_database(db))
         for name, path, budgets in (("resnet18", original, args.budgets), ("resnet18_slim", slim, args.slim_budgets)):
             report["models"].append(run_model(name, path, db, [float(b) for b in budgets.split(",")], target,
-                                              args.threads, args.runs, log))
+                                              args.threads, args.runs, log, args.skip_unscheduled))
             out.write_text(json.dumps(report, indent=2))
     orig, thin = report["models"]
     shared = thin["coverage_before"]

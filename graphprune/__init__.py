@@ -2,7 +2,7 @@
 from graphprune.api import PruneResult, analyze, inspect, prune
 from graphprune.errors import GraphpruneError
 
-__all__ = ["prune", "analyze", "inspect", "PruneResult", "GraphpruneError", "save", "load"]
+__all__ = ["prune", "analyze", "inspect", "PruneResult", "GraphpruneError", "save", "load", "finetune"]
 
 
 def save(model, path) -> None:
@@ -17,3 +17,11 @@ def load(path, map_location="cpu"):
     from graphprune.torch_io import load as _load
 
     return _load(path, map_location=map_location)
+
+
+def finetune(original, slim, data, **options):
+    """Label-free distillation of `original` into the pruned `slim` model (see graphprune.distill);
+    imports torch only when used. Returns a FinetuneResult (model, report)."""
+    from graphprune.distill import finetune as _finetune
+
+    return _finetune(original, slim, data, **options)

@@ -128,6 +128,8 @@ def prune(
     min_speedup: float | None = None,
     inplace: bool = False,
     passes: PassList | None = None,
+    finetune_steps: int = 0,
+    finetune_options: dict[str, Any] | None = None,
     **method_options: Any,
 ) -> PruneResult:
     """Prune `model` to a cost target and return the validated slim model with a report.
@@ -154,7 +156,18 @@ def prune(
 
     `passes` replaces the pipeline: a list of Pass objects, or a function that receives the default
     list (graphprune.passes.stages.default_passes) and returns the one to run.
+
+    `finetune_steps=N` then distils the original into the slim model for N steps on the `calib`
+    inputs (graphprune.finetune; `finetune_options` are its FinetuneOptions); the report gains "finetune".
     """
+    if finetune_steps:
+        from graphprune.distill import prune_then_finetune
+
+        # every argument of this call except the fine-tuning ones, forwarded unchanged
+        args = {k: v for k, v in locals().items() if k not in ("model", "example_inputs", "finetune_steps",
+                                                              "finetune_options", "method_options")}
+        return prune_then_finetune(prune, model, example_inputs, finetune_steps, finetune_options,
+                                   **args, **method_options)
     if method is None:
         method = "act" if calib is not None else "l1"
     if calib is None and (recover not in (None, "none") or method in ACT_METHODS):

@@ -4,14 +4,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
 
 import click
 
 from graphprune.cli_backend import bench, tune
-from graphprune.cli_common import EXIT_USAGE, fail, parse_shape, run_guarded
+from graphprune.cli_common import (EXIT_USAGE, _calibration_options, _said_dry_run, _terminate_as_interrupt, fail,
+                                   parse_shape, parse_values, run_guarded)
+from graphprune.cli_finetune import finetune
 from graphprune.cli_inspect import inspect
-from graphprune.errors import GraphpruneError
 
 
 class _DefaultToPrune(click.Group):
@@ -21,48 +21,6 @@ class _DefaultToPrune(click.Group):
         if args and args[0] not in self.commands and not args[0].startswith("-"):
             args = ["prune", *args]
         return super().parse_args(ctx, args)
-
-
-def parse_values(items: tuple[str, ...]) -> dict[str, float]:
-    """('sr=16000', ...) -> {'sr': 16000.0}."""
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        try:
-            out[name] = float(value)
-        except ValueError:
-            raise GraphpruneError(f"bad --input-value {item!r}: expected NAME=NUMBER, e.g. sr=16000") from None
-        if not sep or not name:
-            raise GraphpruneError(f"bad --input-value {item!r}: expected NAME=NUMBER, e.g. sr=16000")
-    return out
-
-
-def _calibration_options(calib: str | None, samples: int | None, size: str | None, mean: str | None,
-                         std: str | None, bgr: bool, gray: bool, layout: str, recover: str | None) -> dict[str, Any]:
-    """CLI calibration flags -> prune() keyword arguments (checked before any work starts)."""
-    from graphprune.calib import ImagePreprocess, parse_floats, parse_size
-
-    if calib is None:
-        given = [n for n, v in (("--calib-samples", samples), ("--calib-size", size), ("--calib-mean", mean),
-                                ("--calib-std", std), ("--recover", recover)) if v is not None]
-        if given:
-            raise GraphpruneError(f"{given[0]} needs --calib")
-        return {}
-    if not os.path.exists(calib):
-        raise GraphpruneError(f"calibration data not found: {calib}")
-    kw: dict[str, Any] = {"calib": calib, "calib_samples": samples}
-    if recover is not None:
-        kw["recover"] = recover
-    if os.path.isdir(calib):
-        hw = parse_size(size)
-        if hw is None:
-            raise GraphpruneError("calibration from an image folder needs --calib-size H,W")
-        kw["calib_preprocess"] = ImagePreprocess(hw, parse_floats(mean, "--calib-mean") or (0.0,),
-                                                 parse_floats(std, "--calib-std") or (1.0,), bgr=bgr,
-                                                 layout=layout, grayscale=gray)
-    elif size or mean or std:
-        raise GraphpruneError("--calib-size/--calib-mean/--calib-std apply to an image folder, not to an .npz")
-    return kw
 
 
 @click.group(cls=_DefaultToPrune, context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,29 +46,6 @@ def _progress_printer(enabled: bool):
 
     # progress lines can quote the model's names: escaped like every other printed model string
     return status, (lambda msg: status.update(markup(msg)))
-
-
-def _terminate_as_interrupt() -> None:
-    """SIGTERM (a pipeline's timeout, `kill`) and SIGHUP (terminal closed) unwind like Ctrl-C, so a
-    half-written temp file is removed."""
-    import signal
-
-    def handler(_signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is None:
-            continue
-        try:
-            previous = signal.signal(sig, handler)
-        except ValueError:  # not the main thread (embedded use): leave signal handling to the host
-            return
-        click.get_current_context().call_on_close(lambda s=sig, p=previous: signal.signal(s, p))
-
-
-def _said_dry_run(gate: Any) -> None:
-    planned = ", ".join(given for given, _ in gate.claimed.values())
-    click.echo(f"graphprune: dry run: nothing written{f' (would write {planned})' if planned else ''}", err=True)
 
 
 @main.command()
@@ -148,6 +83,11 @@ def _said_dry_run(gate: Any) -> None:
               help="Accuracy recovery from calibration data [default: lsq with --calib]: bias compensation "
                    "(bias), then layer-wise least-squares reconstruction (lsq).")
 @click.option("--strict-method", is_flag=True, help="Fail (exit 2) if the method cannot score every prunable group.")
+@click.option("--finetune-steps", type=int, default=0, show_default=True,
+              help="After pruning, distil the original into the slim model for N steps on the --calib data "
+                   "(label-free; see `graphprune finetune` for the full set of options).")
+@click.option("--finetune-device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Device for --finetune-steps.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of tables.")
 @click.option("--report", "report_html", type=click.Path(), help="Write a self-contained HTML report.")
 @click.option("--overwrite", is_flag=True, help="Allow an output to be the input file (or its external data).")
@@ -164,8 +104,8 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
           input_shape: str | None, seed: int, calib: str | None, calib_samples: int | None, calib_size: str | None,
           calib_mean: str | None, calib_std: str | None, calib_bgr: bool, calib_gray: bool, calib_layout: str,
           recover: str | None, as_json: bool, report_html: str | None, overwrite: bool, dry_run: bool,
-          allow_floor: bool, input_values: tuple[str, ...], strict_method: bool, max_groups: int,
-          all_groups: bool) -> None:
+          allow_floor: bool, input_values: tuple[str, ...], strict_method: bool, finetune_steps: int,
+          finetune_device: str, max_groups: int, all_groups: bool) -> None:
     """Prune MODEL (ONNX) to a FLOPs/params/latency target and write a validated slim model."""
     from graphprune import api
 
@@ -182,6 +122,10 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
             fail(f"{flag} is the fraction to keep, in (0, 1]; got {value:g}")
     if seed < 0:
         fail(f"--seed must be a non-negative integer, got {seed}")
+    if finetune_steps < 0:
+        fail(f"--finetune-steps must be >= 0, got {finetune_steps}")
+    if finetune_steps and not calib:
+        fail("--finetune-steps needs --calib (the unlabeled inputs to distil on)")
     from graphprune.outputs import OutputGate
 
     # every output is checked before any work: input/external-data files, devices, same file twice, folder
@@ -202,6 +146,9 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
             hardware=hardware, measure=not no_measure, min_speedup=min_speedup,
             ignore=ignore, seed=seed, input_shape=shapes, progress=say, allow_floor=allow_floor,
             input_values=values or None, strict_method=strict_method, **calib_kw,
+            **({"finetune_steps": finetune_steps,
+                "finetune_options": {"device": finetune_device, "bar": status is None and sys.stderr.isatty()}}
+               if finetune_steps else {}),
         )
         written = []
         if output and not dry_run:
@@ -226,6 +173,10 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
         from graphprune.report.summary import render_tables
 
         render_tables(result.report, Console(), None if all_groups else max_groups)
+        if "finetune" in result.report:
+            from graphprune.cli_finetune import print_summary
+
+            print_summary(result.report["finetune"], None)
     # what happened to the files, last: on stdout with the tables, on stderr when stdout is JSON
     for path in written:
         click.echo(f"wrote {path}", err=as_json)
@@ -326,6 +277,7 @@ def calibrate(targets: tuple[str, ...], rounds: int, output: str | None) -> None
 main.add_command(inspect)
 main.add_command(bench)
 main.add_command(tune)
+main.add_command(finetune)
 
 __all__ = ["main", "fail", "run_guarded", "parse_shape", "EXIT_USAGE"]
 

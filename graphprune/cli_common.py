@@ -5,6 +5,7 @@ the commands): the CLI's modules form a tree, not a cycle.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -61,3 +62,72 @@ def parse_shape(value: str | None) -> dict[str, tuple[int, ...]] | None:
     if list(out) == ["#0"]:
         return {"": out["#0"]}
     return out
+
+
+def parse_values(items: tuple[str, ...]) -> dict[str, float]:
+    """('sr=16000', ...) -> {'sr': 16000.0}."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise GraphpruneError(f"bad --input-value {item!r}: expected NAME=NUMBER, e.g. sr=16000") from None
+        if not sep or not name:
+            raise GraphpruneError(f"bad --input-value {item!r}: expected NAME=NUMBER, e.g. sr=16000")
+    return out
+
+
+def _calibration_options(calib: str | None, samples: int | None, size: str | None, mean: str | None,
+                         std: str | None, bgr: bool, gray: bool, layout: str, recover: str | None,
+                         flag: str = "--calib") -> dict[str, Any]:
+    """CLI calibration flags -> prune() keyword arguments (checked before any work starts).
+
+    `flag` names the option family in messages: --calib for prune, --data for finetune."""
+    from graphprune.calib import ImagePreprocess, parse_floats, parse_size
+
+    if calib is None:
+        given = [n for n, v in ((f"{flag}-samples", samples), (f"{flag}-size", size), (f"{flag}-mean", mean),
+                                (f"{flag}-std", std), ("--recover", recover)) if v is not None]
+        if given:
+            raise GraphpruneError(f"{given[0]} needs {flag}")
+        return {}
+    what = "calibration data" if flag == "--calib" else "data"
+    if not os.path.exists(calib):
+        raise GraphpruneError(f"{what} not found: {calib}")
+    kw: dict[str, Any] = {"calib": calib, "calib_samples": samples}
+    if recover is not None:
+        kw["recover"] = recover
+    if os.path.isdir(calib):
+        hw = parse_size(size)
+        if hw is None:
+            raise GraphpruneError(f"{what} from an image folder needs {flag}-size H,W")
+        kw["calib_preprocess"] = ImagePreprocess(hw, parse_floats(mean, f"{flag}-mean") or (0.0,),
+                                                 parse_floats(std, f"{flag}-std") or (1.0,), bgr=bgr,
+                                                 layout=layout, grayscale=gray)
+    elif size or mean or std:
+        raise GraphpruneError(f"{flag}-size/{flag}-mean/{flag}-std apply to an image folder, not to an .npz")
+    return kw
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (a pipeline's timeout, `kill`) and SIGHUP (terminal closed) unwind like Ctrl-C, so a
+    half-written temp file is removed."""
+    import signal
+
+    def handler(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is None:
+            continue
+        try:
+            previous = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (embedded use): leave signal handling to the host
+            return
+        click.get_current_context().call_on_close(lambda s=sig, p=previous: signal.signal(s, p))
+
+
+def _said_dry_run(gate: Any) -> None:
+    planned = ", ".join(given for given, _ in gate.claimed.values())
+    click.echo(f"graphprune: dry run: nothing written{f' (would write {planned})' if planned else ''}", err=True)

@@ -56,11 +56,11 @@ def conv_chain_external(path: str, channels: int, layers: int, seed: int = 0, sp
     return offset
 
 
-def prune_peak_mb(model: str, out: str, target: str, tmp: str) -> float:
+def prune_peak_mb(model: str, out: str, target: str, tmp: str, *extra: str) -> float:
     """Peak resident memory (MB, ru_maxrss of the child) of one `graphprune MODEL --target-params T
-    -o OUT` process, with TMPDIR=tmp. Raises RuntimeError with its stderr if it fails."""
+    -o OUT [extra]` process, with TMPDIR=tmp. Raises RuntimeError with its stderr if it fails."""
     env = dict(os.environ, TMPDIR=tmp)
-    args = [sys.executable, "-m", "graphprune.cli", model, "--target-params", target, "-o", out, "--json"]
+    args = [sys.executable, "-m", "graphprune.cli", model, "--target-params", target, "-o", out, "--json", *extra]
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)

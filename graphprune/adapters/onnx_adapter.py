@@ -155,7 +155,14 @@ class OnnxAdapter:
         from graphprune.backends.ort_backend import measure_speedup
         from graphprune.passes.measure import measure_budget_s
 
+        from graphprune.frontends.external import has_mapped
+
         if custom_domains(state.lowered.proto):
+            return None
+        if has_mapped(state.lowered.proto):
+            # timing runs both models side by side in onnxruntime, which copies (re-lays out) every
+            # weight of each: that alone would exceed the ~2x memory budget of a memory-mapped model
+            state.report["latency_note"] = "speed-up not measured: model weights are memory-mapped (large model); use bench"
             return None
         return measure_speedup(state.lowered.proto, state.slim, self.feed(state), budget_s=measure_budget_s(3.0),
                                max_rounds=30, progress=state.say)
