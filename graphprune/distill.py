@@ -430,8 +430,9 @@ def _finetune_module(original: Any, slim: Any, data: Any, opts: FinetuneOptions,
     spec = _module_spec(data, example_inputs)
     say("reading data")
     fit, hold = _load_data(data, spec, samples, preprocess)
-    teacher = copy.deepcopy(original).eval()
-    student = copy.deepcopy(slim)
+    # the data check runs on the CPU; modules handed in on a GPU (e.g. after an evaluation there) move too
+    teacher = copy.deepcopy(original).cpu().eval()
+    student = copy.deepcopy(slim).cpu()
     try:
         with torch.no_grad():
             xs = _tensors(hold.subset(0, 1), spec.inputs)
