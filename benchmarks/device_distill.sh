@@ -9,6 +9,7 @@
 #
 # Env: OUT (results folder, default benchmarks/results), ASSETS (default bench_assets), PY (default python3),
 # RANK_STEPS (ranking budget in steps, default 2000), BUDGET_S (main distillation wall budget, default 200),
+# JOBS (a subset of "ocr_0.5 ocr_0.4 rank_l1 rank_di digits"; the report merges every result file present),
 # DEVICE=cpu SMOKE=1 for a local check of the whole chain with tiny sizes (numbers meaningless).
 set -u
 cd "$(dirname "$0")/.."
@@ -53,8 +54,10 @@ mkdir -p "$OUT" "$LOGS"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-6}
 B="benchmarks/distill_ocr.py --fonts $ASSETS/fonts --models $ASSETS --device $DEVICE --workers 4 --ort-threads 4"
 start=$(date +%s)
+JOBS=${JOBS:-ocr_0.5 ocr_0.4 rank_l1 rank_di digits}
 job() {  # job NAME GPU ARGS...: capped at 500 s so a slow job still leaves the others' results
     local name=$1 gpu=$2; shift 2
+    case " $JOBS " in *" $name "*) ;; *) return 0 ;; esac
     CUDA_VISIBLE_DEVICES=$gpu timeout 500 $PY $B "$@" --out "$OUT/distill_$name.json" >"$LOGS/$name.log" 2>&1
     echo "$name: exit $? after $(( $(date +%s) - start )) s"
 }
@@ -64,7 +67,8 @@ job rank_l1 0 rank --target 0.5 --methods l1,hfp,ssr,hbfp --steps "${RANK_STEPS:
 job rank_di "$g1" rank --target 0.5 --methods di --steps "${RANK_STEPS:-2000}" --cpu-steps 0 $SMALL &
 job digits "$g1" digits $DSMALL &
 wait
-$PY benchmarks/distill_ocr.py report "$OUT"/distill_ocr_0.5.json "$OUT"/distill_ocr_0.4.json "$OUT"/distill_rank_l1.json \
-    "$OUT"/distill_rank_di.json "$OUT"/distill_digits.json --out "$OUT/distill.json" --md "$OUT/distill.md"
+files=""
+for f in ocr_0.5 ocr_0.4 rank_l1 rank_di digits; do [ -f "$OUT/distill_$f.json" ] && files="$files $OUT/distill_$f.json"; done
+$PY benchmarks/distill_ocr.py report $files --out "$OUT/distill.json" --md "$OUT/distill.md"
 echo "device_distill: done in $(( $(date +%s) - start )) s; logs in $LOGS"
 tail -n 3 "$LOGS"/*.log

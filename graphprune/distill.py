@@ -340,7 +340,7 @@ def finetune(original: Any, slim: Any, data: Any, *, samples: int | None = None,
     feature_weight, eval_every, patience, device, amp, channels_last, train_bn, seed, bar).
     """
     opts = FinetuneOptions(**options)
-    from graphprune.api import _is_torch_module
+    from graphprune.adapters import is_torch_module as _is_torch_module
 
     if _is_torch_module(original) != _is_torch_module(slim):
         raise GraphpruneError("finetune needs two ONNX models or two nn.Modules, not one of each")
@@ -532,8 +532,12 @@ def _distil(teacher: Any, student: Any, fit: Any, hold: Any, names: list[str], l
                     xb = [_shift(x, gen) if x.dim() == 4 else x for x in xb]
                 yield xb
 
+    frozen_bn = [] if opts.train_bn else [m for m in student.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
     def batch_loss(xb: list[Any]) -> Any:
         student.train()
+        for m in frozen_bn:  # nn.Modules: keep BatchNorm on its running statistics unless train_bn
+            m.eval()
         with torch.no_grad():
             t_outs = _as_tuple(teacher(*xb))
             t_cap = dict(teacher.captured) if hasattr(teacher, "captured") else {}
