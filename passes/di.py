@@ -19,9 +19,11 @@ block c left out, the padded inverse of the reduced matrix is A - A_:c A_cc^-1 A
 needs only diagonal blocks of A and of H = M A, where S_B = M^T M (M: one row per class). Removing
 c is a rank-|c| downdate of A, never a re-inversion. A itself is never formed: with S = F^T F
 (F: the centred pooled features when there are fewer samples than dims, else a square root of the
-streamed scatter), Woodbury gives A = (I - F^T Z) / rho with Z = (rho I + F F^T)^-1 F, and a
-removal updates Z, H and the diagonal blocks of A in O((rows + classes) * |c| * d). Everything is
-float64; the state is rebuilt from scratch whenever a quarter of a map's dims are gone, which
+streamed scatter), Woodbury gives A = (I - F^T W F) / rho with W = (rho I + F F^T)^-1 (rows x rows).
+A removal reads F once (R = (W F_c)^T F, the only O(rows * |c| * d) step; for resnet50 it is
+memory-bound, so nothing rows x d is written per removal), downdates W by Woodbury and updates H
+and the diagonal blocks of A from R; the leave-one-out traces use small Cholesky factors batched
+over all classes of a map. Everything is float64; the state is rebuilt from scratch whenever a quarter of a map's dims are gone, which
 both compacts the arrays and resets rounding.
 
 The budgeted structure search is greedy: repeatedly remove the class whose relative DI loss
