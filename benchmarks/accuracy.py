@@ -51,6 +51,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--method-epochs", type=int)
     p.add_argument("--ft-epochs", type=int)
     p.add_argument("--kd", type=float, default=0.0, help="distillation weight from the unpruned model")
+    p.add_argument("--label-free", action="store_true",
+                   help="no labels after the base model: every method trains on distillation from it alone")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--calib", type=int, default=512, help="DI calibration samples")
     p.add_argument("--threads", type=int, help="CPU threads (default 1 on a CPU run: no oversubscription)")
@@ -89,6 +91,18 @@ def tp_prune(model: torch.nn.Module, example: torch.Tensor, target: float) -> to
     return best[0], best[1]
 
 
+def train_base(tr, seed: int, epochs: int, lr: float, device: str, progress: bool = False):
+    """The unpruned ResNet-20 of one seed, its channel space and its filter-norm history (HBFP)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    base = resnet20()
+    space = space_of(base, tr.x[:1])
+    history = NormHistory(space)
+    train(base, tr.x, tr.y, TrainConfig(epochs=epochs, lr=lr, device=device, progress=progress,
+                                        desc=f"base seed {seed}"), after_epoch=history, seed=seed)
+    return base, space, history
+
+
 def _fresh(model: torch.nn.Module):
     import graphprune
 
@@ -98,9 +112,12 @@ def _fresh(model: torch.nn.Module):
 def run_method(method: str, base: torch.nn.Module, space: ChannelSpace, history: NormHistory, tr, target: float,
                a: argparse.Namespace, seed: int) -> dict:
     dev, prog = a.device, not a.no_progress
-    teacher = base if a.kd > 0 else None
+    label_free = getattr(a, "label_free", False)
+    teacher = base if a.kd > 0 or label_free else None
     cfg = lambda epochs, desc: TrainConfig(epochs=epochs, lr=a.lr, device=dev, kd_alpha=a.kd,  # noqa: E731
-                                           progress=prog, desc=desc)
+                                           label_free=label_free, progress=prog, desc=desc)
+    if label_free:  # no labels anywhere: DI's classes are the unpruned model's predictions, y is never read
+        tr = type(tr)(tr.x, teacher_labels(base, tr.x, dev))
     m = copy.deepcopy(base)
     t0 = time.perf_counter()
     ft_epochs = a.ft_epochs
@@ -137,6 +154,13 @@ def run_method(method: str, base: torch.nn.Module, space: ChannelSpace, history:
             "model": m, "time_s": time.perf_counter() - t0}
 
 
+def teacher_labels(model: torch.nn.Module, x: torch.Tensor, device: str) -> torch.Tensor:
+    """The model's own top-1 predictions (pseudo-labels for label-free runs)."""
+    model.to(device).eval()
+    with torch.no_grad():
+        return torch.cat([model(xb.to(device)).argmax(1).cpu() for xb in x.split(512)])
+
+
 def _l1_of(model: torch.nn.Module) -> dict[int, float]:
     from graphprune.passes.magnitude import l1
 
@@ -168,14 +192,7 @@ def main() -> None:
     rows: list[dict] = []
     t_start = time.perf_counter()
     for seed in a.seeds:
-        torch.manual_seed(seed)
-        np.random.seed(seed)
-        base = resnet20()
-        space = space_of(base, tr.x[:1])
-        history = NormHistory(space)
-        train(base, tr.x, tr.y, TrainConfig(epochs=a.base_epochs, lr=a.lr * 2, device=a.device,
-                                            progress=not a.no_progress, desc=f"base seed {seed}"),
-              after_epoch=history, seed=seed)
+        base, space, history = train_base(tr, seed, a.base_epochs, a.lr * 2, a.device, not a.no_progress)
         base_acc = evaluate(base, te.x, te.y, a.device)
         print(f"seed {seed}: base accuracy {base_acc:.4f}")
         rows.append({"seed": seed, "method": "unpruned", "target": 1.0, "macs": 1.0, "params": 1.0, "acc": base_acc})
@@ -194,6 +211,7 @@ def main() -> None:
     print_table(table, a, total)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     name = "accuracy_quick" if a.quick else "accuracy"
+    name += "_label_free" if a.label_free else ""
     with open(Path(a.out) / f"{name}.json", "w") as f:
         json.dump({"args": {k: v for k, v in vars(a).items()}, "rows": rows, "summary": table, "total_s": total}, f,
                   indent=1, default=str)

@@ -5,8 +5,8 @@ statistics randomised as in tests/zoo.py), pruned to 40% FLOPs by
   - graphprune, default settings: ONNX path, `--round-to auto` from the ort-cpu table (CPU rows),
     nn.Module path with the cuda-fp16 table (GPU rows);
   - Torch-Pruning: MetaPruner, GroupMagnitudeImportance(p=1), global pruning, round_to=8, the
-    classifier ignored; its pruning ratio bisected until graphprune's MAC counter (the same one
-    for every model here) reads the target;
+    classifier ignored; its pruning ratio bisected towards graphprune's pruned MACs (graphprune's MAC
+    counter, the same one for every model here), keeping the tried ratio closest from either side;
   - graphprune --target-latency R, where R is the latency ratio the FLOPs-pruned model measured
     in a short first pass: the latency-aware allocation should then keep more MACs at no more
     measured latency ("at equal measured latency").
@@ -49,7 +49,12 @@ def _classifier(model):
 
 
 def tp_prune(model, x, target_macs: float, steps: int):
-    """Torch-Pruning at round_to 8, ratio bisected to graphprune's MAC count `target_macs`."""
+    """Torch-Pruning at round_to 8, ratio bisected towards graphprune's MAC count `target_macs`.
+
+    round_to 8 makes Torch-Pruning's MACs move in steps, so it rarely lands on the target: of all
+    ratios tried, the one whose MACs are closest to the target (from either side) is kept, so the
+    two tools are compared at FLOPs as equal as the steps allow (both ratios are in the results).
+    """
     import torch_pruning as tp
 
     import graphprune
@@ -63,8 +68,10 @@ def tp_prune(model, x, target_macs: float, steps: int):
                                       ignored_layers=_classifier(m))
         pruner.step()
         macs = graphprune.analyze(m, x).macs()
+        if best is None or abs(macs - target_macs) < abs(best[1] - target_macs):
+            best = (m, macs, mid)
         if macs <= target_macs:
-            hi, best = mid, (m, macs, mid)
+            hi = mid
         else:
             lo = mid
     if best is None:
@@ -278,7 +285,7 @@ def update_doc(text: str, src: str = "benchmarks/results/peer_latency.json", doc
         tail = rest.split("<!-- /results -->", 1)[1]
         doc.write_text(head + text + tail)
     else:
-        doc.write_text(old.rstrip("\n") + "\n\n## Speed-up vs Torch-Pruning at equal FLOPs (benchmarks/peer_latency.py)\n\n"
+        doc.write_text(old.rstrip("\n") + f"\n\n## Speed-up vs Torch-Pruning at equal FLOPs ({src})\n\n"
                        + text + "\n")
 
 

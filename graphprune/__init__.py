@@ -1,9 +1,8 @@
 """graphprune: structured channel pruning for CNNs (ONNX and PyTorch) with measured speed-ups."""
-from graphprune.api import PruneResult, analyze, prune
+from graphprune.api import PruneResult, analyze, inspect, prune
 from graphprune.errors import GraphpruneError
-from graphprune.report.inspect import inspect
 
-__all__ = ["prune", "analyze", "inspect", "PruneResult", "GraphpruneError", "save", "load"]
+__all__ = ["prune", "analyze", "inspect", "PruneResult", "GraphpruneError", "save", "load", "finetune"]
 
 
 def save(model, path) -> None:
@@ -18,3 +17,11 @@ def load(path, map_location="cpu"):
     from graphprune.torch_io import load as _load
 
     return _load(path, map_location=map_location)
+
+
+def finetune(original, slim, data, **options):
+    """Label-free distillation of `original` into the pruned `slim` model (see graphprune.distill);
+    imports torch only when used. Returns a FinetuneResult (model, report)."""
+    from graphprune.distill import finetune as _finetune
+
+    return _finetune(original, slim, data, **options)

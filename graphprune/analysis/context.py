@@ -40,8 +40,11 @@ class MacTerm:
 
 
 class Ctx:
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, graph: Graph, body_macs: Any = None) -> None:
         self.graph = graph
+        # MACs of a subgraph body (If/Loop/Scan): the engine passes its own walker here, so the rule
+        # table can cost bodies with itself without importing the engine (which imports the table)
+        self.body_macs = body_macs
         self.uf = UnionFind()
         self.spaces: dict[str, Space] = {}
         self.bindings: list[Binding] = []

@@ -41,7 +41,7 @@ def graph_macs(sub: Graph, outer: Graph, branch: str | None = None) -> float:
     """
     merged = Graph(sub.nodes, {**outer.shapes, **sub.shapes}, {**outer.constants, **sub.constants},
                    sub.inputs, sub.outputs, sub.name, branch=branch if branch is not None else outer.branch)
-    ctx = Ctx(merged)
+    ctx = Ctx(merged, body_macs=graph_macs)
     for node in merged.nodes:
         count_fixed_cost(ctx, node)
     if ctx.unknown_costs:
@@ -68,7 +68,7 @@ def freeze_op(ctx: Ctx, node: Node, reason: str) -> None:
 
 
 def run_rules(graph: Graph) -> Ctx:
-    ctx = Ctx(graph)
+    ctx = Ctx(graph, body_macs=graph_macs)
     for t in graph.inputs:
         shape = graph.shape(t)
         if shape:

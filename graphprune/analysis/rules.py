@@ -819,9 +819,9 @@ def _rnn_total(ctx: Ctx, node: Node) -> float:
 
 
 def _subgraph_macs(ctx: Ctx, graph: Any, chooser: str | None = None) -> float:
-    from graphprune.analysis.engine import graph_macs
-
-    return graph_macs(graph, ctx.graph, chooser)
+    if ctx.body_macs is None:
+        raise Unresolved("no subgraph cost walker (the context was not made by the analysis engine)")
+    return ctx.body_macs(graph, ctx.graph, chooser)
 
 
 def _if_macs(ctx: Ctx, node: Node) -> float:

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Issue 16's figures in one command on a 2-GPU host (about 6-8 min wall, every job capped at 500 s):
+# PP-OCRv4 rec at 0.5 and 0.4 FLOPs (act + lsq, then label-free distillation: curve, CPU time per step),
+# the method ranking at 0.5 under one distillation budget, and the digits ResNet-20 at 0.2 FLOPs
+# distilled without labels vs labelled fine-tuning. Independent jobs run in parallel, spread over both GPUs.
+#
+#   benchmarks/device_distill.sh --prepare   # here, once: copy the rec model and DejaVu fonts into bench_assets/
+#   benchmarks/device_distill.sh             # on the GPU machine (carry bench_assets); results in benchmarks/results/
+#
+# Env: OUT (results folder, default benchmarks/results), ASSETS (default bench_assets), PY (default python3),
+# RANK_STEPS (ranking budget in steps, default 2000), BUDGET_S (main distillation wall budget, default 200),
+# JOBS (a subset of "ocr_0.5 ocr_0.4 rank_l1 rank_di digits"; the report merges every result file present),
+# DEVICE=cpu SMOKE=1 for a local check of the whole chain with tiny sizes (numbers meaningless).
+set -u
+cd "$(dirname "$0")/.."
+ASSETS=${ASSETS:-bench_assets}
+PY=${PY:-python3}
+OUT=${OUT:-benchmarks/results}
+LOGS=${LOGS:-$OUT/distill_logs}
+
+if [ "${1:-}" = "--prepare" ]; then
+    mkdir -p "$ASSETS/fonts"
+    rec=$(ls "${GRAPHPRUNE_CACHE:-/work/cache/wheels}"/rapidocr-1.4.4-models/ch_PP-OCRv4_rec_infer.onnx 2>/dev/null | head -1)
+    [ -n "$rec" ] || { echo "device_distill: ch_PP-OCRv4_rec_infer.onnx not in the cache (run benchmarks/ocr_accuracy.py once)" >&2; exit 1; }
+    cp "$rec" "$ASSETS/"
+    find /usr/share/fonts -name 'DejaVu*.ttf' ! -name '*ExtraLight*' -exec cp {} "$ASSETS/fonts/" \;
+    n=$(ls "$ASSETS/fonts" | wc -l)
+    [ "$n" -gt 0 ] || { echo "device_distill: no DejaVu fonts under /usr/share/fonts" >&2; exit 1; }
+    du -sh "$ASSETS"
+    exit 0
+fi
+
+[ -f "$ASSETS/ch_PP-OCRv4_rec_infer.onnx" ] || { echo "device_distill: $ASSETS/ch_PP-OCRv4_rec_infer.onnx missing (run --prepare here and carry $ASSETS)" >&2; exit 1; }
+$PY -c "import PIL" 2>/dev/null || { echo "device_distill: Pillow is not installed" >&2; exit 1; }
+if ! $PY -c "import graphprune.passes, graphprune.distill" 2>/dev/null; then
+    # not installed here: import this checkout directly (passes/ installs as graphprune.passes, so a link
+    # inside this disposable copy stands in for the package mapping)
+    [ -e graphprune/passes ] || ln -s ../passes graphprune/passes
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+    $PY -c "import graphprune.passes, graphprune.distill" \
+        || { echo "device_distill: cannot import graphprune from this checkout" >&2; exit 1; }
+fi
+DEVICE=${DEVICE:-cuda}
+ngpu=$($PY -c "import torch; print(torch.cuda.device_count())")
+[ "$DEVICE" = cpu ] || [ "$ngpu" -ge 1 ] || { echo "device_distill: no CUDA device" >&2; exit 1; }
+g1=$(( ngpu > 1 ? 1 : 0 ))
+SMALL=""; DSMALL=""; OSMALL=""
+if [ "${SMOKE:-0}" = 1 ]; then
+    SMALL="--train-lines 32 --eval-lines 16 --recover bias --batch-size 8 --curve-points 2 --cpu-threads 1 --workers 1 --ort-threads 1"
+    DSMALL="--digits-quick --seeds 0"; OSMALL="--steps 2 --cpu-steps 1"
+    BUDGET_S=${BUDGET_S:-1}; RANK_STEPS=${RANK_STEPS:-2}
+fi
+mkdir -p "$OUT" "$LOGS"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-6}
+B="benchmarks/distill_ocr.py --fonts $ASSETS/fonts --models $ASSETS --device $DEVICE --workers 4 --ort-threads 4"
+start=$(date +%s)
+JOBS=${JOBS:-ocr_0.5 ocr_0.4 rank_l1 rank_di digits}
+job() {  # job NAME GPU ARGS...: capped at 500 s so a slow job still leaves the others' results
+    local name=$1 gpu=$2; shift 2
+    case " $JOBS " in *" $name "*) ;; *) return 0 ;; esac
+    CUDA_VISIBLE_DEVICES=$gpu timeout 500 $PY $B "$@" --out "$OUT/distill_$name.json" >"$LOGS/$name.log" 2>&1
+    echo "$name: exit $? after $(( $(date +%s) - start )) s"
+}
+job ocr_0.5 0 ocr --target 0.5 --budget-s "${BUDGET_S:-200}" --cpu-threads 8 $SMALL $OSMALL &
+job ocr_0.4 "$g1" ocr --target 0.4 --budget-s "${BUDGET_S:-200}" --cpu-steps 0 $SMALL $OSMALL &
+job rank_l1 0 rank --target 0.5 --methods l1,hfp,ssr,hbfp --steps "${RANK_STEPS:-2000}" --cpu-steps 0 $SMALL &
+job rank_di "$g1" rank --target 0.5 --methods di --steps "${RANK_STEPS:-2000}" --cpu-steps 0 $SMALL &
+job digits "$g1" digits $DSMALL &
+wait
+files=""
+for f in ocr_0.5 ocr_0.4 rank_l1 rank_di digits; do [ -f "$OUT/distill_$f.json" ] && files="$files $OUT/distill_$f.json"; done
+$PY benchmarks/distill_ocr.py report $files --out "$OUT/distill.json" --md "$OUT/distill.md"
+echo "device_distill: done in $(( $(date +%s) - start )) s; logs in $LOGS"
+tail -n 3 "$LOGS"/*.log
