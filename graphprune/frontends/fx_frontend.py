@@ -748,7 +748,8 @@ def trace_module(model: nn.Module, example_inputs: Any) -> TracedModule:
     _propagate_shapes(gm, inputs)
     low = _Lowering(model, gm)
     low.run()
-    graph = Graph(low.nodes, low.shapes, low.constants, low.inputs, low.outputs, name=type(model).__name__)
+    graph = Graph(low.nodes, low.shapes, low.constants, low.inputs, low.outputs, name=type(model).__name__,
+                  frontend="torch")
     tensor_fx = {}
     for fx, v in low.env.items():
         if isinstance(v, str) and fx.op != "get_attr":
