@@ -6,6 +6,7 @@ import graphprune
 from graphprune.frontends.onnx_frontend import load_onnx
 from graphprune.rewrite.masking import mask_consumers_onnx
 from graphprune.rewrite.validate import random_feed, run_onnx
+from test_byte_identity import check_onnx_digest
 from zoo import export, max_rel_diff
 
 pytest.importorskip("torch")
@@ -31,8 +32,10 @@ def check_equivalence(path: str, **prune_kwargs) -> graphprune.PruneResult:
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("method", ["l1", "fpgm"])
 def test_consumer_zeroing_equivalence(name, method, zoo_dir):
-    result = check_equivalence(export(name, zoo_dir), target_flops=0.4, method=method)
+    path = export(name, zoo_dir)
+    result = check_equivalence(path, target_flops=0.4, method=method)
     assert abs(result.report["achieved"] - 0.4) <= 0.005
+    check_onnx_digest(name, method, path, result)  # byte-identical to the code before the pipeline refactor
 
 
 @pytest.mark.parametrize("name", ["resnet50", "mobilenet_v3_large"])
