@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     report["slim_kernels"] = shared["kernels"]
     report["tvm_speedup_slim_vs_original"] = orig["tuning"][-1]["tvm_ms"] / thin["tuning"][-1]["tvm_ms"]
     report["ort_speedup_slim_vs_original"] = orig["ort_ms"] / thin["ort_ms"]
+    report["tvm_default_speedup_slim_vs_original"] = orig["tvm_default_schedule_ms"] / thin["tvm_default_schedule_ms"]
+    for row in report["models"]:
+        row["default_over_ort"] = row["tvm_default_schedule_ms"] / row["ort_ms"]
     out.write_text(json.dumps(report, indent=2))
     log(f"slim: {shared['kernels_tuned']}/{shared['kernels']} kernels reused from the original's records; "
         f"TVM speed-up {report['tvm_speedup_slim_vs_original']:.2f}x, ORT {report['ort_speedup_slim_vs_original']:.2f}x")

@@ -14,6 +14,7 @@ import signal
 import socket
 import stat
 import tempfile
+import threading
 from typing import Any, Callable, Iterator
 
 from graphprune.errors import GraphpruneError
@@ -108,10 +109,22 @@ def _fsync_dir(directory: str) -> None:
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
     """Hold Ctrl-C/SIGTERM/SIGHUP while a temp file is created and its name stored, so an interrupt
-    can never land between the two (the file would exist with nobody to remove it)."""
-    sigs = {signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])}
+    can never land between the two (the file would exist with nobody to remove it).
+
+    A signal mask alone is not enough: the kernel hands a process signal to any thread that does not
+    block it (onnxruntime's and torch's workers), and Python then runs the handler in the main thread
+    anyway. So in the main thread the handlers themselves are swapped for one that only records the
+    signal, and the first recorded signal is raised again once the block is done.
+    """
+    sigs = [signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+    pending: list[int] = []
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in sigs:
+            previous[sig] = signal.signal(sig, lambda signum, _frame: pending.append(signum))
+    old = None
     try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, set(sigs))
     except (AttributeError, ValueError, OSError):  # no POSIX signal masks here
         old = None
     try:
@@ -119,6 +132,10 @@ def _signals_deferred() -> Iterator[None]:
     finally:
         if old is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 def atomic_write(path: str, fill: Callable[[Any], None] | None = None, *,

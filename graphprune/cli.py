@@ -128,12 +128,13 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
         fail("--finetune-steps needs --calib (the unlabeled inputs to distil on)")
     from graphprune.outputs import OutputGate
 
+    # SIGTERM/SIGHUP unwind like Ctrl-C from here on, the output gate's folder probes included
+    _terminate_as_interrupt()
     # every output is checked before any work: input/external-data files, devices, same file twice, folder
     gate = run_guarded(OutputGate, [model, *([calib] if calib else [])], overwrite=overwrite, dry_run=dry_run)
     for path, what in ((output, "-o"), (report_html, "--report")):
         if path:
             run_guarded(gate.claim, path, what)
-    _terminate_as_interrupt()
     shapes = run_guarded(parse_shape, input_shape)
     values = run_guarded(parse_values, input_values)
     calib_kw = run_guarded(_calibration_options, calib, calib_samples, calib_size, calib_mean, calib_std, calib_bgr,

@@ -115,10 +115,10 @@ def finetune(original: str, slim: str, data: str, output: str | None, data_sampl
     if nproc < 1:
         fail(f"--nproc must be >= 1, got {nproc}")
     writer = rank == 0
+    _terminate_as_interrupt()  # before the gate's folder probe: a signal during it must unwind too
     gate = run_guarded(OutputGate, [original, slim, data], overwrite=overwrite, dry_run=dry_run or not writer)
     if output:
         run_guarded(gate.claim, output, "-o")
-    _terminate_as_interrupt()
     shapes = run_guarded(parse_shape, input_shape)
     kw = run_guarded(_calibration_options, data, data_samples, data_size, data_mean, data_std, data_bgr,
                      data_gray, data_layout, None, "--data")

@@ -77,7 +77,7 @@ def _blocks(doc: Path):
 
 def _refs(refs: str) -> tuple[list[Path], list[Path]]:
     paths = [ROOT / p for p in re.findall(r"[\w./-]+\.(?:json|md|txt|csv|log)", refs)]
-    scripts = [ROOT / p for p in re.findall(r"benchmarks/[\w./-]+\.py", refs)]
+    scripts = [ROOT / p for p in re.findall(r"benchmarks/[\w./-]+\.(?:py|sh)", refs)]
     return paths, scripts
 
 

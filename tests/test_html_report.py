@@ -106,3 +106,27 @@ def test_report_renders_in_chromium(report_path, tmp_path):
     assert all(u.startswith("file://") for u in requests), requests
     assert (tmp_path / "report.png").stat().st_size > 10_000
     print("screenshot:", tmp_path / "report.png")
+
+
+def test_report_shows_calibration_recovery(tmp_path):
+    """With --calib the report carries what recovery did: calibration size, per-layer least-squares
+    error before/after and held-out agreement (issue 11's report fields, here in the HTML)."""
+    import numpy as np
+
+    model = example_cnn()
+    src = str(tmp_path / "model.onnx")
+    onnx.save(model, src)
+    inp = model.graph.input[0]
+    shape = [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim]
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **{inp.name: np.random.default_rng(0).standard_normal([48, *shape[1:]]).astype(np.float32)})
+    out = tmp_path / "report.html"
+    res = CliRunner().invoke(main, ["prune", src, "--target-flops", "0.6", "--calib", str(calib), "--recover", "lsq",
+                                    "--round-to", "1", "--no-measure", "-o", str(tmp_path / "slim.onnx"),
+                                    "--report", str(out)])
+    assert res.exit_code == 0, res.output
+    html = out.read_text()
+    assert 'id="recovery"' in html and "recovery <b>lsq</b>" in html
+    rows = re.findall(r'<table id="reconstruction">(.*?)</table>', html, re.S)
+    assert rows and rows[0].count("<tr>") >= 2  # header + at least one refitted layer
+    assert '<table id="agreement">' in html and "cosine" in html

@@ -51,3 +51,11 @@ def test_bn_scale_on_unfolded_export(zoo_dir):
     path = export("resnet18", zoo_dir, fold=False)
     result = check_equivalence(path, target_flops=0.4, method="bn_scale")
     assert result.report["macs"]["ratio"] <= 0.4
+
+
+def test_shuffle_chunk_bounds_follow_pruning(zoo_dir):
+    """round_to 8 keeps a whole chunk() half while its block's other half is pruned: the first Slice's
+    bounds, computed at run time from the pruned Shape, must become constants (used to read 0:45 of 90
+    instead of the 58 kept passthrough channels, and the channel-shuffle Gather then indexed past the end)."""
+    result = check_equivalence(export("shufflenet_v2_x1_0", zoo_dir), target_flops=0.4, round_to=8)
+    assert abs(result.report["achieved"] - 0.4) <= 0.01

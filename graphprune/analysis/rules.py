@@ -976,6 +976,23 @@ def fix_split(ctx: Ctx, node: Node, masks: dict[str, np.ndarray]) -> NodeEdit | 
     return NodeEdit(inputs={1: sizes}, drop_attrs=["num_outputs"])
 
 
+def _bounds_drift(ctx: Ctx, node: Node, masks: dict[str, np.ndarray], starts: list[int], ends: list[int]) -> bool:
+    """Whether Slice bounds computed at run time (e.g. chunk(): Shape -> Div -> Mul) would no longer be
+    `starts`/`ends` once the input is pruned: a slice that keeps all its channels can still need
+    constant bounds because the shape they are computed from shrank."""
+    from graphprune.frontends.fold import shape_value
+
+    shapes = {t: _pruned_shape(ctx, t, masks) for t in masks}
+    for index, want in ((1, starts), (2, ends)):
+        t = node.inputs[index] if len(node.inputs) > index else ""
+        if not t or ctx.graph.producer(t) is None:
+            continue
+        again = shape_value(ctx.graph, t, shapes=shapes, recompute=True)
+        if again is None or [int(v) for v in np.asarray(again).ravel()] != list(want):
+            return True
+    return False
+
+
 def fix_slice(ctx: Ctx, node: Node, masks: dict[str, np.ndarray]) -> NodeEdit | None:
     x = node.inputs[0]
     if x not in masks:
@@ -993,7 +1010,7 @@ def fix_slice(ctx: Ctx, node: Node, masks: dict[str, np.ndarray]) -> NodeEdit | 
         new_starts[i] = int(mask[:lo].sum())
         new_ends[i] = new_starts[i] + int(mask[lo:hi].sum())
         changed = changed or (new_starts[i], new_ends[i]) != (lo, hi)
-    if not changed:
+    if not changed and not _bounds_drift(ctx, node, masks, new_starts, new_ends):
         return None
     if "starts" in node.attrs:
         return NodeEdit(attrs={"starts": new_starts, "ends": new_ends})

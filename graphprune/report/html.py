@@ -154,6 +154,37 @@ def _frozen(view: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _recovery(report: dict[str, Any]) -> str:
+    """Calibration and recovery: what the data-driven passes changed, layer by layer, and how close
+    the pruned model stays to the original on held-out calibration samples."""
+    rec = report.get("recovery")
+    if not rec:
+        return ""
+    cal, times = report.get("calibration", {}), report.get("time", {})
+    spent = float(times.get("calib_s", 0) or 0) + float(times.get("recover_s", 0) or 0)
+    parts = [f'<p>calibration {esc(str(cal.get("samples", 0)))} samples ({esc(str(cal.get("fit_samples", 0)))} fit, '
+             f'{esc(str(cal.get("heldout_samples", 0)))} held out) from {esc(str(cal.get("source")))} · '
+             f'recovery <b>{esc(str(rec.get("mode")))}</b> · {spent:.1f} s</p>']
+    agree = rec.get("agreement")
+    if agree:
+        rows = "".join(
+            f'<tr><td>{esc(str(o.get("name", "output")))}</td><td class="num">{o["cosine"]:.4f}</td>'
+            f'<td class="num">{o["rel_l2"]:.4f}</td><td class="num">'
+            f'{format(o["top1_agreement"], ".2%") if "top1_agreement" in o else "-"}</td></tr>'
+            for o in agree.get("outputs", []))
+        parts.append(f'<table id="agreement"><tr><th>output ({esc(str(agree.get("samples")))} held-out samples)</th>'
+                     f"<th>cosine</th><th>relative L2</th><th>top-1 agreement</th></tr>{rows}</table>")
+    layers = rec.get("layers") or []
+    if layers:
+        rows = "".join(
+            f'<tr><td>{esc(str(r["layer"]))}</td><td>{esc(str(r["op"]))}</td>'
+            f'<td class="num">{r["inputs_kept"]}/{r["inputs"]}</td><td class="num">{r["rel_err_before"]:.4f}</td>'
+            f'<td class="num">{r["rel_err_after"]:.4f}</td></tr>' for r in layers)
+        parts.append(f'<div class="scroll"><table id="reconstruction"><tr><th>layer</th><th>op</th><th>inputs kept</th>'
+                     f"<th>relative error before</th><th>after least squares</th></tr>{rows}</table></div>")
+    return '<section id="recovery"><h2>Calibration recovery</h2>' + "".join(parts) + "</section>"
+
+
 def render_html_report(result: Any, use_graphviz: bool = True) -> str:
     """The report as one HTML string (see write_html_report)."""
     report: dict[str, Any] = result.report
@@ -186,6 +217,7 @@ Click a row to highlight its tensors in the graph.
 <p class="note">Nodes are ops, edges are tensors coloured and labelled by the group of the channels they carry
 (hover for channels kept); grey dashed: frozen, with the reason in the tooltip.</p>
 <div class="gp-graph-wrap scroll">{graph_svg}</div></section>
+{_recovery(report)}
 <section id="settings"><h2>Settings</h2>{_settings(report)}</section>
 <script type="application/json" id="report-data">{data}</script>
 <script>{_asset("report.js")}</script>
