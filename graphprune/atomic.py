@@ -121,6 +121,8 @@ def _signals_deferred() -> Iterator[None]:
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for sig in sigs:
+            if signal.getsignal(sig) is None:  # a handler installed outside Python: leave it to the mask
+                continue
             previous[sig] = signal.signal(sig, lambda signum, _frame: pending.append(signum))
     old = None
     try:
