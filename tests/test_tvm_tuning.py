@@ -91,8 +91,8 @@ def test_default_schedule_is_the_first_measured_candidate(tuned_db, conv_model, 
     assert default is not None and "vectorize" in str(default)
     first = json.loads((db / "database_tuning_record.json").read_text().splitlines()[0])
     database = tb.open_database(db)
+    # the valid records (a candidate that failed to run, e.g. timed out on a loaded machine, is not one)
     records = database.get_top_k(database.commit_workload(task.dispatched[0]), 1 << 20)
-    assert len(records) == TRIALS
     ours = [r for r in records if str(r.trace) == str(default)]
     assert ours and _record_ms(ours[0]) == pytest.approx(entry["default_ms"])
     # the first line of the database is the default's record
@@ -195,8 +195,9 @@ def test_time_budget_ends_a_kernel_after_its_batch(conv_model, tmp_path):
 
 
 def test_default_schedule_vectorises_and_blocks(conv_model, target):
-    """The default schedule's fixed tiles: the innermost spatial tile is a vector of the target's lanes
-    (a random sample rarely is), output channels get a register block, and nothing is left unscheduled."""
+    """The default schedule of a convolution: channels-last, output channels vectorised (a power of two of at
+    most two registers), a register block of output pixels, the weights repacked in the order the loops
+    read them (computed once at build time), and nothing left unscheduled."""
     from tvm.s_tir import meta_schedule as ms
 
     fused = tb._fuse_for_tuning(tb.import_onnx(conv_model), target)
@@ -204,13 +205,43 @@ def test_default_schedule_vectorises_and_blocks(conv_model, target):
     convs = [t for t in ms.relax_integration.extract_tasks(fused, target) if "conv2d" in t.task_name]
     assert convs
     for task in convs:
-        ctx = ms.TuneContext(mod=task.dispatched[0], target=target, space_generator="post-order-apply",
-                             task_name="t", num_threads=1, rand_state=0)
-        trace = tb._default_tiles(ctx.space_generator.generate_design_space(task.dispatched[0])[0].trace, lanes)
+        assert "conv2d_nhwc" in task.dispatched[0].script()
+        trace = tb.default_trace(task.dispatched[0], target)
         spatial = [list(map(int, trace.decisions[i])) for i in trace.insts
                    if i.kind.name == "SamplePerfectTile" and int(i.attrs[0]) == 4]
-        width, channels = spatial[-1], spatial[-3]
-        assert width[-1] == tb._largest_divisor(int(np.prod(width)), lanes) > 1
-        assert channels[-1] == tb._largest_divisor(int(np.prod(channels)), 4)
+        _, _, width, channels = spatial
+        assert channels[-1] == min(2 * lanes, 32) and int(np.prod(channels)) == 32  # 32 output channels
+        assert width[-1] > 1 and int(np.prod(width)) % width[-1] == 0
+        kinds = {i.kind.name for i in trace.insts}
+        assert "TransformLayout" in kinds or "LayoutTransform" in kinds, kinds
         scheduled = tb.default_schedule_database(target).query_schedule(task.dispatched[0], target, "main")
         assert scheduled is not None and "vectorize" in str(scheduled.mod)
+
+
+def test_channels_last_matches_onnxruntime(tmp_path, target):
+    """channels_last asks ungrouped convs for NHWC data and HWIO weights (a depthwise conv follows its input's
+    layout and keeps its weights); the compiled model (strided, depthwise, 1x1, residual add, mean)
+    still equals onnxruntime."""
+    torch.manual_seed(0)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+            self.dw = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+            self.pw = torch.nn.Conv2d(16, 16, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            return torch.relu(self.pw(self.dw(y)) + y).mean((2, 3))
+
+    path = tmp_path / "block.onnx"
+    torch.onnx.export(Block().eval(), (torch.randn(1, 8, 20, 20),), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["output"])
+    mod = tb.channels_last(tb.import_onnx(path))
+    text = mod.script()
+    assert text.count('kernel_layout="HWIO"') == 2 and text.count('data_layout="NCHW"') == 0
+    ex = tb.compile_untuned(tb.import_onnx(path), target)
+    assert tb.check_against_ort(ex, target, path) < 1e-4
+
+

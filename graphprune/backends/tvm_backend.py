@@ -155,9 +155,17 @@ def compile_untuned(mod: Any, target: Any, schedule: str = "default") -> Any:
     if schedule == "none" or target.kind.name != "llvm":
         with tvm.transform.PassContext(opt_level=3):
             return tvm.compile(mod, target=target)
-    from tvm.s_tir import meta_schedule as ms
+    return _compile(default_schedule_database(target), mod, target)
 
-    return ms.relax_integration.compile_relax(default_schedule_database(target), mod, target, None)
+
+def cpu_layout(mod: Any, target: Any) -> Any:
+    """The layout graphprune compiles and tunes in: channels-last convolutions on CPU targets
+    (`channels_last`), unchanged elsewhere or when GRAPHPRUNE_TVM_LAYOUT=nchw (for comparisons).
+    Tuning records are keyed by kernel structure, so records made in one layout do not apply to the other.
+    """
+    if target.kind.name != "llvm" or os.environ.get("GRAPHPRUNE_TVM_LAYOUT", "").lower() == "nchw":
+        return mod
+    return channels_last(mod)
 
 
 AVX512_CPUS = ("avx512", "knl", "knm", "cannonlake", "icelake", "tigerlake", "cooperlake", "cascadelake",
@@ -175,16 +183,17 @@ def _largest_divisor(n: int, cap: int) -> int:
     return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
-def _default_tiles(trace: Any, lanes: int) -> Any:
+def _default_tiles(trace: Any, lanes: int, cores: int = 1) -> Any:
     """Replace a design space's sampled tile sizes by fixed, usually good ones.
 
     MetaSchedule's CPU multi-level tiling splits every spatial loop in four (outer parallel tiles
     first, the innermost last) and every reduction loop in two. A random sample of those sizes
     rarely vectorises (innermost tile 1) and was measured ~2.7x slower than these rules on
-    resnet18: the innermost spatial loop (output width, or the matmul's columns) gets a vector of
-    `lanes`, the output-channel loop (third from last spatial loop; the rows of a matmul) a register
-    block of 4 in the innermost tile, reductions an inner tile of up to 8, and what remains of
-    every spatial loop goes to the outer, parallel tiles.
+    resnet18. A channels-last convolution gets `_conv_nhwc_tiles`. Any other kernel: the innermost
+    spatial loop (output width, or the matmul's columns) gets a vector of `lanes`, the third from
+    last spatial loop (output channels of an NCHW conv; the rows of a matmul) a register block of
+    4 in the innermost tile, reductions an inner tile of up to 8, and what remains of every spatial
+    loop goes to the outer, parallel tiles.
     """
     tiles = [i for i in trace.insts if i.kind.name == "SamplePerfectTile"]
     spatial = [i for i in tiles if int(i.attrs[0]) == 4]
@@ -192,31 +201,101 @@ def _default_tiles(trace: Any, lanes: int) -> Any:
     decisions = trace.decisions
     extent = {i: int(np.prod([int(x) for x in decisions[i]])) for i in tiles}
     chosen: dict[Any, Any] = {}
-    block_axis = len(spatial) - 3 if len(spatial) >= 3 else 0
-    for pos, inst in enumerate(spatial):
-        n = extent[inst]
-        if pos == len(spatial) - 1:
-            inner = _largest_divisor(n, lanes)
-            rest = n // inner
-            mid = _largest_divisor(rest, 2)
-            chosen[inst] = [rest // mid, mid, 1, inner]
-        elif pos == block_axis:
-            inner = _largest_divisor(n, 4)
-            rest = n // inner
-            mid = _largest_divisor(rest, 2)
-            chosen[inst] = [rest // mid, 1, mid, inner]
-        else:
-            chosen[inst] = [n, 1, 1, 1]
-    for inst in reduce_:
-        n = extent[inst]
-        inner = n if n <= 3 else _largest_divisor(n, 8)
-        chosen[inst] = [n // inner, inner]
+    if _is_conv_nhwc(trace, spatial, reduce_):
+        chosen = _conv_nhwc_tiles(spatial, reduce_, extent, lanes, cores)
+        for inst in trace.insts:  # the padded input once, in parallel, before the conv (not per tile)
+            if inst.kind.name == "SampleComputeLocation":
+                chosen[inst] = -1
+    else:
+        block_axis = len(spatial) - 3 if len(spatial) >= 3 else 0
+        for pos, inst in enumerate(spatial):
+            n = extent[inst]
+            if pos == len(spatial) - 1:
+                inner = _largest_divisor(n, lanes)
+                rest = n // inner
+                mid = _largest_divisor(rest, 2)
+                chosen[inst] = [rest // mid, mid, 1, inner]
+            elif pos == block_axis:
+                inner = _largest_divisor(n, 4)
+                rest = n // inner
+                mid = _largest_divisor(rest, 2)
+                chosen[inst] = [rest // mid, 1, mid, inner]
+            else:
+                chosen[inst] = [n, 1, 1, 1]
+        for inst in reduce_:
+            n = extent[inst]
+            inner = n if n <= 3 else _largest_divisor(n, 8)
+            chosen[inst] = [n // inner, inner]
     for inst in trace.insts:  # the unroll limit: the 64-step choice when there is one
         if inst.kind.name == "SampleCategorical" and len(inst.attrs[0]) > 2:
             chosen[inst] = 2
     for inst, decision in chosen.items():
         trace = trace.with_decision(inst, decision, True)
     return trace
+
+
+def _is_conv_nhwc(trace: Any, spatial: list, reduce_: list) -> bool:
+    """A trace tiling TOPI's channels-last convolution (n, h, w, co x rh, rw, rc)."""
+    blocks = {str(i.attrs[0]) for i in trace.insts if i.kind.name == "GetSBlock"}
+    return "conv2d_nhwc" in blocks and len(spatial) == 4 and len(reduce_) == 3
+
+
+def _conv_nhwc_tiles(spatial: list, reduce_: list, extent: dict, lanes: int, cores: int) -> dict:
+    """Tiles of a channels-last (NHWC, HWIO weights) convolution: a register block of `w3` output
+    pixels x `co3` output channels in the innermost tile (channels vectorised, pixels unrolled; with
+    the epilogue fused after the second spatial level the block's accumulators stay in registers),
+    the whole reduction between, and output-channel blocks x rows as parallel tasks. Channel counts
+    are multiples of 8 or 16 in most networks (and after pruning with `--round-to`), unlike the widths
+    7/14/28 that an NCHW schedule vectorises, and a strided conv's inputs are broadcast, not gathered."""
+    n, h, w, co = spatial
+    height, width, channels = extent[h], extent[w], extent[co]
+    # a power of two (LLVM splits other vector widths badly: 40 lanes ran 3x slower than 8), at most two
+    # registers' worth
+    co3 = max(d for d in (1, 2, 4, 8, 16, 32, 64) if d <= 2 * lanes and channels % d == 0)
+    vectors = -(-co3 // lanes)
+    registers = 24 if lanes >= 16 else 12  # accumulators, leaving room for weights and a broadcast
+    # the accumulator block lives on the stack (TVM allocates up to 1 KiB there), so <= 256 floats
+    w3 = _largest_divisor(width, max(1, min(registers // vectors, 256 // co3)))
+    co0 = channels // co3
+    # parallel tasks: output-channel blocks, then rows until every core has the same number of tasks (or
+    # at least 4); a task keeps its weight slice in cache across all of its rows
+    h0 = height
+    for d in range(1, height + 1):
+        tasks = co0 * d
+        if height % d == 0 and tasks >= cores and (tasks % cores == 0 or tasks >= 4 * cores):
+            h0 = d
+            break
+    chosen = {n: [extent[n], 1, 1, 1], h: [h0, height // h0, 1, 1], w: [1, width // w3, 1, w3],
+              co: [co0, 1, 1, co3]}
+    rh, rw, rc = reduce_
+    rc1 = extent[rc] if extent[rc] <= 3 else _largest_divisor(extent[rc], 8)
+    chosen.update({rh: [extent[rh], 1], rw: [extent[rw], 1], rc: [extent[rc] // rc1, rc1]})
+    return chosen
+
+
+def channels_last(mod: Any) -> Any:
+    """Rewrite every ungrouped 2-D convolution to channels-last (NHWC data, HWIO weights) for CPU code.
+
+    An NCHW schedule vectorises the output width, which in a CNN is often 7, 14, 28 or 56 (a
+    fraction of a 16-lane AVX-512 register), and gathers its inputs when the stride is 2; channels-last
+    vectorises output channels, which are vector multiples in real networks, and broadcasts inputs.
+    Weights are constants, so their transposition folds away at build time; elementwise ops, pools
+    and the residual adds follow the new layout, leaving one transpose at the input and one before the
+    first op that needs NCHW. Grouped and depthwise convolutions are not asked to change: they follow
+    their input's layout and keep their weights' (TOPI handles both).
+    """
+    require_tvm()
+    from tvm import relax
+
+    def layouts(call: Any) -> dict:
+        if call.op.name == "relax.nn.conv2d" and int(call.attrs.groups) == 1 and call.attrs.data_layout == "NCHW":
+            return {"relax.nn.conv2d": ["NHWC", "HWIO"]}
+        return {}
+
+    try:
+        return relax.transform.ConvertLayout({}, layouts)(mod)
+    except Exception:  # a graph the pass cannot convert keeps its layout (numerics are checked later)
+        return mod
 
 
 def default_trace(mod: Any, target: Any) -> Any:
@@ -240,7 +319,12 @@ def default_trace(mod: Any, target: Any) -> Any:
         return None
     if not spaces:
         return None
-    for trace in (_safe_default_tiles(spaces[0].trace, vector_lanes(target)), spaces[0].trace):
+    lanes, cores = vector_lanes(target), int(target.attrs.get("num-cores", 1))
+    # a channels-last conv takes the space whose epilogue is fused after the second spatial level: its
+    # accumulator block is then a small buffer inside the parallel loop, which LLVM keeps in registers
+    first = spaces[1] if len(spaces) > 1 and _is_conv_nhwc_space(spaces[1].trace) else spaces[0]
+    for trace in (_safe_default_tiles(first.trace, lanes, cores), _safe_default_tiles(spaces[0].trace, lanes, cores),
+                  spaces[0].trace):
         if trace is None:
             continue
         try:
@@ -307,7 +391,8 @@ def _measure_default(task: Any, target: Any, builder: Any, runner: Any, database
         return None
     sch = Schedule(mod)
     trace.apply_to_schedule(sch, remove_postproc=False)
-    args_info = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
+    # as the task scheduler does: the arguments the built kernel takes (a repacked weight in its new layout)
+    args_info = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
     (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
     if built.error_msg is not None or built.artifact_path is None:
         raise GraphpruneError(f"build failed: {built.error_msg}")
@@ -325,16 +410,21 @@ def _measure_default(task: Any, target: Any, builder: Any, runner: Any, database
     return float(sum(float(x) for x in result.run_secs) / len(result.run_secs)) * 1e3
 
 
-def _safe_default_tiles(trace: Any, lanes: int) -> Any:
+def _is_conv_nhwc_space(trace: Any) -> bool:
+    tiles = [i for i in trace.insts if i.kind.name == "SamplePerfectTile"]
+    return _is_conv_nhwc(trace, [i for i in tiles if int(i.attrs[0]) == 4], [i for i in tiles if int(i.attrs[0]) == 2])
+
+
+def _safe_default_tiles(trace: Any, lanes: int, cores: int = 1) -> Any:
     try:
-        return _default_tiles(trace, lanes)
+        return _default_tiles(trace, lanes, cores)
     except Exception:
         return None
 
 
-def _fuse_for_tuning(mod: Any, target: Any) -> Any:
-    """The same preparation `compile_relax` runs before applying the database, so keys match."""
-    tvm = require_tvm()
+def _fusion_passes(target: Any) -> list[Any]:
+    """Legalise and fuse as MetaSchedule's `compile_relax` does, then mark the constant (weight) inputs of
+    every kernel as layout-free, so that a schedule may store them in the order its loops read them."""
     from tvm import relax
     from tvm.relax import pipeline as relax_pipeline
 
@@ -342,16 +432,61 @@ def _fuse_for_tuning(mod: Any, target: Any) -> Any:
         dispatch = list(relax_pipeline.library_dispatch_passes(target))
     except (ValueError, AttributeError):
         dispatch = []
-    seq = [
+    return [
         *dispatch,
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
+        *([relax.transform.AttachAttrLayoutFreeBuffers()] if _prepack(target) else []),
     ]
+
+
+def _prepack(target: Any) -> bool:
+    """Weight pre-packing on CPU targets, unless GRAPHPRUNE_TVM_PREPACK=0 (for comparisons)."""
+    return target.kind.name == "llvm" and os.environ.get("GRAPHPRUNE_TVM_PREPACK", "1") != "0"
+
+
+def _fuse_for_tuning(mod: Any, target: Any) -> Any:
+    """The same preparation `_compile` runs before applying the database, so keys match."""
+    tvm = require_tvm()
+
     with target, tvm.transform.PassContext(opt_level=3):
-        return tvm.transform.Sequential(seq)(mod)
+        return tvm.transform.Sequential(_fusion_passes(target))(cpu_layout(mod, target))
+
+
+def _compile(database: Any, mod: Any, target: Any) -> Any:
+    """MetaSchedule's `compile_relax` plus weight pre-packing: kernels whose schedule rewrote the layout of
+    a weight (MetaSchedule's RewriteLayout post-processor, on the buffers `_fusion_passes` marks) get
+    that weight in the new layout, computed once at build time (the weights are constants) instead of
+    per inference."""
+    tvm = require_tvm()
+    from tvm import relax
+    from tvm.relax import pipeline as relax_pipeline
+
+    if target.kind.name != "llvm":
+        from tvm.s_tir import meta_schedule as ms
+
+        return ms.relax_integration.compile_relax(database, mod, target, None)
+    try:
+        lower = list(relax_pipeline.dataflow_lower_passes(target)) + list(relax_pipeline.finalize_passes(target))
+    except (ValueError, AttributeError):  # what compile_relax falls back to for CPU targets in TVM 0.27
+        t = relax.transform
+        lower = [t.RewriteDataflowReshape(), t.ToNonDataflow(), t.RemovePurityChecking(), t.CallTIRRewrite(),
+                 t.StaticPlanBlockMemory(), t.LowerAllocTensor(), t.KillAfterLastUse(), t.LowerRuntimeBuiltin(),
+                 t.ComputePrimValue(), t.VMShapeLower(), t.AttachGlobalSymbol()]
+
+    @tvm.transform.module_pass(opt_level=3)
+    def pipeline(mod: Any, _ctx: Any) -> Any:
+        mod = tvm.transform.Sequential(_fusion_passes(target))(mod)
+        mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+        mod = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant(),
+                                        relax.transform.DeadCodeElimination()])(mod)
+        return tvm.transform.Sequential(lower)(mod)
+
+    with target, database, tvm.transform.PassContext(opt_level=3):
+        return relax.build(cpu_layout(mod, target), target=target, relax_pipeline=pipeline)
 
 
 def open_database(db_dir: str | Path) -> Any:
@@ -685,7 +820,7 @@ def compile_tuned(mod: Any, target: Any, db_dir: str | Path) -> Any:
     database = open_database(db_dir)
     if target.kind.name == "llvm":
         database = ms.database.OrderedUnionDatabase(database, default_schedule_database(target))
-    return ms.relax_integration.compile_relax(database, mod, target, None)
+    return _compile(database, mod, target)
 
 
 def export_library(executable: Any, path: str | Path) -> Path:
