@@ -67,6 +67,8 @@ def test_fit_meets_the_target_when_the_latency_model_is_far_off(power):
 
 
 def test_fit_under_measurement_noise_stays_within_tolerance():
+    """Run-to-run stability on a simulated clock (20 runs, 1% measurement noise); on real clocks it is
+    a benchmark figure (benchmarks/plan_stability.py), not a timed test."""
     rng = np.random.default_rng(0)
     results = [_fit(lambda t: t ** 2.5, noise=lambda: rng.normal(0, 0.01))[2]["ratio"] for _ in range(20)]
     assert all(r <= 0.5 * 1.03 for r in results)
@@ -118,14 +120,3 @@ def test_one_thread_timing_counts_the_threads_cpu_time_not_the_wait(monkeypatch)
     assert max(cpu) < 5 and min(wall) >= 19
     with pytest.raises(GraphpruneError):
         ort_backend.clock_for("cpu", 4)
-
-
-def test_target_latency_plan_is_stable_across_runs():
-    """Repeated runs of one command (fresh measurements each time) land on near-identical plans:
-    within the tolerance of the target, and MACs kept within a few points."""
-    model = example_cnn(image=64)
-    runs = [graphprune.prune(model, target_latency=0.5).report for _ in range(3)]
-    assert all(r["target_met"] for r in runs)
-    macs = [r["macs"]["ratio"] for r in runs]
-    assert max(macs) - min(macs) <= 0.08, macs
-    assert all(r["latency"]["clock"] == "thread CPU time" for r in runs)
