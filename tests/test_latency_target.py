@@ -31,7 +31,7 @@ def test_target_latency_prunes_equivalently_and_reports_measured_latency():
     assert result.report["achieved"] == lat["ratio"] == pytest.approx(lat["after_ms"] / lat["before_ms"])
     assert lat["predicted_ratio"] == pytest.approx(result.plan.achieved)
     tries = lat["calibration"]
-    assert 1 <= len(tries) <= 3 and tries[0]["model_target"] == 0.5
+    assert 1 <= len(tries) <= 5 and tries[0]["model_target"] == 0.5
     assert lat["ratio"] in [t["measured_ratio"] for t in tries] or any(
         abs(lat["ratio"] - t["measured_ratio"]) < 1e-4 for t in tries)
     loaded = load_onnx(model)
