@@ -14,7 +14,7 @@ from graphprune.errors import GraphpruneError, SpeedupNotMet
 from graphprune.frontends.external import has_mapped
 from graphprune.frontends.onnx_frontend import LoadedModel, load_onnx
 from graphprune.io import write_model_atomic
-from graphprune.passes.allocate import Plan, allocate, group_multiples, ignored_classes
+from graphprune.passes.allocate import Plan, allocate, ignored_classes
 from graphprune.passes.magnitude import CRITERIA
 from graphprune.passes.methods import (PLAN_METHODS, TRAINING_METHODS, check_strict, di_plan, method_coverage,
                                        training_method_error)
@@ -86,17 +86,22 @@ def _sensitivity_options(options: dict[str, Any]) -> dict[str, Any]:
     return {"samples": samples, "ratios": ratios}
 
 
-def resolve_round_to(analysis: Analysis, round_to: int | str, hardware: str) -> tuple[int | dict[int, int], dict]:
+def resolve_round_to(analysis: Analysis, round_to: int | str, hardware: str, kind: str = "macs",
+                     target: float | None = None, protected: set[int] | None = None) -> tuple[int | dict[int, int], dict]:
     """`round_to` as allocate() takes it, plus what the report says about it.
 
     "auto" looks the channel multiple for `hardware` up in the measured table
-    (graphprune.backends.channel_table) and halves it for groups too small for it.
+    (graphprune.backends.channel_table) and keeps every group at multiples of it; only when that
+    cannot reach `target` are finer multiples used (passes.allocate.auto_multiples).
     """
     if round_to == "auto":
         from graphprune.backends.channel_table import channel_multiple
+        from graphprune.passes.allocate import auto_multiples
 
         multiple = channel_multiple(hardware)
-        return group_multiples(analysis, multiple), {"round_to": multiple, "round_to_source": f"auto ({hardware} table)"}
+        multiples, fallback = auto_multiples(analysis, multiple, kind, target, protected)
+        source = f"auto ({hardware} table{'; ' + fallback if fallback else ''})"
+        return multiples, {"round_to": multiple, "round_to_source": source}
     try:
         value = int(round_to)
     except (TypeError, ValueError):
@@ -318,7 +323,7 @@ def prune(
     t = time.perf_counter()
     coverage = None
     extra_report: dict[str, Any] = {}
-    multiples, round_info = resolve_round_to(analysis, round_to, hardware)
+    protected = ignored_classes(analysis, list(ignore))
     custom = custom_domains(loaded.proto)
     feed = random_feed(loaded.proto, loaded.graph, seed, values=input_values)
     slim = lat = None
@@ -331,6 +336,7 @@ def prune(
             from graphprune.passes.latency_cost import register_latency_cost
 
             kind = register_latency_cost(analysis, loaded, progress=say)
+        multiples, round_info = resolve_round_to(analysis, round_to, hardware, kind, target, protected)
         if method in TRAINING_METHODS:
             raise training_method_error(method)
         if scores is None:
@@ -345,7 +351,6 @@ def prune(
             say(f"scoring channels ({method})")
             if scores is None:
                 scores = score_classes(analysis, method, seed=seed, loaded=loaded, **method_options)
-            protected = ignored_classes(analysis, list(ignore))
 
             def allocate_at(goal: float) -> Plan:
                 return allocate(analysis, scores, target=goal, kind=kind, strategy=strategy, round_to=multiples,
@@ -369,6 +374,7 @@ def prune(
                 say("allocating the budget")
                 plan = allocate_at(target)
     else:
+        round_info = resolve_round_to(analysis, round_to, hardware)[1]
         base = analysis.macs()
         plan = Plan(frozenset(removed), "macs", 1.0, base, analysis.macs(removed))
     times["plan_s"] = time.perf_counter() - t

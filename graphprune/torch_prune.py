@@ -109,9 +109,10 @@ def prune_module(
     t = time.perf_counter()
     coverage = None
     extra_report: dict[str, Any] = {}
-    multiples, round_info = resolve_round_to(analysis, round_to, hardware)
+    protected = ignored_classes(analysis, list(ignore))
     if removed is None:
         kind, target = _parse_target(target_flops, target_params, None)
+        multiples, round_info = resolve_round_to(analysis, round_to, hardware, kind, target, protected)
         if method in TRAINING_METHODS:
             raise training_method_error(method)
         if scores is None and method != "taylor":
@@ -131,7 +132,6 @@ def prune_module(
                     scores = taylor(analysis, model=work, **opts)
                 else:
                     scores = score_classes(analysis, method, seed=seed, **opts)
-            protected = ignored_classes(analysis, list(ignore))
             if strategy == "sensitivity":
                 from graphprune.passes.sensitivity import TorchMaskedRunner, calibration_feeds, sensitivity_allocate
 
@@ -149,6 +149,7 @@ def prune_module(
                 plan = allocate(analysis, scores, target=target, kind=kind, strategy=strategy, round_to=multiples,
                                 protected=protected, allow_floor=allow_floor)
     else:
+        round_info = resolve_round_to(analysis, round_to, hardware)[1]
         plan = Plan(frozenset(removed), "macs", 1.0, analysis.macs(), analysis.macs(removed))
     times["plan_s"] = time.perf_counter() - t
 
