@@ -91,6 +91,18 @@ def tp_prune(model: torch.nn.Module, example: torch.Tensor, target: float) -> to
     return best[0], best[1]
 
 
+def train_base(tr, seed: int, epochs: int, lr: float, device: str, progress: bool = False):
+    """The unpruned ResNet-20 of one seed, its channel space and its filter-norm history (HBFP)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    base = resnet20()
+    space = space_of(base, tr.x[:1])
+    history = NormHistory(space)
+    train(base, tr.x, tr.y, TrainConfig(epochs=epochs, lr=lr, device=device, progress=progress,
+                                        desc=f"base seed {seed}"), after_epoch=history, seed=seed)
+    return base, space, history
+
+
 def _fresh(model: torch.nn.Module):
     import graphprune
 
@@ -180,14 +192,7 @@ def main() -> None:
     rows: list[dict] = []
     t_start = time.perf_counter()
     for seed in a.seeds:
-        torch.manual_seed(seed)
-        np.random.seed(seed)
-        base = resnet20()
-        space = space_of(base, tr.x[:1])
-        history = NormHistory(space)
-        train(base, tr.x, tr.y, TrainConfig(epochs=a.base_epochs, lr=a.lr * 2, device=a.device,
-                                            progress=not a.no_progress, desc=f"base seed {seed}"),
-              after_epoch=history, seed=seed)
+        base, space, history = train_base(tr, seed, a.base_epochs, a.lr * 2, a.device, not a.no_progress)
         base_acc = evaluate(base, te.x, te.y, a.device)
         print(f"seed {seed}: base accuracy {base_acc:.4f}")
         rows.append({"seed": seed, "method": "unpruned", "target": 1.0, "macs": 1.0, "params": 1.0, "acc": base_acc})

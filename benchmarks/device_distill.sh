@@ -9,7 +9,8 @@
 #
 # Env: OUT (results folder, default benchmarks/results), ASSETS (default bench_assets), PY (default python3),
 # RANK_STEPS (ranking budget in steps, default 2000), BUDGET_S (main distillation wall budget, default 200),
-# JOBS (a subset of "ocr_0.5 ocr_0.4 rank_l1 rank_di digits"; the report merges every result file present),
+# JOBS (a subset of "ocr_0.5 ocr_0.4 rank_l1 rank_di digits", plus "ddp": finetune --nproc 1 vs 2 on the example
+# CNN, not in the default set; the report merges every result file present),
 # DEVICE=cpu SMOKE=1 for a local check of the whole chain with tiny sizes (numbers meaningless).
 set -u
 cd "$(dirname "$0")/.."
@@ -67,6 +68,22 @@ job rank_l1 0 rank --target 0.5 --methods l1,hfp,ssr,hbfp --steps "${RANK_STEPS:
 job rank_di "$g1" rank --target 0.5 --methods di --steps "${RANK_STEPS:-2000}" --cpu-steps 0 $SMALL &
 job digits "$g1" digits $DSMALL &
 wait
+case " $JOBS " in *" ddp "*)  # the multi-process path on the GPUs: the built-in example CNN, 1 vs 2 processes
+    D=$(mktemp -d)
+    $PY -c "
+import numpy as np, onnx, graphprune
+from graphprune.examples import example_cnn
+onnx.save(example_cnn(), '$D/m.onnx')
+graphprune.prune('$D/m.onnx', target_flops=0.4, round_to=1, measure=False).save('$D/s.onnx')
+np.savez('$D/d.npz', image=np.random.default_rng(0).normal(size=(2048, 3, 32, 32)).astype(np.float32))
+" && for n in 1 2; do
+        [ "$n" -le "$ngpu" ] || [ "$DEVICE" = cpu ] || continue
+        timeout 200 $PY -m graphprune.cli finetune "$D/m.onnx" "$D/s.onnx" --data "$D/d.npz" -o "$D/t$n.onnx" \
+            --steps "${DDP_STEPS:-300}" --batch-size 128 --eval-every 0 --device "$DEVICE" --nproc $n --json \
+            > "$OUT/distill_ddp_$n.json" 2> "$LOGS/ddp_$n.log"
+        echo "ddp $n process(es): exit $?"
+    done ;;
+esac
 files=""
 for f in ocr_0.5 ocr_0.4 rank_l1 rank_di digits; do [ -f "$OUT/distill_$f.json" ] && files="$files $OUT/distill_$f.json"; done
 $PY benchmarks/distill_ocr.py report $files --out "$OUT/distill.json" --md "$OUT/distill.md"

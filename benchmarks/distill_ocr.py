@@ -160,29 +160,35 @@ def di_labels(rec: Path, calib: np.ndarray) -> np.ndarray:
     return np.asarray(out, np.int64)
 
 
-def steps_for_budget(rec: Path, slim, train: np.ndarray, a) -> tuple[int, float]:
-    """Time a few real training steps (teacher forward + student forward/backward + AdamW) and turn the
-    wall budget into a step count, so the cosine schedule ends when the budget does."""
+def _step_setup(rec: Path, slim, dev) -> tuple:
+    """Teacher and student ONNX modules on `dev`, the logits tensor both tap, and an optimiser."""
     import torch
 
-    from graphprune.distill import kl_logits
     from graphprune.frontends.onnx_frontend import load_onnx
     from graphprune.frontends.onnx_torch import OnnxModule
 
-    dev = torch.device(a.device)
     fmt = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
     t_m = OnnxModule(load_onnx(str(rec), {"x": SHAPE}).proto).to(dev, memory_format=fmt).eval()
     s_m = OnnxModule(load_onnx(slim, {"x": SHAPE}).proto).to(dev, memory_format=fmt)
     logits = next(node.input[0] for node, _ in reversed(t_m._nodes) if node.op_type == "Softmax")
     t_m.taps = s_m.taps = {logits}
-    opt = torch.optim.AdamW(s_m.parameters(), lr=1e-5)
-    x = torch.from_numpy(train[: a.batch_size]).to(dev).contiguous(memory_format=fmt)
-    times = []
-    for i in range(a.timing_steps + 3):
-        if dev.type == "cuda":
+    return t_m, s_m, logits, torch.optim.AdamW(s_m.parameters(), lr=1e-5)
+
+
+def _timed_steps(setup: tuple, x, steps: int) -> tuple[list[float], list[float]]:
+    """Wall and process CPU seconds of `steps` training steps (after one untimed step)."""
+    import torch
+
+    from graphprune.distill import kl_logits
+
+    t_m, s_m, logits, opt = setup
+    cuda = x.device.type == "cuda"
+    walls, cpus = [], []
+    for i in range(steps + 1):
+        if cuda:
             torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        t, c = time.perf_counter(), time.process_time()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cuda):
             with torch.no_grad():
                 t_m(x)
             s_m(x)
@@ -190,11 +196,24 @@ def steps_for_budget(rec: Path, slim, train: np.ndarray, a) -> tuple[int, float]
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if dev.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
-        if i >= 3:
-            times.append(time.perf_counter() - t)
-    step_s = float(np.median(times))
+        if i:
+            walls.append(time.perf_counter() - t)
+            cpus.append(time.process_time() - c)
+    return walls, cpus
+
+
+def steps_for_budget(rec: Path, slim, train: np.ndarray, a) -> tuple[int, float]:
+    """Time a few real training steps (teacher forward + student forward/backward + AdamW) and turn the
+    wall budget into a step count, so the cosine schedule ends when the budget does."""
+    import torch
+
+    dev = torch.device(a.device)
+    fmt = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
+    x = torch.from_numpy(train[: a.batch_size]).to(dev).contiguous(memory_format=fmt)
+    walls, _ = _timed_steps(_step_setup(rec, slim, dev), x, a.timing_steps)
+    step_s = float(np.median(walls))
     overhead = 1.15  # evaluations and data movement on top of the bare step
     return max(10, int(a.budget_s / (step_s * overhead))), step_s
 
@@ -203,32 +222,10 @@ def cpu_step_time(rec: Path, slim, train: np.ndarray, threads: int, batch: int, 
     """Seconds per distillation step on the CPU (fp32, `threads` torch threads), wall and process CPU."""
     import torch
 
-    from graphprune.distill import kl_logits
-    from graphprune.frontends.onnx_frontend import load_onnx
-    from graphprune.frontends.onnx_torch import OnnxModule
-
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        t_m = OnnxModule(load_onnx(str(rec), {"x": SHAPE}).proto).eval()
-        s_m = OnnxModule(load_onnx(slim, {"x": SHAPE}).proto)
-        logits = next(node.input[0] for node, _ in reversed(t_m._nodes) if node.op_type == "Softmax")
-        t_m.taps = s_m.taps = {logits}
-        opt = torch.optim.AdamW(s_m.parameters(), lr=1e-5)
-        x = torch.from_numpy(train[:batch])
-        walls, cpus = [], []
-        for i in range(steps + 1):
-            t, c = time.perf_counter(), time.process_time()
-            with torch.no_grad():
-                t_m(x)
-            s_m(x)
-            loss = kl_logits(s_m.captured[logits], t_m.captured[logits], 1.0)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if i:
-                walls.append(time.perf_counter() - t)
-                cpus.append(time.process_time() - c)
+        walls, cpus = _timed_steps(_step_setup(rec, slim, torch.device("cpu")), torch.from_numpy(train[:batch]), steps)
     finally:
         torch.set_num_threads(old)
     return {"threads": threads, "batch": batch, "wall_s_per_step": float(np.median(walls)),
@@ -326,12 +323,9 @@ def cmd_digits(a) -> dict:
 
     import accuracy
     import graphprune
-    from cifar_resnet import resnet20
     from digits import load_digits_split
 
-    from graphprune.passes.channels import space_of
-    from graphprune.passes.hbfp import NormHistory
-    from graphprune.passes.training import TrainConfig, evaluate, train
+    from graphprune.passes.training import evaluate
 
     q = a.digits_quick  # a local smoke test of the procedure, not a result
     ns = argparse.Namespace(device=a.device, no_progress=True, kd=0.0, lr=0.05, ft_epochs=1 if q else 12,
@@ -339,13 +333,7 @@ def cmd_digits(a) -> dict:
     tr, te = load_digits_split(12 if q else 32)
     rows = []
     for seed in a.seeds:
-        torch.manual_seed(seed)
-        np.random.seed(seed)
-        base = resnet20()
-        space = space_of(base, tr.x[:1])
-        history = NormHistory(space)
-        train(base, tr.x, tr.y, TrainConfig(epochs=3 if q else 40, lr=0.1, device=a.device, progress=False), after_epoch=history,
-              seed=seed)
+        base, space, history = accuracy.train_base(tr, seed, 3 if q else 40, 0.1, a.device)
         base.eval()
         base_acc = evaluate(base, te.x, te.y, a.device)
         t = time.perf_counter()

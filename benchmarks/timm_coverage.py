@@ -70,7 +70,8 @@ def _first_line(exc: BaseException) -> str:
 
 def _build(timm, name: str, size: int):
     kwargs = {}
-    if any(k in name for k in ("vit_", "deit_", "convit", "pit_", "coatnet")):
+    # the fixed-size transformers take the small input through img_size (not fastvit/efficientvit/mobilevit)
+    if name.startswith(("vit_", "deit_", "convit", "pit_", "coatnet")):
         kwargs["img_size"] = size
     return timm.create_model(name, pretrained=False, **kwargs).eval()
 
@@ -104,9 +105,12 @@ def run_onnx(model, x, tmp: str) -> dict:
     import graphprune
 
     path = os.path.join(tmp, "model.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17)
+    except Exception as exc:  # the exporter's failure, not graphprune's: said so in the row
+        return {"ok": False, "stage": "export", "error": "torch.onnx.export: " + _first_line(exc)}
     result = graphprune.prune(path, target_flops=TARGET, method="l1")
     return {"ok": True, "achieved": result.report["achieved"]}
 
@@ -139,9 +143,14 @@ def _write(out: str, rows: list[dict], paths: list[str]) -> dict[str, int]:
     import torch
     import torch_pruning
 
+    order = {name: k for k, (name, _, _) in enumerate(SAMPLE)}
+    rows.sort(key=lambda r: order.get(r["model"], len(order)))  # redone models back in sample order
     summary = {p: sum(r[p]["ok"] for r in rows) for p in paths}
+    exported = [r for r in rows if r.get("onnx", {}).get("stage") != "export"]
     doc = {
         "benchmark": "timm_coverage", "target_flops": TARGET, "models": len(rows), "success": summary,
+        # the ONNX path over the models torch.onnx.export could export (its failures are not graphprune's)
+        "onnx_success_of_exported": [sum(r["onnx"]["ok"] for r in exported), len(exported)] if "onnx" in paths else None,
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "torch_pruning": torch_pruning.__version__,
                      "python": platform.python_version()},
         "rows": rows,
@@ -160,6 +169,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=240, help="seconds per model and path")
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out, run the rest")
+    ap.add_argument("--redo", nargs="*", default=[], help="with --resume: measure these models again")
     args = ap.parse_args()
 
     import torch
@@ -172,7 +182,7 @@ def main() -> int:
     rows = []
     if args.resume and os.path.exists(args.out):
         with open(args.out) as f:
-            rows = [r for r in json.load(f)["rows"] if all(p in r for p in args.paths)]
+            rows = [r for r in json.load(f)["rows"] if all(p in r for p in args.paths) and r["model"] not in args.redo]
     done = {r["model"] for r in rows}
     for k, (name, family, size) in enumerate(sample, 1):
         if name in done:

@@ -1,7 +1,6 @@
 """graphprune: structured channel pruning for CNNs (ONNX and PyTorch) with measured speed-ups."""
-from graphprune.api import PruneResult, analyze, prune
+from graphprune.api import PruneResult, analyze, inspect, prune
 from graphprune.errors import GraphpruneError
-from graphprune.report.inspect import inspect
 
 __all__ = ["prune", "analyze", "inspect", "PruneResult", "GraphpruneError", "save", "load", "finetune"]
 

@@ -343,3 +343,25 @@ def split_holdout(calib: Calibration, fraction: float = 0.125, cap: int = 64) ->
 
 def stack(batches: Sequence[Batch]) -> Batch:
     return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+@dataclass
+class CalibrationSplit:
+    """Calibration samples used for statistics/fitting, and the held-out ones used to report agreement."""
+
+    fit: Calibration
+    holdout: Calibration
+
+    def summary(self) -> dict[str, Any]:
+        return {"samples": self.fit.n + self.holdout.n, "fit_samples": self.fit.n,
+                "heldout_samples": self.holdout.n, "source": self.fit.source}
+
+
+def prepare_calibration(calib: Any, graph: Any, samples: int | None = None, preprocess: Any = None,
+                        labelled: bool = False) -> CalibrationSplit:
+    """Load and validate calibration data for a model's IR graph and split off held-out samples."""
+    if labelled and isinstance(calib, tuple) and len(calib) == 2:
+        calib = calib[0]  # DI-style (inputs, labels): recovery only needs the inputs
+    data = load_calibration(calib, graph, samples=samples, preprocess=preprocess)
+    fit, hold = split_holdout(data)
+    return CalibrationSplit(fit, hold)

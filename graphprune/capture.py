@@ -145,16 +145,14 @@ def module_inputs(model: Any, modules: dict[str, str], inputs: tuple) -> dict[st
         def hook(_m: Any, args: tuple, key: str = key) -> None:
             store[key] = args[0].detach().float().cpu().numpy()
         hooks.append(subs[path].register_forward_pre_hook(hook))
-    modes = {m: m.training for m in model.modules()}
+    from graphprune.frontends.fx_frontend import eval_mode
+
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*inputs)
     finally:
         for h in hooks:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     return store
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
 
 import click
 
-from graphprune.errors import GraphpruneError
-
-EXIT_USAGE = 2
+from graphprune.cli_backend import bench, tune
+from graphprune.cli_common import (EXIT_USAGE, _calibration_options, _said_dry_run, _terminate_as_interrupt, fail,
+                                   parse_shape, parse_values, run_guarded)
+from graphprune.cli_finetune import finetune
+from graphprune.cli_inspect import inspect
 
 
 class _DefaultToPrune(click.Group):
@@ -20,98 +21,6 @@ class _DefaultToPrune(click.Group):
         if args and args[0] not in self.commands and not args[0].startswith("-"):
             args = ["prune", *args]
         return super().parse_args(ctx, args)
-
-
-def fail(message: str) -> None:
-    """One line on stderr, exit code 2: the contract for every bad input."""
-    from graphprune.escape import plain
-
-    click.echo(f"graphprune: error: {plain(message)}", err=True)
-    sys.exit(EXIT_USAGE)
-
-
-def run_guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    except GraphpruneError as exc:
-        code = getattr(exc, "exit_code", EXIT_USAGE)
-        if code != EXIT_USAGE:
-            click.echo(f"graphprune: error: {exc}", err=True)
-            sys.exit(code)
-        fail(str(exc))
-    except OSError as exc:  # any file-system failure not already worded by the output gate
-        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        fail(f"{exc.strerror or type(exc).__name__}{where}")
-    except KeyboardInterrupt:
-        click.echo("graphprune: interrupted; no output written", err=True)
-        sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - a bug inside analysis or rewrite is still one line, exit 2
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        fail(f"internal error ({type(exc).__name__}): {first}")
-
-
-def parse_shape(value: str | None) -> dict[str, tuple[int, ...]] | None:
-    """'1,3,224,224' or 'input=1,3,224,224;mask=1,1,224,224'."""
-    if not value:
-        return None
-    out: dict[str, tuple[int, ...]] = {}
-    try:
-        for i, part in enumerate(value.split(";")):
-            name, _, dims = part.rpartition("=")
-            out[name or f"#{i}"] = tuple(int(d) for d in dims.replace("x", ",").split(","))
-    except ValueError:
-        raise GraphpruneError(f"bad --input-shape {value!r}: expected e.g. 1,3,224,224") from None
-    if any(d <= 0 for dims in out.values() for d in dims):
-        raise GraphpruneError(f"bad --input-shape {value!r}: dims must be positive")
-    if list(out) == ["#0"]:
-        return {"": out["#0"]}
-    return out
-
-
-def parse_values(items: tuple[str, ...]) -> dict[str, float]:
-    """('sr=16000', ...) -> {'sr': 16000.0}."""
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        try:
-            out[name] = float(value)
-        except ValueError:
-            raise GraphpruneError(f"bad --input-value {item!r}: expected NAME=NUMBER, e.g. sr=16000") from None
-        if not sep or not name:
-            raise GraphpruneError(f"bad --input-value {item!r}: expected NAME=NUMBER, e.g. sr=16000")
-    return out
-
-
-def _calibration_options(calib: str | None, samples: int | None, size: str | None, mean: str | None,
-                         std: str | None, bgr: bool, gray: bool, layout: str, recover: str | None,
-                         flag: str = "--calib") -> dict[str, Any]:
-    """CLI calibration flags -> prune() keyword arguments (checked before any work starts).
-
-    `flag` names the option family in messages: --calib for prune, --data for finetune."""
-    from graphprune.calib import ImagePreprocess, parse_floats, parse_size
-
-    if calib is None:
-        given = [n for n, v in ((f"{flag}-samples", samples), (f"{flag}-size", size), (f"{flag}-mean", mean),
-                                (f"{flag}-std", std), ("--recover", recover)) if v is not None]
-        if given:
-            raise GraphpruneError(f"{given[0]} needs {flag}")
-        return {}
-    what = "calibration data" if flag == "--calib" else "data"
-    if not os.path.exists(calib):
-        raise GraphpruneError(f"{what} not found: {calib}")
-    kw: dict[str, Any] = {"calib": calib, "calib_samples": samples}
-    if recover is not None:
-        kw["recover"] = recover
-    if os.path.isdir(calib):
-        hw = parse_size(size)
-        if hw is None:
-            raise GraphpruneError(f"{what} from an image folder needs {flag}-size H,W")
-        kw["calib_preprocess"] = ImagePreprocess(hw, parse_floats(mean, f"{flag}-mean") or (0.0,),
-                                                 parse_floats(std, f"{flag}-std") or (1.0,), bgr=bgr,
-                                                 layout=layout, grayscale=gray)
-    elif size or mean or std:
-        raise GraphpruneError(f"{flag}-size/{flag}-mean/{flag}-std apply to an image folder, not to an .npz")
-    return kw
 
 
 @click.group(cls=_DefaultToPrune, context_settings={"help_option_names": ["-h", "--help"]})
@@ -139,29 +48,6 @@ def _progress_printer(enabled: bool):
     return status, (lambda msg: status.update(markup(msg)))
 
 
-def _terminate_as_interrupt() -> None:
-    """SIGTERM (a pipeline's timeout, `kill`) and SIGHUP (terminal closed) unwind like Ctrl-C, so a
-    half-written temp file is removed."""
-    import signal
-
-    def handler(_signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is None:
-            continue
-        try:
-            previous = signal.signal(sig, handler)
-        except ValueError:  # not the main thread (embedded use): leave signal handling to the host
-            return
-        click.get_current_context().call_on_close(lambda s=sig, p=previous: signal.signal(s, p))
-
-
-def _said_dry_run(gate: Any) -> None:
-    planned = ", ".join(given for given, _ in gate.claimed.values())
-    click.echo(f"graphprune: dry run: nothing written{f' (would write {planned})' if planned else ''}", err=True)
-
-
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(), help="Where to write the pruned ONNX model.")
@@ -169,7 +55,9 @@ def _said_dry_run(gate: Any) -> None:
 @click.option("--target-params", type=float, help="Fraction of parameters to keep.")
 @click.option("--target-latency", type=float, help="Fraction of measured latency to keep.")
 @click.option("--method", default=None,
-              help="Importance: l1, l2, bn_scale, fpgm, random, act, di, ... [default: act with --calib, else l1]")
+              help="Importance: l1, l2, bn_scale, fpgm, random; act (activation-aware, needs --calib); di, a "
+                   "structure search (needs --calib). hfp, ssr, hbfp and taylor train or need gradients: run them "
+                   "from Python (docs/methods.md). [default: act with --calib, else l1]")
 @click.option("--strategy", type=click.Choice(["global", "uniform", "sensitivity"]), default="global", show_default=True,
               help="Budget per layer: global ranking, uniform ratio, or measured sensitivity (needs --calib).")
 @click.option("--round-to", default="auto", show_default=True,
@@ -207,21 +95,31 @@ def _said_dry_run(gate: Any) -> None:
 @click.option("--allow-floor", is_flag=True, help="Accept the floor when the target is below it (else exit 2).")
 @click.option("--input-value", "input_values", multiple=True, metavar="NAME=V",
               help="Fix an input of the validation run, e.g. sr=16000 (repeatable).")
+@click.option("--groups", "max_groups", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Rows of the group table (largest MAC share first).")
+@click.option("--all", "all_groups", is_flag=True, help="List every group in the table.")
 def prune(model: str, output: str | None, target_flops: float | None, target_params: float | None,
-          target_latency: float | None, method: str, strategy: str, round_to: str, hardware: str, no_measure: bool,
-          min_speedup: float | None, ignore: tuple[str, ...],
+          target_latency: float | None, method: str | None, strategy: str, round_to: str, hardware: str,
+          no_measure: bool, min_speedup: float | None, ignore: tuple[str, ...],
           input_shape: str | None, seed: int, calib: str | None, calib_samples: int | None, calib_size: str | None,
           calib_mean: str | None, calib_std: str | None, calib_bgr: bool, calib_gray: bool, calib_layout: str,
           recover: str | None, as_json: bool, report_html: str | None, overwrite: bool, dry_run: bool,
           allow_floor: bool, input_values: tuple[str, ...], strict_method: bool, finetune_steps: int,
-          finetune_device: str) -> None:
+          finetune_device: str, max_groups: int, all_groups: bool) -> None:
     """Prune MODEL (ONNX) to a FLOPs/params/latency target and write a validated slim model."""
     from graphprune import api
 
     if output is None and not dry_run:
         fail("missing -o/--output (or pass --dry-run)")
-    if target_flops is None and target_params is None and target_latency is None:
+    targets = {"--target-flops": target_flops, "--target-params": target_params, "--target-latency": target_latency}
+    given = {flag: v for flag, v in targets.items() if v is not None}
+    if not given:
         fail("give a target: --target-flops, --target-params or --target-latency")
+    if len(given) > 1:
+        fail(f"give exactly one of --target-flops, --target-params, --target-latency (got {', '.join(given)})")
+    for flag, value in given.items():
+        if not 0 < value <= 1:
+            fail(f"{flag} is the fraction to keep, in (0, 1]; got {value:g}")
     if seed < 0:
         fail(f"--seed must be a non-negative integer, got {seed}")
     if finetune_steps < 0:
@@ -252,16 +150,21 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
                 "finetune_options": {"device": finetune_device, "bar": status is None and sys.stderr.isatty()}}
                if finetune_steps else {}),
         )
+        written = []
         if output and not dry_run:
             run_guarded(gate.write_model, result.model, output)
             result.report["output"] = output
+            written.append(output)
         if report_html:
             from graphprune.report.html import render_html_report
 
             run_guarded(gate.write_text, report_html, render_html_report(result))
+            written.append(report_html)
     finally:
         if status is not None:
             status.stop()
+    for warning in result.report.get("warnings", []):
+        click.echo(f"graphprune: warning: {warning}", err=True)
     if as_json:
         click.echo(json.dumps(result.report, indent=2, default=float))
     else:
@@ -269,13 +172,14 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
 
         from graphprune.report.summary import render_tables
 
-        render_tables(result.report, Console())
+        render_tables(result.report, Console(), None if all_groups else max_groups)
         if "finetune" in result.report:
             from graphprune.cli_finetune import print_summary
 
             print_summary(result.report["finetune"], None)
-        if output and not dry_run:
-            click.echo(f"wrote {output}")
+    # what happened to the files, last: on stdout with the tables, on stderr when stdout is JSON
+    for path in written:
+        click.echo(f"wrote {path}", err=as_json)
     warn_if_not_faster(result.report)
     if dry_run:
         _said_dry_run(gate)
@@ -370,12 +274,12 @@ def calibrate(targets: tuple[str, ...], rounds: int, output: str | None) -> None
     click.echo(f"wrote {path}")
 
 
-from graphprune.cli_inspect import inspect  # noqa: E402
 main.add_command(inspect)
-from graphprune.cli_backend import bench, tune  # noqa: E402
-main.add_command(bench); main.add_command(tune)
-from graphprune.cli_finetune import finetune  # noqa: E402
+main.add_command(bench)
+main.add_command(tune)
 main.add_command(finetune)
+
+__all__ = ["main", "fail", "run_guarded", "parse_shape", "EXIT_USAGE"]
 
 if __name__ == "__main__":  # pragma: no cover
     main()

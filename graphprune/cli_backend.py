@@ -185,7 +185,7 @@ def bench(model: str, compare: str | None, backend: str, target: str, runs: int,
     from graphprune.backends.latency import LatencyStats, speedup
     from graphprune.backends.macs import count_macs
     from graphprune.backends.ort_backend import random_inputs
-    from graphprune.cli import parse_shape
+    from graphprune.cli_common import parse_shape
 
     gate = _output_gate(model, (json_path, "--json"))
     if compare:
@@ -280,7 +280,7 @@ def tune(model: str, target: str, trials: int | None, time_budget: str | None, t
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from graphprune.backends import tvm_backend as tb
-    from graphprune.cli import parse_shape
+    from graphprune.cli_common import parse_shape
 
     gate = _output_gate(model, (output, "-o"), (json_path, "--json"))
     if os.path.exists(db_dir) and not os.path.isdir(db_dir):

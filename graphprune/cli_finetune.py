@@ -24,7 +24,7 @@ def _parse_losses(items: tuple[str, ...]) -> dict[str, str]:
 
 def _relaunch(nproc: int) -> None:
     """Run this same command under torchrun with `nproc` processes; rank 0 writes the output."""
-    from graphprune.cli import fail
+    from graphprune.cli_common import fail
 
     args, skip = [], False
     for a in sys.argv[1:]:  # the workers see WORLD_SIZE; --nproc would also confuse torchrun's own parser
@@ -103,8 +103,8 @@ def finetune(original: str, slim: str, data: str, output: str | None, data_sampl
     """
     # imported here: `python -m graphprune.cli` (how torchrun starts the workers) runs cli.py as __main__
     from graphprune import distill
-    from graphprune.cli import (_calibration_options, _said_dry_run, _terminate_as_interrupt, fail, parse_shape,
-                                run_guarded)
+    from graphprune.cli_common import (_calibration_options, _said_dry_run, _terminate_as_interrupt, fail,
+                                       parse_shape, run_guarded)
     from graphprune.outputs import OutputGate
 
     rank, size, _ = distill.world()

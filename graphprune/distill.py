@@ -340,7 +340,7 @@ def finetune(original: Any, slim: Any, data: Any, *, samples: int | None = None,
     feature_weight, eval_every, patience, device, amp, channels_last, train_bn, seed, bar).
     """
     opts = FinetuneOptions(**options)
-    from graphprune.api import _is_torch_module
+    from graphprune.adapters import is_torch_module as _is_torch_module
 
     if _is_torch_module(original) != _is_torch_module(slim):
         raise GraphpruneError("finetune needs two ONNX models or two nn.Modules, not one of each")

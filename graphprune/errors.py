@@ -1,4 +1,13 @@
 """The one exception type users see: the CLI prints its message on one line and exits with code 2."""
+from __future__ import annotations
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message (its type name when the message is empty)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return type(exc).__name__
 
 
 class GraphpruneError(Exception):
@@ -13,6 +22,11 @@ class GraphpruneError(Exception):
         from graphprune.escape import plain
 
         super().__init__(plain(message))
+
+    @classmethod
+    def from_exception(cls, prefix: str, exc: BaseException, limit: int = 200) -> "GraphpruneError":
+        """`prefix: <first line of exc>`, for wrapping a library's multi-line error into the one-line contract."""
+        return cls(f"{prefix}: {first_line(exc, limit)}")
 
 
 class SpeedupNotMet(GraphpruneError):

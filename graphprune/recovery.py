@@ -14,8 +14,8 @@ live tensors of a cut times the (capped) number of LSQ samples, independent of t
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import onnx
@@ -51,13 +51,6 @@ class RecoverOptions:
             raise GraphpruneError(f"unknown recover mode {self.mode!r}; choose from {', '.join(RECOVER_MODES)}")
         if self.lsq_samples < 1 or self.rows_per_sample < 1 or self.ridge < 0:
             raise GraphpruneError("lsq_samples and rows_per_sample must be >= 1 and ridge >= 0")
-
-
-@dataclass
-class RecoverReport:
-    mode: str
-    layers: list[dict[str, Any]] = field(default_factory=list)
-    times: dict[str, float] = field(default_factory=dict)
 
 
 # -- statistics -------------------------------------------------------------------------------------
@@ -196,12 +189,6 @@ def layer_row(c: Consumer, res: Any) -> dict[str, Any]:
             "rel_err_before": res.err_before, "rel_err_after": res.err_after, "rows": res.rows}
 
 
-def apply_compensation(params: OnnxParams, cons: list[Consumer], deltas: dict[str, np.ndarray]) -> None:
-    for c in cons:
-        if c.node in deltas:
-            params.add_bias(c, deltas[c.node][c.keep_out])
-
-
 # -- segmented execution ----------------------------------------------------------------------------
 class Segments:
     """Run a model piece by piece between cut points, keeping per-sample values of live tensors."""
@@ -272,34 +259,89 @@ class Segments:
                 del self.state[t]
 
 
-def reconstruct_onnx(original: onnx.ModelProto, params: OnnxParams, analysis: Analysis, cons: list[Consumer],
-                     calib: Calibration, opts: RecoverOptions,
-                     say: Callable[[str], None] = lambda _m: None) -> list[dict[str, Any]]:
-    """Sequential LSQ of every supported consumer; edits params.model in place; per-layer errors back."""
+class OnnxTarget:
+    """Recovery on a pruned ModelProto: parameters through OnnxParams, activations from Segments.
+
+    Consumers are fitted one at a time in topological order (a wave of one), each on the pruned
+    model's activations that already include every earlier reconstruction.
+    """
+
+    def __init__(self, original: onnx.ModelProto, params: OnnxParams, calib: Calibration, n: int) -> None:
+        self.original, self.params = original, params
+        self.calib, self.n = calib, n
+        self.orig: Segments | None = None
+        self.slim: Segments | None = None
+        self.done = 0
+
+    def add_bias(self, c: Consumer, delta: np.ndarray) -> None:
+        self.params.add_bias(c, delta)
+
+    def set_fit(self, c: Consumer, weight: np.ndarray, bias: np.ndarray) -> None:
+        self.params.set_fit(c, weight, bias)
+
+    def waves(self, analysis: Analysis, cons: list[Consumer]) -> list[list[Consumer]]:
+        self.total = len(cons)
+        return [[c] for c in cons]
+
+    def feed(self, wave: list[Consumer], fits: dict[str, LayerFit], say: Callable[[str], None]) -> None:
+        if self.orig is None:
+            feeds = [b for b in self.calib.batches(1, 0, self.n)]
+            self.orig, self.slim = Segments(self.original, feeds), Segments(self.params.model, feeds)
+        (c,) = wave
+        self.done += 1
+        say(f"reconstructing {c.node} ({self.done}/{self.total})")
+        self.orig.advance(_find_node(self.original, c.weight))
+        self.slim.advance(_find_node(self.params.model, c.weight))
+        for j in range(0, self.n, 16):  # a few samples per call: fewer, larger Gram updates
+            fits[c.node].add(np.concatenate(self.slim.state[c.x][j:j + 16]),
+                             np.concatenate(self.orig.state[c.x][j:j + 16]), j)
+
+
+# -- the recovery passes, written once for both model kinds -----------------------------------------
+def run_recovery(analysis: Analysis, cons: list[Consumer], calib: Calibration, stats: ChannelStats | None,
+                 opts: RecoverOptions, target: Any, collect_stats: Callable[[], ChannelStats],
+                 say: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """Bias compensation, then (mode lsq) sequential least-squares reconstruction of `cons`.
+
+    `target` is the model-kind side (OnnxTarget here, recovery_torch.TorchTarget): it writes biases
+    and fitted weights into the pruned model and feeds each wave of consumers the pruned and the
+    original model's inputs. Returns the recovery report (per-layer errors before/after the fit).
+    """
+    report: dict[str, Any] = {"mode": opts.mode}
+    t = time.perf_counter()
+    if stats is None:
+        say("calibration statistics")
+        stats = collect_stats()
+    report["stats_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    deltas = compensation(analysis, [c for c in cons if c.x in stats.sum], stats)
+    for c in cons:
+        if c.node in deltas:
+            target.add_bias(c, deltas[c.node][c.keep_out])
+    report["compensated_layers"] = len(deltas)
+    report["compensate_s"] = time.perf_counter() - t
+    if opts.mode != "lsq":
+        return report
+    t = time.perf_counter()
     fit_cons = [c for c in cons if supports(c, analysis.graph.constants[c.weight].ndim)]
-    if not fit_cons:
-        return []
     n = min(opts.lsq_samples, calib.n)
-    feeds = [b for b in calib.batches(1, 0, n)]
-    orig = Segments(original, feeds)
-    slim = Segments(params.model, feeds)
     rows = []
-    bar = _progress(len(fit_cons), "reconstructing layers", opts.progress)
-    for idx, c in enumerate(fit_cons):
-        say(f"reconstructing {c.node} ({idx + 1}/{len(fit_cons)})")
-        orig.advance(_find_node(original, c.weight))
-        slim.advance(_find_node(params.model, c.weight))
-        fit = new_fit(analysis, c, opts)
-        for j in range(0, n, 16):  # a few samples per call: fewer, larger Gram updates
-            fit.add(np.concatenate(slim.state[c.x][j:j + 16]), np.concatenate(orig.state[c.x][j:j + 16]), j)
-        res = fit.solve()
-        params.set_fit(c, res.weight, res.bias)
-        rows.append(layer_row(c, res))
-        if bar is not None:
-            bar.update(1)
+    bar = _progress(len(fit_cons), "reconstructing layers", opts.progress) if fit_cons else None
+    for wave in target.waves(analysis, fit_cons):
+        fits = {c.node: new_fit(analysis, c, opts) for c in wave}
+        target.feed(wave, fits, say)
+        for c in wave:
+            res = fits[c.node].solve()
+            target.set_fit(c, res.weight, res.bias)
+            rows.append(layer_row(c, res))
+            if bar is not None:
+                bar.update(1)
     if bar is not None:
         bar.close()
-    return rows
+    report["layers"] = rows
+    report["lsq_samples"] = n
+    report["reconstruct_s"] = time.perf_counter() - t
+    return report
 
 
 # -- agreement on held-out samples ------------------------------------------------------------------
@@ -320,23 +362,33 @@ def output_agreement(ref: list[np.ndarray], got: list[np.ndarray]) -> dict[str, 
     return {"outputs": out}
 
 
+def holdout_agreement(batches: Iterable[dict[str, np.ndarray]], run_ref: Callable[[Any], list[np.ndarray]],
+                      run_got: Callable[[Any], list[np.ndarray]], samples: int,
+                      names: list[str] | None = None) -> dict[str, Any]:
+    """output_agreement of the original (`run_ref`) and the pruned model (`run_got`) over `batches`."""
+    ref: list[list[np.ndarray]] = []
+    got: list[list[np.ndarray]] = []
+    for batch in batches:
+        r, g = run_ref(batch), run_got(batch)
+        if not ref:
+            ref, got = [[] for _ in r], [[] for _ in g]
+        for k, v in enumerate(r):
+            ref[k].append(v)
+        for k, v in enumerate(g):
+            got[k].append(v)
+    res = output_agreement([np.concatenate(v) for v in ref], [np.concatenate(v) for v in got])
+    res["samples"] = samples
+    for name, entry in zip(names or [], res["outputs"]):
+        entry["name"] = name
+    return res
+
+
 def holdout_agreement_onnx(original: onnx.ModelProto, pruned: onnx.ModelProto, holdout: Calibration) -> dict[str, Any]:
     from graphprune.capture import OnnxRunner
 
     names = [o.name for o in original.graph.output]
     r1, r2 = OnnxRunner(original, names), OnnxRunner(pruned, names)
-    ref: list[list[np.ndarray]] = [[] for _ in names]
-    got: list[list[np.ndarray]] = [[] for _ in names]
-    for batch in holdout.batches(r1.batch if r1.fixed_batch else 16):
-        for k, v in enumerate(r1.run(batch)):
-            ref[k].append(v)
-        for k, v in enumerate(r2.run(batch)):
-            got[k].append(v)
-    res = output_agreement([np.concatenate(v) for v in ref], [np.concatenate(v) for v in got])
-    res["samples"] = holdout.n
-    for name, entry in zip(names, res["outputs"]):
-        entry["name"] = name
-    return res
+    return holdout_agreement(holdout.batches(r1.batch if r1.fixed_batch else 16), r1.run, r2.run, holdout.n, names)
 
 
 # -- the whole recovery step for ONNX ---------------------------------------------------------------
@@ -344,26 +396,12 @@ def recover_onnx(original: onnx.ModelProto, slim: onnx.ModelProto, analysis: Ana
                  removed: frozenset[int], calib: Calibration, stats: ChannelStats | None,
                  opts: RecoverOptions, say: Callable[[str], None] = lambda _m: None) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Compensate and/or reconstruct the pruned `slim` model (edited copy returned) with a report."""
-    report: dict[str, Any] = {"mode": opts.mode}
     model = onnx.ModelProto()
     model.CopyFrom(slim)
     if opts.mode == "none" or not removed:
-        return model, report
-    cons = consumers(analysis, removed)
+        return model, {"mode": opts.mode}
     params = OnnxParams(model)
-    t = time.perf_counter()
-    if stats is None:
-        say("calibration statistics")
-        stats = collect_stats_onnx(original, analysis, calib, opts.progress)
-    report["stats_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    deltas = compensation(analysis, cons, stats)
-    apply_compensation(params, cons, deltas)
-    report["compensated_layers"] = len(deltas)
-    report["compensate_s"] = time.perf_counter() - t
-    if opts.mode == "lsq":
-        t = time.perf_counter()
-        report["layers"] = reconstruct_onnx(original, params, analysis, cons, calib, opts, say)
-        report["lsq_samples"] = min(opts.lsq_samples, calib.n)
-        report["reconstruct_s"] = time.perf_counter() - t
+    target = OnnxTarget(original, params, calib, min(opts.lsq_samples, calib.n))
+    report = run_recovery(analysis, consumers(analysis, removed), calib, stats, opts, target,
+                          lambda: collect_stats_onnx(original, analysis, calib, opts.progress), say)
     return model, report

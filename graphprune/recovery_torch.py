@@ -1,4 +1,5 @@
-"""Calibration-driven recovery for pruned nn.Modules: the same passes as ONNX, activations from hooks.
+"""Calibration-driven recovery for pruned nn.Modules: the model-kind side (TorchTarget) of the one
+recovery driver in graphprune/recovery.py (run_recovery); activations come from hooks.
 
 Consumers are the Conv/Linear modules behind the IR's consumer nodes (functional F.linear/F.conv
 consumers are not hooked and keep plain pruning). Sequential reconstruction runs in *waves*: wave k
@@ -8,7 +9,6 @@ the result equals fitting them one by one in topological order (the ONNX driver'
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import numpy as np
@@ -17,12 +17,11 @@ from torch import nn
 
 from graphprune.analysis.groups import Analysis
 from graphprune.calib import Calibration
-from graphprune.capture import _progress, capture_module, module_inputs
+from graphprune.capture import capture_module, module_inputs
+from graphprune.frontends.fx_frontend import run_module
 from graphprune.passes.act_importance import ChannelStats, stat_tensors
-from graphprune.passes.compensate import compensation
 from graphprune.passes.consumers import Consumer, consumers
-from graphprune.passes.reconstruct import supports
-from graphprune.recovery import RecoverOptions, layer_row, new_fit
+from graphprune.recovery import RecoverOptions, holdout_agreement, run_recovery
 
 
 def consumer_modules(analysis: Analysis) -> dict[str, str]:
@@ -93,83 +92,62 @@ def _waves(analysis: Analysis, cons: list[Consumer]) -> list[list[Consumer]]:
     return [waves[k] for k in sorted(waves)]
 
 
+class TorchTarget:
+    """Recovery on a pruned nn.Module: parameters set on its Conv/Linear modules, activations from
+    forward pre-hooks, one forward pass of each model per wave of independent consumers."""
+
+    def __init__(self, original: nn.Module, slim: nn.Module, mods: dict[str, str], calib: Calibration, n: int,
+                 batch_size: int) -> None:
+        self.original, self.slim, self.mods = original, slim, mods
+        self.subs = dict(slim.named_modules())
+        self.lsq, self.n, self.batch_size = calib.subset(0, n), n, batch_size
+
+    def add_bias(self, c: Consumer, delta: np.ndarray) -> None:
+        m = self.subs[self.mods[c.node]]
+        cur = m.bias.detach().cpu().double().numpy() if m.bias is not None else 0.0
+        _set_param(m, "bias", cur + delta)
+
+    def set_fit(self, c: Consumer, weight: np.ndarray, bias: np.ndarray) -> None:
+        m = self.subs[self.mods[c.node]]
+        _set_param(m, "weight", weight)
+        _set_param(m, "bias", bias)
+
+    def waves(self, analysis: Analysis, cons: list[Consumer]) -> list[list[Consumer]]:
+        return _waves(analysis, cons)
+
+    def feed(self, wave: list[Consumer], fits: dict[str, Any], say: Callable[[str], None]) -> None:
+        say(f"reconstructing {len(wave)} layer(s): {wave[0].node} ...")
+        keys = {c.node: self.mods[c.node] for c in wave}
+        for start, batch in zip(range(0, self.n, self.batch_size), self.lsq.batches(self.batch_size)):
+            inputs = tuple(torch.as_tensor(batch[k]) for k in self.lsq.names)
+            xo = module_inputs(self.original, keys, inputs)
+            xp = module_inputs(self.slim, keys, inputs)
+            for c in wave:
+                fits[c.node].add(xp[c.node], xo[c.node], start)
+
+
 def recover_module(original: nn.Module, slim: nn.Module, analysis: Analysis, removed: frozenset[int],
                    calib: Calibration, stats: ChannelStats | None, opts: RecoverOptions,
                    say: Callable[[str], None] = lambda _m: None, batch_size: int = 32) -> dict[str, Any]:
     """Compensate and/or reconstruct the consumers of `slim` in place; returns the recovery report."""
-    report: dict[str, Any] = {"mode": opts.mode}
     if opts.mode == "none" or not removed:
-        return report
+        return {"mode": opts.mode}
     mods = consumer_modules(analysis)
     cons = [c for c in consumers(analysis, removed) if c.node in mods]
     subs_slim = dict(slim.named_modules())
     for c in cons:
         if c.kind == "conv":
             c.attrs = {**c.attrs, **_torch_attrs(subs_slim[mods[c.node]])}
-    t = time.perf_counter()
-    if stats is None:
-        say("calibration statistics")
-        stats = collect_stats_module(original, analysis, calib, opts.progress)
-    report["stats_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    deltas = compensation(analysis, [c for c in cons if c.x in stats.sum], stats)
-    for c in cons:
-        if c.node in deltas:
-            m = subs_slim[mods[c.node]]
-            cur = m.bias.detach().cpu().double().numpy() if m.bias is not None else 0.0
-            _set_param(m, "bias", cur + deltas[c.node][c.keep_out])
-    report["compensated_layers"] = len(deltas)
-    report["compensate_s"] = time.perf_counter() - t
-    if opts.mode != "lsq":
-        return report
-    t = time.perf_counter()
-    fit_cons = [c for c in cons if supports(c, analysis.graph.constants[c.weight].ndim)]
-    n = min(opts.lsq_samples, calib.n)
-    lsq = calib.subset(0, n)
-    rows = []
-    bar = _progress(len(fit_cons), "reconstructing layers", opts.progress)
-    for wave in _waves(analysis, fit_cons):
-        say(f"reconstructing {len(wave)} layer(s): {wave[0].node} ...")
-        fits = {c.node: new_fit(analysis, c, opts) for c in wave}
-        keys = {c.node: mods[c.node] for c in wave}
-        for start, batch in zip(range(0, n, batch_size), lsq.batches(batch_size)):
-            inputs = tuple(torch.as_tensor(batch[k]) for k in lsq.names)
-            xo = module_inputs(original, keys, inputs)
-            xp = module_inputs(slim, keys, inputs)
-            for c in wave:
-                fits[c.node].add(xp[c.node], xo[c.node], start)
-        for c in wave:
-            res = fits[c.node].solve()
-            m = subs_slim[mods[c.node]]
-            _set_param(m, "weight", res.weight)
-            _set_param(m, "bias", res.bias)
-            rows.append(layer_row(c, res))
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-    report["layers"] = rows
-    report["lsq_samples"] = n
-    report["reconstruct_s"] = time.perf_counter() - t
-    return report
+    target = TorchTarget(original, slim, mods, calib, min(opts.lsq_samples, calib.n), batch_size)
+    return run_recovery(analysis, cons, calib, stats, opts, target,
+                        lambda: collect_stats_module(original, analysis, calib, opts.progress), say)
 
 
 def holdout_agreement_module(original: nn.Module, slim: nn.Module, holdout: Calibration) -> dict[str, Any]:
-    from graphprune.recovery import output_agreement
-    from graphprune.torch_prune import _run
+    def runner(model: nn.Module) -> Callable[[Any], list[np.ndarray]]:
+        def run(batch: Any) -> list[np.ndarray]:
+            inputs = tuple(torch.as_tensor(batch[k]) for k in holdout.names)
+            return [t.float().cpu().numpy() for t in run_module(model, inputs)]
+        return run
 
-    ref: list[list[np.ndarray]] = []
-    got: list[list[np.ndarray]] = []
-    for batch in holdout.batches(32):
-        inputs = tuple(torch.as_tensor(batch[k]) for k in holdout.names)
-        r = [t.float().cpu().numpy() for t in _run(original, inputs)]
-        g = [t.float().cpu().numpy() for t in _run(slim, inputs)]
-        if not ref:
-            ref, got = [[] for _ in r], [[] for _ in g]
-        for k, v in enumerate(r):
-            ref[k].append(v)
-        for k, v in enumerate(g):
-            got[k].append(v)
-    res = output_agreement([np.concatenate(v) for v in ref], [np.concatenate(v) for v in got])
-    res["samples"] = holdout.n
-    return res
+    return holdout_agreement(holdout.batches(32), runner(original), runner(slim), holdout.n)

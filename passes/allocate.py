@@ -8,31 +8,17 @@ from __future__ import annotations
 
 import fnmatch
 import heapq
-from dataclasses import dataclass, field
 from math import prod
 from typing import Mapping
 
 from graphprune.analysis.groups import Analysis
+from graphprune.analysis.plan import Plan
 from graphprune.errors import GraphpruneError
 
 
 # "sensitivity" (passes/sensitivity.py) measures the model on calibration data, then allocates with
 # the global greedy over its measured prices
 STRATEGIES = ("global", "uniform", "sensitivity")
-
-
-@dataclass
-class Plan:
-    removed: frozenset[int]
-    kind: str
-    target: float
-    base_cost: float
-    cost: float
-    kept: dict[int, tuple[int, int]] = field(default_factory=dict)  # group id -> (kept, total)
-
-    @property
-    def achieved(self) -> float:
-        return self.cost / self.base_cost if self.base_cost else 1.0
 
 
 class IncrementalCost:
@@ -70,21 +56,44 @@ class IncrementalCost:
         self._update(cls, -1)
 
 
+def ignore_reasons(analysis: Analysis, patterns: list[str] | tuple[str, ...]) -> tuple[dict[int, str], list[str]]:
+    """Classes the --ignore glob patterns protect, each with why, and the patterns that match nothing.
+
+    A pattern matches node names (exactly or as a glob) and parameter names (glob). Every channel an
+    ignored node writes or reads is protected: the reads are why a group produced elsewhere (say a
+    residual stream) is kept whole when it feeds an ignored layer, and the reason says so.
+    """
+    reasons: dict[int, str] = {}
+    matched: dict[str, int] = {p: 0 for p in patterns}
+
+    def mark(tensor: str, why: str) -> None:
+        for r in analysis.roots[tensor].tolist():
+            reasons.setdefault(r, why)
+
+    for node in analysis.graph.nodes:
+        hit = [p for p in patterns if fnmatch.fnmatch(node.name, p) or p == node.name]
+        if not hit:
+            continue
+        for p in hit:
+            matched[p] += 1
+        for t in node.outputs:
+            if t in analysis.roots:
+                mark(t, f"written by ignored layer {node.name} (--ignore {hit[0]})")
+        for t in node.inputs:
+            if t in analysis.roots:
+                mark(t, f"kept whole: feeds ignored layer {node.name} (--ignore {hit[0]})")
+    for b in analysis.bindings:
+        hit = [p for p in patterns if fnmatch.fnmatch(b.param, p)]
+        for p in hit:
+            matched[p] += 1
+        if hit:
+            mark(b.tensor, f"parameter {b.param} matches --ignore {hit[0]}")
+    return reasons, [p for p in patterns if not matched[p]]
+
+
 def ignored_classes(analysis: Analysis, patterns: list[str] | tuple[str, ...]) -> set[int]:
     """Classes touching any node or parameter whose name matches one of the glob patterns."""
-    if not patterns:
-        return set()
-    hit_tensors = set()
-    for node in analysis.graph.nodes:
-        if any(fnmatch.fnmatch(node.name, p) or p == node.name for p in patterns):
-            hit_tensors.update(t for t in node.inputs + node.outputs if t in analysis.roots)
-    for b in analysis.bindings:
-        if any(fnmatch.fnmatch(b.param, p) for p in patterns):
-            hit_tensors.add(b.tensor)
-    out: set[int] = set()
-    for t in hit_tensors:
-        out.update(analysis.roots[t].tolist())
-    return out
+    return set(ignore_reasons(analysis, patterns)[0]) if patterns else set()
 
 
 def group_multiples(analysis: Analysis, multiple: int, halve: bool = True) -> dict[int, int]:
@@ -372,3 +381,27 @@ def _uniform(analysis: Analysis, chunks: dict[int, list[list[int]]], cost: Incre
         else:
             hi = mid
     apply(hi)
+
+
+def resolve_round_to(analysis: Analysis, round_to: int | str, hardware: str, kind: str = "macs",
+                     target: float | None = None, protected: set[int] | None = None) -> tuple[int | dict[int, int], dict]:
+    """`round_to` as allocate() takes it, plus what the report says about it.
+
+    "auto" looks the channel multiple for `hardware` up in the measured table
+    (graphprune.backends.channel_table) and keeps every group at multiples of it; only when that
+    cannot reach `target` are finer multiples used (auto_multiples).
+    """
+    if round_to == "auto":
+        from graphprune.backends.channel_table import channel_multiple
+
+        multiple = channel_multiple(hardware)
+        multiples, fallback = auto_multiples(analysis, multiple, kind, target, protected)
+        source = f"auto ({hardware} table{'; ' + fallback if fallback else ''})"
+        return multiples, {"round_to": multiple, "round_to_source": source}
+    try:
+        value = int(round_to)
+    except (TypeError, ValueError):
+        raise GraphpruneError(f"--round-to must be a positive integer or 'auto', got {round_to!r}") from None
+    if value < 1:
+        raise GraphpruneError(f"--round-to must be >= 1, got {round_to}")
+    return value, {"round_to": value, "round_to_source": "user"}

@@ -173,9 +173,9 @@ def _gate_points(analysis: Any, model: nn.Module) -> list[GatePoint]:
 
 def space_of(model: nn.Module, example_inputs: Any) -> ChannelSpace:
     """Analyse an nn.Module with graphprune and wrap it as a ChannelSpace."""
-    import graphprune
+    from graphprune.frontends.fx_frontend import analyze_module
 
-    return from_analysis(graphprune.analyze(model, example_inputs), model)
+    return from_analysis(analyze_module(model, example_inputs), model)
 
 
 # -- plans ----------------------------------------------------------------------------------------

@@ -587,16 +587,17 @@ def torch_feature_stats(model: nn.Module, space: ChannelSpace, x: torch.Tensor, 
         def hook(_m: nn.Module, _i: Any, out: torch.Tensor, t: str = g.tensor) -> None:
             col.add(t, out.detach().float().cpu(), cur["y"])
         hooks.append(modules[g.module].register_forward_hook(hook))
-    was = model.training
-    model.to(device).eval()
+    from graphprune.frontends.fx_frontend import eval_mode
+
+    model.to(device)
     try:
-        for i, xb in enumerate(x.split(batch_size)):
-            cur["y"] = labels[i * batch_size: i * batch_size + len(xb)]
-            model(xb.to(device))
+        with eval_mode(model):  # not .eval(): modules from torch.export refuse it
+            for i, xb in enumerate(x.split(batch_size)):
+                cur["y"] = labels[i * batch_size: i * batch_size + len(xb)]
+                model(xb.to(device))
     finally:
         for h in hooks:
             h.remove()
-        model.train(was)
     if _keep_rows:
         return {t: np.concatenate(v) for t, v in col.rows.items() if v}
     return col.stats

@@ -17,6 +17,31 @@ from graphprune.errors import GraphpruneError
 
 PLAN_METHODS = {"di"}
 TRAINING_METHODS = {"hfp", "ssr", "hbfp"}
+# the activation-aware criterion (passes/act_importance.py); needs calibration data
+ACT_METHODS = {"act", "activation"}
+# criteria that need an nn.Module (gradients through the real layers)
+MODULE_METHODS = {"taylor"}
+
+
+def methods_for(kind: str) -> list[str]:
+    """Every method name prune() accepts for a model kind ("onnx" or "torch"), for errors and help."""
+    from graphprune.passes.magnitude import CRITERIA
+
+    names = {*CRITERIA, *PLAN_METHODS, "act"} | (MODULE_METHODS if kind == "torch" else set())
+    return sorted(names)
+
+
+def unknown_method_error(method: str, kind: str) -> GraphpruneError:
+    what = "nn.Module" if kind == "torch" else "ONNX model"
+    return GraphpruneError(f"unknown or unsupported method {method!r} for an {what}; choose from {methods_for(kind)}")
+
+
+def check_method(method: str, kind: str) -> None:
+    """Fail before any work on a method this model kind cannot run (training methods say where they run)."""
+    if method in TRAINING_METHODS:
+        raise training_method_error(method)
+    if method not in methods_for(kind) and method not in ACT_METHODS:
+        raise unknown_method_error(method, kind)
 
 
 def training_method_error(method: str) -> GraphpruneError:

@@ -357,8 +357,16 @@ class TorchMaskedRunner:
         self.batches = [b if isinstance(b, tuple) else (b,) for b in batches]
         self.tensors = sorted(consumer_inputs(analysis))
         self.shapes = {t: _broadcast_shape(analysis, t) for t in self.tensors}
-        gm = copy.deepcopy(traced.gm).eval()
-        fx_of = {n.name: n for n in gm.graph.nodes}
+        gm = copy.deepcopy(traced.gm)
+        for m in gm.modules():  # eval mode by the flag: modules from torch.export refuse .eval()
+            m.training = False
+        by_name = {n.name: n for n in gm.graph.nodes}
+        # IR names are not always fx node names (torch.export: 'chunk:1' is a getitem node): map
+        # through the trace's own tables, then to the copy's nodes by name
+        fx_name = {t: (traced.tensor_fx[t].name if t in traced.tensor_fx else t) for t in self.tensors}
+        fx_of = {t: by_name[fx_name[t]] for t in self.tensors}
+        node_of = {n: by_name[traced.origin[n].name if n in traced.origin else n]
+                   for t in self.tensors for n in consumer_inputs(analysis)[t]}
         # the mean of each consumer input, from forward hooks on a plain run of the same graph
         sums: dict[str, torch.Tensor] = {}
         self.means: dict[str, np.ndarray] = {}
@@ -370,7 +378,7 @@ class TorchMaskedRunner:
             for b in self.batches:
                 recorder.run(*b)
                 for t in self.tensors:
-                    x = recorder.values[t].double()
+                    x = recorder.values[fx_name[t]].double()
                     axis = analysis.ctx.spaces[t].axis
                     red = tuple(i for i in range(x.ndim) if i != axis)
                     sums[t] = sums.get(t, 0) + x.mean(dim=red)
@@ -382,7 +390,7 @@ class TorchMaskedRunner:
             gm.register_buffer(f"_gp_fill_{k}", fill)
             self.masks[t], self.fills[t] = mask, fill
             src = fx_of[t]
-            consumers = [fx_of[n] for n in consumer_inputs(analysis)[t]]
+            consumers = [node_of[n] for n in consumer_inputs(analysis)[t]]
             with gm.graph.inserting_after(src):
                 m_node = gm.graph.get_attr(f"_gp_mask_{k}")
             with gm.graph.inserting_after(m_node):

@@ -25,3 +25,18 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_report_header(config):
+    """Say before the run which tests will skip for a missing system tool, and how to install it."""
+    import shutil
+
+    missing = []
+    if not shutil.which("dot"):
+        missing.append("graphviz (`dot`: the inspect --svg test)")
+    if not os.path.exists("/usr/bin/chromium"):  # the path tests/test_html_report.py drives
+        missing.append("chromium (the HTML report browser test)")
+    if not missing:
+        return "system tools: graphviz and chromium found (no tool-related skips)"
+    return [f"system tools missing, these tests will skip: {', '.join(missing)}",
+            "  install: sudo apt-get install -y --no-install-recommends chromium chromium-driver graphviz"]

@@ -7,6 +7,7 @@ pytest.importorskip("torchvision")
 
 import graphprune
 from graphprune.rewrite.torch_rewrite import mask_consumers_module
+from test_byte_identity import check_torch_digest
 from zoo import export, make_model
 
 MODELS = ["resnet50", "mobilenet_v3_large", "densenet121", "googlenet", "efficientnet_b0",
@@ -32,6 +33,7 @@ def test_fx_consumer_zeroing_equivalence(name):
     assert (original - pruned).abs().max().item() > 1e-3 * original.abs().max().item()
     # real layers got smaller, not masked
     assert sum(p.numel() for p in result.model.parameters()) < sum(p.numel() for p in model.parameters())
+    check_torch_digest(name, model, result)  # byte-identical to the code before the pipeline refactor
 
 
 def removed_channels(result: graphprune.PruneResult) -> set[tuple[str, int]]:

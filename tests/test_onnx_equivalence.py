@@ -6,6 +6,7 @@ import graphprune
 from graphprune.frontends.onnx_frontend import load_onnx
 from graphprune.rewrite.masking import mask_consumers_onnx
 from graphprune.rewrite.validate import random_feed, run_onnx
+from test_byte_identity import check_onnx_digest
 from zoo import export, max_rel_diff
 
 pytest.importorskip("torch")
@@ -31,10 +32,12 @@ def check_equivalence(path: str, **prune_kwargs) -> graphprune.PruneResult:
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("method", ["l1", "fpgm"])
 def test_consumer_zeroing_equivalence(name, method, zoo_dir):
-    result = check_equivalence(export(name, zoo_dir), target_flops=0.4, method=method)
+    path = export(name, zoo_dir)
+    result = check_equivalence(path, target_flops=0.4, method=method)
     # --round-to auto keeps groups at multiples of 16 (RegNet's 16-channel conv groups stay whole), so
     # the plan moves in coarser steps than single channels: 1 point, as in test_onnx_zoo
     assert abs(result.report["achieved"] - 0.4) <= 0.01
+    check_onnx_digest(name, method, path, result)  # byte-identical to the recorded results
 
 
 @pytest.mark.parametrize("name", ["resnet50", "mobilenet_v3_large"])

@@ -137,6 +137,19 @@ def test_torch_export_fallback_when_fx_cannot_trace():
         model(_x(16))
 
 
+def test_sensitivity_and_di_run_on_a_torch_export_fallback():
+    """Modules from torch.export refuse .eval(): the strategies that run the traced module set the
+    training flags instead (this used to fail inside the sensitivity runner)."""
+    model = _randomise_norms(Untraceable())
+    calib = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    res = graphprune.prune(model, _x(16), target_flops=0.7, strategy="sensitivity", calib=calib.numpy())
+    assert res.report["frontend"] == "torch.export" and "sensitivity" in res.report
+    assert res.report["achieved"] <= 0.7 + 1e-9
+    labels = (calib[:, 0].mean((1, 2)) > 0).long().numpy()
+    res = graphprune.prune(model, _x(16), target_flops=0.7, method="di", calib=(calib.numpy(), labels))
+    assert res.report["frontend"] == "torch.export" and res.report["achieved"] <= 0.7 + 1e-9
+
+
 def test_capture_failure_is_one_graphprune_error():
     class DataDependent(nn.Module):
         def __init__(self) -> None:

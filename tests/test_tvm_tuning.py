@@ -163,3 +163,25 @@ def test_time_budget_ends_a_kernel_after_its_batch(conv_model, tmp_path):
     assert result.stopped == "time budget" and 0 < result.new_trials < 1000
     (entry,) = json.loads((db / tb.STATE_FILE).read_text()).values()
     assert entry["complete"] is False and entry["measured"] == result.new_trials == _records(db)
+
+
+def test_default_schedule_vectorises_and_blocks(conv_model, target):
+    """The default schedule's fixed tiles: the innermost spatial tile is a vector of the target's lanes
+    (a random sample rarely is), output channels get a register block, and nothing is left unscheduled."""
+    from tvm.s_tir import meta_schedule as ms
+
+    fused = tb._fuse_for_tuning(tb.import_onnx(conv_model), target)
+    lanes = tb.vector_lanes(target)
+    convs = [t for t in ms.relax_integration.extract_tasks(fused, target) if "conv2d" in t.task_name]
+    assert convs
+    for task in convs:
+        ctx = ms.TuneContext(mod=task.dispatched[0], target=target, space_generator="post-order-apply",
+                             task_name="t", num_threads=1, rand_state=0)
+        trace = tb._default_tiles(ctx.space_generator.generate_design_space(task.dispatched[0])[0].trace, lanes)
+        spatial = [list(map(int, trace.decisions[i])) for i in trace.insts
+                   if i.kind.name == "SamplePerfectTile" and int(i.attrs[0]) == 4]
+        width, channels = spatial[-1], spatial[-3]
+        assert width[-1] == tb._largest_divisor(int(np.prod(width)), lanes) > 1
+        assert channels[-1] == tb._largest_divisor(int(np.prod(channels)), 4)
+        scheduled = tb.default_schedule_database(target).query_schedule(task.dispatched[0], target, "main")
+        assert scheduled is not None and "vectorize" in str(scheduled.mod)

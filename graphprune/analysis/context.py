@@ -40,8 +40,11 @@ class MacTerm:
 
 
 class Ctx:
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, graph: Graph, body_macs: Any = None) -> None:
         self.graph = graph
+        # MACs of a subgraph body (If/Loop/Scan): the engine passes its own walker here, so the rule
+        # table can cost bodies with itself without importing the engine (which imports the table)
+        self.body_macs = body_macs
         self.uf = UnionFind()
         self.spaces: dict[str, Space] = {}
         self.bindings: list[Binding] = []
@@ -54,6 +57,11 @@ class Ctx:
         # resolved end tensor -> (start tensor, chain nodes); rewriters replace those chains by a Gather
         self.chains: dict[str, tuple[str, list[str]]] = {}
         self.permutes: dict[str, tuple[str, list[str]]] = {}
+        # dense tensors left unresolved by a layout op (tensor -> why): frozen unless resolve_dense
+        # finds one axis along which every slice is a single class
+        self.dense_reasons: dict[str, str] = {}
+        # one element id per attention head tied together by a head product (see rules._head_product)
+        self.head_ids: list[int] = []
 
     # -- shapes -------------------------------------------------------------------------------
     def shape(self, tensor: str) -> tuple[int, ...]:

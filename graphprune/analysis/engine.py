@@ -41,7 +41,7 @@ def graph_macs(sub: Graph, outer: Graph, branch: str | None = None) -> float:
     """
     merged = Graph(sub.nodes, {**outer.shapes, **sub.shapes}, {**outer.constants, **sub.constants},
                    sub.inputs, sub.outputs, sub.name, branch=branch if branch is not None else outer.branch)
-    ctx = Ctx(merged)
+    ctx = Ctx(merged, body_macs=graph_macs)
     for node in merged.nodes:
         count_fixed_cost(ctx, node)
     if ctx.unknown_costs:
@@ -68,7 +68,7 @@ def freeze_op(ctx: Ctx, node: Node, reason: str) -> None:
 
 
 def run_rules(graph: Graph) -> Ctx:
-    ctx = Ctx(graph)
+    ctx = Ctx(graph, body_macs=graph_macs)
     for t in graph.inputs:
         shape = graph.shape(t)
         if shape:
@@ -101,11 +101,46 @@ def run_rules(graph: Graph) -> Ctx:
             log.warning("freezing channels around %s", reason)
             freeze_op(ctx, node, reason)
             count_fixed_cost(ctx, node)
+    resolve_dense(ctx)
     for t in graph.outputs:
         ctx.freeze_tensor(t, "model output")
     _freeze_subgraph_reads(ctx)
     _couple_shared_params(ctx)
     return ctx
+
+
+def resolve_dense(ctx: Ctx) -> None:
+    """Reshaped (dense) layouts made only of attention heads, whose every slice along one axis is a
+    single head after the head products tied q/k/v of each head together, get that axis as their
+    channel axis, so the rewrite can resize them; every other dense layout stays frozen.
+
+    Tensors inside a channel-permutation chain are left to the permutation rewrite, and an axis a
+    consumer Gathers or Splits along is never chosen (those rewrites do not follow a channel axis).
+    """
+    import numpy as np
+
+    from graphprune.analysis.spaces import Space, resolve_axis
+
+    if not ctx.head_ids:
+        return
+    heads = set(ctx.uf.roots(np.asarray(ctx.head_ids, dtype=np.int64)).tolist())
+    internal = {ctx.graph.node_by_name[n].outputs[0] for _, nodes in ctx.permutes.values() for n in nodes[:-1]}
+    for t, sp in list(ctx.spaces.items()):
+        if sp.axis is not None or t in internal:
+            continue
+        shape = ctx.shape(t)
+        roots = ctx.uf.roots(sp.ids.ravel()).reshape(sp.ids.shape)
+        if not set(np.unique(roots).tolist()) <= heads:
+            continue  # only layouts the head products made whole
+        banned = {int(n.attrs.get("axis", 0)) % len(shape) for n in ctx.graph.consumers(t)
+                  if n.op_type in ("Gather", "Split") and n.inputs[0] == t}
+        for axis in range(len(shape)):
+            if shape[axis] > 1 and roots.shape[axis] == shape[axis] and axis not in banned:
+                ids = resolve_axis(roots, axis, shape[axis])
+                if ids is not None:
+                    ctx.spaces[t] = Space(axis, ids)
+                    ctx.dense_reasons.pop(t, None)
+                    break
 
 
 def _freeze_subgraph_reads(ctx: Ctx) -> None:

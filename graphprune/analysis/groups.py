@@ -54,7 +54,7 @@ class Analysis:
         for t, sp in ctx.spaces.items():
             if sp.axis is None and t not in self.permute_internal:
                 for r in np.unique(uf.roots(sp.ids.ravel())).tolist():
-                    self.frozen_reason.setdefault(r, f"reshaped layout at '{t}'")
+                    self.frozen_reason.setdefault(r, ctx.dense_reasons.get(t, f"reshaped layout at '{t}'"))
         # which tensors each class touches, and how many positions it has in each
         touches: dict[int, list[tuple[str, int]]] = {}
         for t, roots in self.roots.items():

@@ -89,14 +89,16 @@ def elementwise(ctx: Ctx, node: Node) -> None:
     out = node.outputs[0]
     oshape = ctx.shape(out)
     orank = len(oshape)
+    dense = [t for t in node.inputs if t and not ctx.is_const(t) and ctx.space(t) is not None and ctx.axis_of(t) is None]
+    if dense:
+        _elementwise_dense(ctx, node, dense)
+        return
     axis = None
     for t in node.inputs:
         if not t or ctx.is_const(t):
             continue
         a = ctx.axis_of(t)
         if a is None:
-            if ctx.space(t) is not None:
-                raise Unresolved("elementwise op over a reshaped (non-channel) layout")
             continue
         oa = a + orank - ctx.rank(t)
         if ctx.shape(t)[a] == oshape[oa] and oshape[oa] > 1:
@@ -117,6 +119,18 @@ def elementwise(ctx: Ctx, node: Node) -> None:
         if ia >= 0 and ctx.shape(t)[ia] != 1:  # size-1 (broadcast) operands carry no channels
             operands.append((t, ia))
     _merge_aligned(ctx, node, out, axis, operands)
+
+
+def _elementwise_dense(ctx: Ctx, node: Node, dense: list[str]) -> None:
+    """A reshaped (dense) layout through an op with single-value partners (attention's q * scale):
+    every position keeps its label. Anything that would mix positions is Unresolved."""
+    x, out = dense[0], node.outputs[0]
+    if len(dense) > 1 or ctx.shape(out) != ctx.shape(x):
+        raise Unresolved("elementwise op over a reshaped (non-channel) layout")
+    for t in node.inputs:
+        if t and t != x and prod(ctx.shape(t)) != 1:
+            raise Unresolved("elementwise op over a reshaped (non-channel) layout with a non-scalar operand")
+    ctx.set_dense(out, ctx.labels(x))
 
 
 def _merge_aligned(ctx: Ctx, node: Node, out: str, axis: int, operands: list[tuple[str, int]]) -> None:
@@ -374,11 +388,54 @@ def gemm(ctx: Ctx, node: Node) -> None:
 def matmul(ctx: Ctx, node: Node) -> None:
     """MatMul, MatMulInteger and QLinearMatMul with a constant 2-D right operand."""
     a, bw = node.inputs[SLOTS[node.op_type][0]], node.inputs[SLOTS[node.op_type][1]]
+    if node.op_type == "MatMul" and not ctx.is_const(bw) and not ctx.is_const(a):
+        _head_product(ctx, node)
+        return
     if not ctx.is_const(bw) or ctx.const(bw).ndim != 2:
         raise Unresolved("product of two activations (e.g. attention) or batched weight")
     if ctx.is_const(a):
         raise Unresolved("constant left operand")
     _dense_layer(ctx, node, a, bw, None, -1, 0, 1)
+
+
+def _head_product(ctx: Ctx, node: Node) -> None:
+    """A product of two activations (attention's q @ k^T and scores @ v) prunes whole heads.
+
+    Channels may live on one batch axis (the heads) and, within a head, anywhere along the
+    contracted axis (q/k/v dims of that head). Output[.., h, ..] = A[.., h, ..] @ B[.., h, ..], so
+    deleting head h from both operands and the output leaves every other head's result unchanged;
+    deleting part of a head would change q.k, which no consumer-side mask can express. So every
+    label inside head h (of both operands) becomes one class, and the output carries the heads
+    along that batch axis (v's dims of a head, on the output's last axis, belong to that head's class).
+    """
+    a, b = node.inputs[0], node.inputs[1]
+    out = node.outputs[0]
+    base = macs_of(ctx, node)
+    la, lb = ctx.labels(a), ctx.labels(b)
+    if la is None and lb is None:
+        ctx.mac(node, base)
+        return
+    sa, sb, so = ctx.shape(a), ctx.shape(b), ctx.shape(out)
+    r = len(so)
+    if la is None or lb is None or not (len(sa) == len(sb) == r >= 3):
+        raise Unresolved("product of two activations where only one carries channels, or without batch axes")
+    heads = [ax for ax in range(r - 2) if la.shape[ax] > 1 or lb.shape[ax] > 1]
+    if len(heads) != 1:
+        raise Unresolved("product of two activations without a single head axis")
+    h = heads[0]
+    if not (la.shape[h] == lb.shape[h] == sa[h] == sb[h] == so[h]):
+        raise Unresolved("product of two activations whose head axes differ")
+    if ctx.graph.frontend != "onnx":
+        # the PyTorch rewrite has no proven edit for every head-split spelling yet: kept whole there
+        raise Unresolved("product of two activations (heads prune in the ONNX path only)")
+    ids = np.empty(so[h], dtype=np.int64)
+    for i in range(so[h]):
+        members = np.unique(np.concatenate([np.take(la, i, axis=h).ravel(), np.take(lb, i, axis=h).ravel()]))
+        ctx.uf.union_arrays(np.full(len(members), members[0]), members)
+        ids[i] = members[0]
+    ctx.head_ids.extend(ids.tolist())
+    ctx.set_axis(out, h, ids)
+    ctx.mac(node, base, out)
 
 
 def linear(ctx: Ctx, node: Node) -> None:
@@ -418,13 +475,27 @@ def concat(ctx: Ctx, node: Node) -> None:
     _merge_aligned(ctx, node, out, ch, [(t, ch) for t in node.inputs if t])
 
 
+def _take_labels(labels: np.ndarray, axis: int, index: Any) -> np.ndarray:
+    """Labels of a part of a dense layout along `axis` (a broadcast axis repeats its one label)."""
+    if labels.shape[axis] == 1:
+        return labels if not isinstance(index, int) else np.take(labels, 0, axis=axis)
+    return np.take(labels, index, axis=axis)
+
+
 def split(ctx: Ctx, node: Node) -> None:
     x = node.inputs[0]
-    sp = _data_space(ctx, x, "split of a reshaped layout")
+    sp = ctx.space(x)
     if sp is None:
         return
     r = ctx.rank(x)
     ax = int(node.attrs.get("axis", 0)) % r
+    if sp.axis is None:  # q/k/v of a reshaped attention layout
+        labels, offset = ctx.labels(x), 0
+        for out in node.outputs:
+            size = ctx.shape(out)[ax]
+            ctx.set_dense(out, _take_labels(labels, ax, np.arange(offset, offset + size)))
+            offset += size
+        return
     offset = 0
     for out in node.outputs:
         if ctx.rank(out) != r:
@@ -439,7 +510,7 @@ def split(ctx: Ctx, node: Node) -> None:
 
 def slice_(ctx: Ctx, node: Node) -> None:
     x = node.inputs[0]
-    sp = _data_space(ctx, x, "slice of a reshaped layout")
+    sp = ctx.space(x)
     if sp is None:
         return
     r = ctx.rank(x)
@@ -450,6 +521,16 @@ def slice_(ctx: Ctx, node: Node) -> None:
     if starts is None or ends is None:
         raise Unresolved("slice bounds are not constant")
     out = node.outputs[0]
+    if sp.axis is None:  # q/k/v of a reshaped attention layout (Paddle2ONNX spells them as slices)
+        labels, shape = ctx.labels(x), ctx.shape(x)
+        for s, e, a, st in zip(starts, ends, axes, steps):
+            if labels.shape[a % r] > 1:
+                if st != 1:
+                    raise Unresolved("strided slice of a reshaped layout")
+                lo, hi, _ = slice(s, e, 1).indices(shape[a % r])
+                labels = _take_labels(labels, a % r, np.arange(lo, hi))
+        ctx.set_dense(out, labels)
+        return
     ids = sp.ids
     for s, e, a, st in zip(starts, ends, axes, steps):
         if a % r == sp.axis:
@@ -464,10 +545,15 @@ def gather(ctx: Ctx, node: Node) -> None:
     sp = ctx.space(x)
     if sp is None:
         return
-    if sp.axis is None:
-        raise Unresolved("gather from a reshaped layout")
     r = ctx.rank(x)
     ax = int(node.attrs.get("axis", 0)) % r
+    if sp.axis is None:
+        # one constant index out of a reshaped layout (torch's qkv[0]): the labels of that part
+        if not ctx.is_const(idx) or np.asarray(ctx.const(idx)).ndim != 0:
+            raise Unresolved("gather from a reshaped layout")
+        i = int(np.asarray(ctx.const(idx))) % ctx.shape(x)[ax]
+        ctx.set_dense(node.outputs[0], _take_labels(ctx.labels(x), ax, i))
+        return
     if ax == sp.axis:
         raise Unresolved("gather across channels")
     idx_rank = len(ctx.shape(idx))
@@ -509,7 +595,9 @@ def layout(ctx: Ctx, node: Node) -> None:
                 and out not in ctx.graph.outputs:
             ctx.chains[out] = (start, nodes)  # may still net out to a permutation further on
         else:
-            ctx.freeze_tensor(out, f"channels spread over several axes by {node.op_type} '{node.name}'")
+            # frozen at the end unless a later rule (attention heads) ties each slice along one
+            # axis into one class; see engine.resolve_dense
+            ctx.dense_reasons[out] = f"channels spread over several axes by {node.op_type} '{node.name}'"
         return
     if x not in ctx.chains:
         return
@@ -731,9 +819,9 @@ def _rnn_total(ctx: Ctx, node: Node) -> float:
 
 
 def _subgraph_macs(ctx: Ctx, graph: Any, chooser: str | None = None) -> float:
-    from graphprune.analysis.engine import graph_macs
-
-    return graph_macs(graph, ctx.graph, chooser)
+    if ctx.body_macs is None:
+        raise Unresolved("no subgraph cost walker (the context was not made by the analysis engine)")
+    return ctx.body_macs(graph, ctx.graph, chooser)
 
 
 def _if_macs(ctx: Ctx, node: Node) -> float:
@@ -1016,6 +1104,6 @@ _FIXES: dict[str, Fix] = {
 
 # the single op table both frontends and every rewriter read
 RULES: dict[str, OpRule] = {
-    op: OpRule(fn, _FIXES.get(op), "all" if fn in (elementwise, concat) else "first", COSTS.get(op))
+    op: OpRule(fn, _FIXES.get(op), "all" if fn in (elementwise, concat) or op == "MatMul" else "first", COSTS.get(op))
     for op, fn in _ANALYZE.items()
 }

@@ -12,6 +12,8 @@ import onnx
 
 def count_macs(model: onnx.ModelProto | str | Path, input_shape: dict[str, tuple[int, ...]] | None = None) -> int:
     """Multiply-accumulates of one inference (dynamic batch counted as 1, other dynamic dims from input_shape)."""
-    from graphprune.api import analyze
+    from graphprune.analysis.groups import analyze_graph
+    from graphprune.frontends.onnx_frontend import load_onnx
 
-    return int(round(analyze(str(model) if isinstance(model, Path) else model, input_shape=input_shape).macs()))
+    source = str(model) if isinstance(model, Path) else model
+    return int(round(analyze_graph(load_onnx(source, input_shape).graph).macs()))

@@ -261,7 +261,7 @@ _SPILL_RE = re.compile(r"^\.graphprune-(?P<host>[A-Za-z0-9]{1,16})-(?P<pid>\d{1,
 
 def clean_stale_spills(directory: str) -> list[str]:
     """Remove spill folders of killed runs (same host, process gone, a real folder of ours)."""
-    from graphprune.outputs import _host_tag, _pid_alive
+    from graphprune.atomic import _host_tag, _pid_alive
 
     removed = []
     try:
@@ -287,7 +287,7 @@ def spill_dir() -> str:
     """This process's folder for weights computed from mapped ones (removed at exit; a killed
     run's folder is removed by the next run that needs one)."""
     if not _SPILL_DIR:
-        from graphprune.outputs import temp_prefix
+        from graphprune.atomic import temp_prefix
 
         clean_stale_spills(tempfile.gettempdir())
         path = tempfile.mkdtemp(prefix=temp_prefix() + "spill-")
@@ -399,7 +399,7 @@ def write_model(model: onnx.ModelProto, real: str, *, external: bool, gate: Any 
     spill_in_place: weights in files of the model's own folder (spill files, when the model is a
     private run copy inside spill_dir(); never for user-visible outputs) are referenced where they are.
     """
-    from graphprune.outputs import atomic_write
+    from graphprune.atomic import atomic_write
 
     shown = shown or real
     mapped = has_mapped(model)

@@ -671,6 +671,14 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = mode
 
 
+def run_module(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
+    """Forward in eval mode under no_grad, restoring each module's mode: the tensors of the output,
+    flattened (validation and calibration must not update BN statistics or draw dropout masks)."""
+    with eval_mode(model), torch.no_grad():
+        out = model(*inputs)
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
 def _propagate_shapes(gm: torch.fx.GraphModule, inputs: tuple) -> None:
     """Shapes on fake tensors (no compute, no memory); a real eval-mode run where fake mode fails."""
     with eval_mode(gm), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
@@ -691,6 +699,16 @@ def _propagate_shapes(gm: torch.fx.GraphModule, inputs: tuple) -> None:
                                   f"{str(cause).strip()[:300]}") from None
 
 
+def _batch_dynamic(inputs: tuple) -> tuple:
+    """The batch axis of every tensor input may vary (Dim.AUTO: kept static if the model needs it).
+
+    Without it the exported module guards the example's batch size, so the pruned module, the
+    calibration runs and the recovery fits could only ever see that many samples at a time.
+    """
+    auto = torch.export.Dim.AUTO
+    return tuple({0: auto} if isinstance(t, torch.Tensor) and t.ndim > 0 else None for t in inputs)
+
+
 def _export(model: nn.Module, inputs: tuple, fx_error: str) -> torch.fx.GraphModule:
     """Capture with non-strict torch.export (in eval mode) on a copy of `model`.
 
@@ -702,7 +720,7 @@ def _export(model: nn.Module, inputs: tuple, fx_error: str) -> torch.fx.GraphMod
     try:
         with eval_mode(shadow), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ep = torch.export.export(shadow, inputs, strict=False)
+            ep = torch.export.export(shadow, inputs, strict=False, dynamic_shapes=_batch_dynamic(inputs))
         return ep.module()
     except Exception as exc:  # noqa: BLE001 - both capture errors go to the user in one line
         raise GraphpruneError(
@@ -730,7 +748,8 @@ def trace_module(model: nn.Module, example_inputs: Any) -> TracedModule:
     _propagate_shapes(gm, inputs)
     low = _Lowering(model, gm)
     low.run()
-    graph = Graph(low.nodes, low.shapes, low.constants, low.inputs, low.outputs, name=type(model).__name__)
+    graph = Graph(low.nodes, low.shapes, low.constants, low.inputs, low.outputs, name=type(model).__name__,
+                  frontend="torch")
     tensor_fx = {}
     for fx, v in low.env.items():
         if isinstance(v, str) and fx.op != "get_attr":

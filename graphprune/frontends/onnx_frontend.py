@@ -32,6 +32,36 @@ class LoadedModel:
     source: str | None = None
 
 
+def compared_constants(proto: onnx.ModelProto) -> dict[str, list[float]]:
+    """Per graph input: the constants the model compares it with (Equal, possibly after a Cast),
+    at any depth. A scalar such as a sample rate that must be 8000 or 16000 is fed one of these."""
+    consts = {t.name: t for t in proto.graph.initializer}
+    found: dict[str, list[float]] = {}
+    inputs = {i.name for i in proto.graph.input}
+
+    def walk(graph: onnx.GraphProto, alias: dict[str, str]) -> None:
+        local = dict(alias)
+        for n in graph.node:
+            if n.op_type == "Constant" and n.output:
+                for a in n.attribute:
+                    if a.name == "value":
+                        consts[n.output[0]] = a.t
+            if n.op_type in ("Cast", "Identity", "Squeeze", "Reshape") and n.input and n.input[0] in local:
+                local[n.output[0]] = local[n.input[0]]
+            if n.op_type == "Equal" and len(n.input) == 2:
+                for x, c in ((n.input[0], n.input[1]), (n.input[1], n.input[0])):
+                    if x in local and c in consts:
+                        value = onnx.numpy_helper.to_array(consts[c]).ravel()
+                        if value.size == 1:
+                            found.setdefault(local[x], []).append(float(value[0]))
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g, local)
+
+    walk(proto.graph, {i: i for i in inputs})
+    return found
+
+
 def read_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     """Read an ONNX model from disk (or copy a proto), turning every failure into one clear line."""
     if isinstance(source, onnx.ModelProto):
@@ -574,8 +604,6 @@ def probe_shapes(model: onnx.ModelProto, pinned: onnx.ModelProto, known: set[str
         opts.log_severity_level = 4
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         sess = ort_session(probe, opts)
-        from graphprune.rewrite.validate import compared_constants
-
         rng = np.random.default_rng(0)
         enums = compared_constants(model)
         feed = {}

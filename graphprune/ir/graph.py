@@ -40,6 +40,8 @@ class Graph:
     aliases: dict[str, list[tuple[str, tuple[int | None, ...]]]] = field(default_factory=dict)
     # which If branch the cost model counts ("then"/"else"); None counts the larger one
     branch: str | None = None
+    # which frontend lowered it ("onnx" or "torch"): a few rules prove rewrites for one only
+    frontend: str = "onnx"
 
     def __post_init__(self) -> None:
         self.reindex()

@@ -116,17 +116,4 @@ def inspect_analysis(analysis: Analysis, removed: frozenset[int] = frozenset(), 
     }
 
 
-def inspect(model: Any, example_inputs: Any = None, *, input_shape: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
-    """Inspect an ONNX model (path or ModelProto) or an nn.Module (with example inputs)."""
-    from graphprune.api import _is_torch_module, analyze
-
-    if _is_torch_module(model):
-        source = type(model).__name__
-    elif isinstance(model, str) or hasattr(model, "__fspath__"):
-        source = str(model)
-    else:
-        source = None
-    return inspect_analysis(analyze(model, example_inputs, input_shape=input_shape), source=source)
-
-
-__all__ = ["inspect", "inspect_analysis", "graph_view", "tensor_groups", "group_color", "FROZEN_GREY"]
+__all__ = ["inspect_analysis", "graph_view", "tensor_groups", "group_color", "FROZEN_GREY"]

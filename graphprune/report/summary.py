@@ -4,11 +4,14 @@ from __future__ import annotations
 from typing import Any
 
 from graphprune.analysis.groups import Analysis
-from graphprune.passes.allocate import Plan
+from graphprune.analysis.plan import Plan
 
 
-def group_rows(analysis: Analysis, removed: frozenset[int] = frozenset()) -> list[dict[str, Any]]:
-    """One row per channel group: size, kept, frozen state and reason, member layers, MAC share."""
+def group_rows(analysis: Analysis, removed: frozenset[int] = frozenset(),
+               ignored: dict[int, str] | None = None) -> list[dict[str, Any]]:
+    """One row per channel group: size, kept, state (prunable, frozen or ignored) and reason, member
+    layers, MAC share. `ignored` maps the classes --ignore protects to why (passes.allocate.ignore_reasons)."""
+    ignored = ignored or {}
     total_macs = analysis.macs() or 1.0
     tensor_macs: dict[str, float] = {}
     for term in analysis.mac_terms:
@@ -19,13 +22,20 @@ def group_rows(analysis: Analysis, removed: frozenset[int] = frozenset()) -> lis
     for g in analysis.groups:
         kept = sum(1 for r in g.classes if r not in removed)
         share = sum(tensor_macs.get(t, 0.0) for t in g.tensors) / total_macs
+        free = [r for r in g.classes if not analysis.is_frozen(r)]
+        held = [r for r in free if r in ignored]
+        whole = not g.frozen and bool(free) and len(held) == len(free)
+        reason = g.reason if g.reason is not None or not held else ignored[held[0]]
         rows.append({
             "id": g.id,
             "channels": g.size,
             "kept": kept,
             "frozen": g.frozen,
             "frozen_channels": g.frozen_classes,
-            "reason": g.reason,
+            "ignored": whole,
+            "ignored_channels": len(held),
+            "state": "frozen" if g.frozen else "ignored" if whole else "prunable",
+            "reason": reason,
             "layers": g.nodes,
             "tensors": g.tensors,
             "macs_share": round(share, 6),
@@ -74,8 +84,10 @@ def _scored_by(coverage: dict[str, Any] | None) -> dict[int, str]:
 
 def build_report(analysis: Analysis, plan: Plan, *, method: str, strategy: str, round_to: int,
                  times: dict[str, float], source: str | None = None,
-                 coverage: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`coverage` (passes.methods.method_coverage): which groups the method scored, which fell back."""
+                 coverage: dict[str, Any] | None = None, ignored: dict[int, str] | None = None,
+                 warnings: list[str] | None = None) -> dict[str, Any]:
+    """`coverage` (passes.methods.method_coverage): which groups the method scored, which fell back;
+    `ignored`: the classes --ignore protects and why (passes.allocate.ignore_reasons)."""
     macs0, macs1 = analysis.macs(), analysis.macs(plan.removed)
     params0, params1 = analysis.params(), analysis.params(plan.removed)
     achieved = {"macs": macs1 / macs0 if macs0 else 1.0, "params": params1 / params0 if params0 else 1.0}
@@ -101,7 +113,8 @@ def build_report(analysis: Analysis, plan: Plan, *, method: str, strategy: str, 
         "cost_model": cost_note(analysis),
         "target_met": bool((achieved[target_kind] if plan.kind in achieved else plan.achieved) <= plan.target + 1e-9),
         "method_coverage": coverage,
-        "groups": [dict(r, scored_by=by.get(r["id"])) for r in group_rows(analysis, plan.removed)],
+        "groups": [dict(r, scored_by=by.get(r["id"])) for r in group_rows(analysis, plan.removed, ignored)],
+        "warnings": list(warnings or []),
         "time": {k: round(v, 4) for k, v in times.items()},
     }
 
@@ -126,12 +139,72 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def render_tables(report: dict[str, Any], console: Any, max_groups: int = 40) -> None:
-    """Print the summary and per-group tables with rich."""
+def unique_suffixes(names: list[str]) -> dict[str, str]:
+    """Each name's shortest ending (at a '/' boundary, or '.' in names without '/') that no other name ends with.
+
+    '/layer3/layer3.0/conv1/Conv' next to '/layer4/layer4.0/conv1/Conv' becomes 'layer3.0/conv1/Conv':
+    narrow tables then show what tells layers apart instead of the prefix they all share.
+    """
+    def endings(name: str) -> list[str]:
+        sep = "/" if "/" in name else "."
+        cuts = [i + 1 for i, ch in enumerate(name) if ch == sep and 0 < i + 1 < len(name)]
+        out = [name[i:] for i in reversed(cuts)]
+        return [e for e in out if e.strip("/.")] + [name]
+
+    counts: dict[str, int] = {}
+    for name in set(names):
+        for e in set(endings(name)):
+            counts[e] = counts.get(e, 0) + 1
+    return {name: next((e for e in endings(name) if counts[e] == 1), name) for name in names}
+
+
+def render_tables(report: dict[str, Any], console: Any, max_groups: int | None = 20) -> None:
+    """Print the group table (largest MAC share first, `max_groups` rows; None for all), then the
+    summary, so the result is the last thing on screen however long the table is."""
     from rich.table import Table
 
     from graphprune.escape import markup
 
+    rows = sorted(report["groups"], key=lambda r: -r["macs_share"])
+    shown = rows if max_groups is None else rows[:max_groups]
+    short = unique_suffixes([n for r in report["groups"] for n in r["layers"]])
+    # "scored by" only when some group fell back to another criterion: the table stays within 80 columns
+    by_col = any((r.get("scored_by") or report["method"]) != report["method"] for r in shown)
+    groups = Table(title="channel groups (largest MAC share first)", show_header=True)
+    for col in ("group", "ch", "kept", "MACs", "state", *(["scored by"] if by_col else []), "layers"):
+        groups.add_column(col, justify="right" if col in ("group", "ch", "kept", "MACs") else "left",
+                          overflow="fold")
+    for r in shown:
+        if r["frozen"]:
+            state = "frozen: " + (r["reason"] or "")
+        elif r.get("ignored"):
+            state = "ignored: " + (r["reason"] or "")
+        else:
+            state = "prunable"
+            if r.get("ignored_channels"):
+                state += f" ({r['ignored_channels']} ignored: {r['reason']})"
+        layers = ", ".join(short[n] for n in r["layers"][:2]) + (f" +{len(r['layers']) - 2}" if len(r["layers"]) > 2 else "")
+        # names come from the model file: never markup, never control characters
+        cells = [str(r["id"]), str(r["channels"]), str(r["kept"]), f"{r['macs_share']:.1%}", markup(state)]
+        if by_col:
+            cells.append(r.get("scored_by") or "-")
+        groups.add_row(*cells, markup(layers) or "-")
+    console.print(groups)
+    if len(rows) > len(shown):
+        console.print(f"... {len(rows) - len(shown)} more groups (--groups N or --all to list them, --json for everything)")
+    if report.get("recovery"):
+        render_recovery(report, console)
+
+    cm = report.get("cost_model") or {}
+    if cm.get("uncounted_ops"):
+        console.print(f"[yellow]{cm['note']}: {', '.join(list(cm['uncounted_ops'])[:5])}[/yellow]")
+    cov = report.get("method_coverage")
+    if cov:
+        n = len(cov["scored_groups"]) + sum(len(fb["groups"]) for fb in cov["fallbacks"])
+        line = f"method {cov['method']} scored {len(cov['scored_groups'])} of {n} prunable groups"
+        for fb in cov["fallbacks"]:
+            line += f"; {len(fb['groups'])} fell back to {fb['to']} ({fb['why']})"
+        console.print(line)
     summary = Table(title="graphprune result", show_header=True)
     summary.add_column("metric")
     summary.add_column("before", justify="right")
@@ -156,33 +229,8 @@ def render_tables(report: dict[str, Any], console: Any, max_groups: int = 40) ->
     if lat and "speedup" in lat:
         console.print(f"[bold]speed-up {lat['speedup']:.2f}x[/] measured ({lat['backend']}, {lat['threads']} thread, "
                       f"{lat['rounds']} interleaved rounds)  vs  FLOPs reduction {lat['flops_speedup']:.2f}x")
-    cm = report.get("cost_model") or {}
-    if cm.get("uncounted_ops"):
-        console.print(f"[yellow]{cm['note']}: {', '.join(list(cm['uncounted_ops'])[:5])}[/yellow]")
     if report.get("target_met") is False:
         console.print("[yellow]target not met: this is the floor (--allow-floor)[/yellow]")
-    if report.get("recovery"):
-        render_recovery(report, console)
-    cov = report.get("method_coverage")
-    if cov:
-        n = len(cov["scored_groups"]) + sum(len(fb["groups"]) for fb in cov["fallbacks"])
-        line = f"method {cov['method']} scored {len(cov['scored_groups'])} of {n} prunable groups"
-        for fb in cov["fallbacks"]:
-            line += f"; {len(fb['groups'])} fell back to {fb['to']} ({fb['why']})"
-        console.print(line)
-    groups = Table(title="channel groups", show_header=True)
-    for col in ("group", "channels", "kept", "MACs share", "state", "scored by", "layers"):
-        groups.add_column(col, justify="right" if col in ("channels", "kept", "MACs share") else "left")
-    rows = sorted(report["groups"], key=lambda r: -r["macs_share"])
-    for r in rows[:max_groups]:
-        state = "frozen: " + (r["reason"] or "") if r["frozen"] else "prunable"
-        layers = ", ".join(r["layers"][:3]) + (" ..." if len(r["layers"]) > 3 else "")
-        # names come from the model file: never markup, never control characters
-        groups.add_row(str(r["id"]), str(r["channels"]), str(r["kept"]), f"{r['macs_share']:.1%}",
-                       markup(state[:60]), r.get("scored_by") or "-", markup(layers))
-    console.print(groups)
-    if len(rows) > max_groups:
-        console.print(f"... {len(rows) - max_groups} more groups (use --json for all)")
 
 
 def render_recovery(report: dict[str, Any], console: Any, max_layers: int = 40) -> None:

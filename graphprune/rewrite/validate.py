@@ -7,37 +7,8 @@ from onnx import helper, shape_inference
 
 from graphprune.errors import GraphpruneError
 from graphprune.frontends.external import has_mapped
+from graphprune.frontends.onnx_frontend import compared_constants
 from graphprune.ir.graph import Graph
-
-
-def compared_constants(proto: onnx.ModelProto) -> dict[str, list[float]]:
-    """Per graph input: the constants the model compares it with (Equal, possibly after a Cast),
-    at any depth. A scalar such as a sample rate that must be 8000 or 16000 is fed one of these."""
-    consts = {t.name: t for t in proto.graph.initializer}
-    found: dict[str, list[float]] = {}
-    inputs = {i.name for i in proto.graph.input}
-
-    def walk(graph: onnx.GraphProto, alias: dict[str, str]) -> None:
-        local = dict(alias)
-        for n in graph.node:
-            if n.op_type == "Constant" and n.output:
-                for a in n.attribute:
-                    if a.name == "value":
-                        consts[n.output[0]] = a.t
-            if n.op_type in ("Cast", "Identity", "Squeeze", "Reshape") and n.input and n.input[0] in local:
-                local[n.output[0]] = local[n.input[0]]
-            if n.op_type == "Equal" and len(n.input) == 2:
-                for x, c in ((n.input[0], n.input[1]), (n.input[1], n.input[0])):
-                    if x in local and c in consts:
-                        value = onnx.numpy_helper.to_array(consts[c]).ravel()
-                        if value.size == 1:
-                            found.setdefault(local[x], []).append(float(value[0]))
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g, local)
-
-    walk(proto.graph, {i: i for i in inputs})
-    return found
 
 
 def random_feed(proto: onnx.ModelProto, graph: Graph, seed: int = 0,
