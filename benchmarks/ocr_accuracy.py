@@ -537,13 +537,16 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def markdown_of(res: dict) -> str:
+    """The doc page of a results file alone, with the settings the run recorded (render_docs.py uses it)."""
+    a = argparse.Namespace(**{k: res["args"][k] for k in ("quick", "targets", "cls_targets", "threads")})
+    a.round_to = str(res["args"].get("round_to", "1"))
+    return markdown(res, a)
+
+
 def render(a: argparse.Namespace) -> None:
     """Regenerate the doc from a results file: the table is one command away from its data."""
-    res = json.loads(Path(a.render).read_text())
-    for key in ("quick", "targets", "cls_targets", "threads"):
-        setattr(a, key, res["args"][key])
-    a.round_to = str(res["args"].get("round_to", "1"))
-    text = markdown(res, a)
+    text = markdown_of(json.loads(Path(a.render).read_text()))
     write_atomic(Path(a.doc), text)
     print(text)
 
