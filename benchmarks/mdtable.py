@@ -13,3 +13,14 @@ def md_table(header: Sequence[object], rows: Iterable[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(str(c) for c in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def replace_block(page: str, src: str, block: str, heading: str = "") -> str:
+    """`page` with the results block of results file `src` replaced by `block` (which opens with its
+    own `<!-- results: src ... -->` line and ends with `<!-- /results -->`), or with `heading` and the
+    block appended when the page has none. The rest of the page is kept."""
+    start = f"<!-- results: {src} "
+    if start not in page:
+        return page.rstrip("\n") + "\n\n" + (heading + "\n\n" if heading else "") + block + "\n"
+    head, rest = page.split(start, 1)
+    return head + block + rest.split("<!-- /results -->", 1)[1]

@@ -27,7 +27,6 @@ import difflib
 import fnmatch
 import importlib
 import json
-import math
 import os
 import re
 import sys
@@ -211,7 +210,8 @@ def _di_scale(files: list[Path]) -> str:
     """di_scale.py's rows (one feature map, the built-in example, torchvision models; plus di_ppocr.py's
     PP-OCR rows) in two layouts: CPU and wall seconds (a loaded machine), and the capture/search split."""
     rows = [r for f in files if f.suffix == ".json" and f.name.startswith("di_scale") for r in _load(f)["rows"]]
-    ocr = [r for f in files if f.suffix == ".json" and f.name.startswith("di_ppocr") for r in _load(f)["rows"]]
+    ocr = [{"samples": d["meta"]["samples"], **r} for f in files if f.suffix == ".json" and f.name.startswith("di_ppocr")
+           for d in [_load(f)] for r in d["rows"]]
     impl = {"new": "incremental", "old": "original"}
     loaded = []
     for r in rows:
