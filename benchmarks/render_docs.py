@@ -341,7 +341,7 @@ def examine(block: Block) -> Outcome:
             out.problems.append(f"{_where(block)}: {len(block.tables)} table(s) in the block for '{block.refs}' "
                                 "and no renderer in benchmarks/render_docs.py RENDERERS")
         return out
-    missing = [str(f.relative_to(ROOT)) for f in block.files if not f.exists()]
+    missing = [_rel(f) for f in block.files if not f.exists()]
     if missing:
         out.problems.append(f"{_where(block)}: results file(s) missing: {missing}")
         return out
