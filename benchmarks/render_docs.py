@@ -179,7 +179,7 @@ def _tvm_tuning(files: list[Path]) -> str:
         models = list(rep["models"])
         if rep.get("slim_partial") and not any(m["model"] == rep["slim_partial"]["model"] for m in models):
             models.append({**rep["slim_partial"], "tuning": [], "partial": True})  # run stopped while tuning it
-        budgets = list(dict.fromkeys(t["budget_s"] for m in models for t in m["tuning"]))
+        budgets = list(dict.fromkeys(t["budget_s"] for m in models for t in m.get("tuning", [])))
         unscheduled = any("tvm_unscheduled_ms" in m for m in models)
         header = ["model", "onnxruntime", *(["TVM unscheduled"] if unscheduled else []),
                   "TVM default schedule (no tuning)", *(f"TVM tuned, {b:g} s" for b in budgets)]
@@ -188,13 +188,31 @@ def _tvm_tuning(files: list[Path]) -> str:
             name = m["model"].replace("_slim", " slim")
             if m["model"].endswith("_slim") and "slim_macs_ratio" in rep:
                 name += f" ({rep['slim_macs_ratio']:.2f} MACs)"
-            tuned = {t["budget_s"]: t for t in m["tuning"]}
+            elif m["model"].startswith("resnet18_slim_r"):  # a second slim, measured untuned (tvm_device.sh)
+                multiple = m["model"].rsplit("_r", 1)[1]
+                name = f"resnet18 slim ({rep[f'slim_r{multiple}_macs_ratio']:.2f} MACs, --round-to {multiple})"
+            tuned = {t["budget_s"]: t for t in m.get("tuning", [])}
             cells = [f"{_ms(t['tvm_ms'])} ({t['kernels_tuned']}/{t['kernels']} kernels tuned, {t['new_trials']} new trials)"
                      if t else "not reached" if m.get("partial") else "-" for t in map(tuned.get, budgets)]
             rows.append([name, _ms(m["ort_ms"]), *([_ms(m["tvm_unscheduled_ms"])] if unscheduled else []),
                          _ms(m["tvm_default_schedule_ms"]), *cells])
         out.append(md_table(header, rows))
     return "\n\n".join(out)
+
+
+def _tvm_schedules(files: list[Path]) -> str:
+    """tvm_schedules.py: untuned TVM in three default-schedule variants against onnxruntime (ms, and x ORT)."""
+    rep = _load(files[0])
+    variants = [("nchw", "NCHW (session 2 rules)"), ("nhwc", "channels-last"),
+                ("nhwc_prepacked", "channels-last + pre-packed weights (default)")]
+    rows = []
+    for m in rep["models"]:
+        name = m["model"].replace("_slim_r", " slim, --round-to ")
+        if m["model"].startswith("resnet18_slim_r"):
+            name += f" ({rep['slim_r' + m['model'].rsplit('_r', 1)[1] + '_macs_ratio']:.2f} MACs)"
+        rows.append([name, _ms(m["ort_ms"]),
+                     *(f"{_ms(m[f'tvm_{v}_ms'])} ({m[f'tvm_{v}_over_ort']:.2f}x)" for v, _ in variants)])
+    return md_table(["model", "onnxruntime", *(f"TVM {label}" for _, label in variants)], rows)
 
 
 def _di_run(r: dict) -> str:
@@ -291,6 +309,7 @@ RENDERERS: list[Renderer] = [
     Renderer("timm_coverage*.json", _timm_coverage, "benchmarks/timm_coverage.py: markdown"),
     Renderer("distill*.json", _distill, "benchmarks/distill_ocr.py: markdown"),
     Renderer("tvm_tuning*.json", _tvm_tuning, "benchmarks/render_docs.py: _tvm_tuning"),
+    Renderer("tvm_schedules*.json", _tvm_schedules, "benchmarks/render_docs.py: _tvm_schedules"),
     Renderer("di_scale*.json", _di_scale, "benchmarks/render_docs.py: _di_scale"),
     Renderer("channel_multiples*.json", _channel_multiples, "benchmarks/render_docs.py: _channel_multiples"),
     Renderer("round_to_rule*.json", _round_to_rule, "benchmarks/render_docs.py: _round_to_rule"),

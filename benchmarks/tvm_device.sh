@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issue 17 on the GPU machine's CPU, in one run of ~8.5 minutes: TVM tuned against onnxruntime, same thread
+# Issue 17 on the GPU machine's CPU, in one run of ~7.5 minutes: TVM tuned against onnxruntime, same thread
 # count, for resnet18 and its 40%-FLOPs slim (benchmarks/tvm_tuning.py, staged):
 #   1. prepare: export resnet18 (random weights, 1x3x224x224) and prune the slim (--round-to 8);
 #   2. tune both models at the same time, each on its own half of the physical cores (taskset), for cumulative
-#      budgets (default 75,150,250 s), snapshotting each database after every budget;
+#      budgets (default 60,120,210 s), snapshotting each database after every budget;
 #   3. measure, alone, one model at a time on 16 cores: onnxruntime, TVM's default schedule and TVM with each
 #      snapshot (latency against tuning budget), and which of the slim's kernels the original's records cover.
 # The apache-tvm wheel travels in two parts (../shared/tools/tvm-device-parts):
@@ -18,8 +18,8 @@ OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
 WORK="${WORK:-$(mktemp -d)}"
 THREADS="${THREADS:-16}"
-BUDGETS="${BUDGETS:-75,150,250}"
-TUNE_LIMIT="${TUNE_LIMIT:-320}"   # hard stop for each tuning process (s); what it measured by then is kept
+BUDGETS="${BUDGETS:-60,120,210}"
+TUNE_LIMIT="${TUNE_LIMIT:-270}"   # hard stop for each tuning process (s); what it measured by then is kept
 SIZE=224
 RUNS=50
 if [[ -n "${SMOKE:-}" ]]; then THREADS=1; BUDGETS="${BUDGETS_SMOKE:-20,40}"; TUNE_LIMIT=240; SIZE=64; RUNS=5; fi

@@ -134,8 +134,9 @@ def stage_tune(work: Path, name: str, budgets: list[float], target, trials_per_t
         (work / f"tune_{name}.json").write_text(json.dumps(steps, indent=1))
 
 
-def stage_measure(work: Path, target, threads: int, runs: int, log) -> dict:
-    """ORT, TVM default schedule and TVM at every tuning snapshot, one model at a time, same thread count."""
+def stage_measure(work: Path, target, threads: int, runs: int, log, out: Path | None = None) -> dict:
+    """ORT, TVM default schedule and TVM at every tuning snapshot, one model at a time, same thread count.
+    The report is rewritten to `out` after every model, so a run stopped early keeps what it measured."""
     from graphprune.backends import tvm_backend as tb
     from graphprune.backends.ort_backend import random_inputs
     from graphprune.errors import GraphpruneError
@@ -161,7 +162,9 @@ def stage_measure(work: Path, target, threads: int, runs: int, log) -> dict:
         log(f"{name}: onnxruntime {row['ort_ms']:.2f} ms, TVM default {row['tvm_default_schedule_ms']:.2f} ms"
             + (f" (NCHW {row['tvm_default_schedule_nchw_ms']:.2f} ms)" if "tvm_default_schedule_nchw_ms" in row else ""))
         if name in extras:
-            report["models"].append(row)
+            report["models"].append({**row, "tuning": []})
+            if out:
+                out.write_text(json.dumps(report, indent=2))
             continue
         steps = json.loads((work / f"tune_{name}.json").read_text()) if (work / f"tune_{name}.json").exists() else []
         trials, ex = 0, None
@@ -184,6 +187,8 @@ def stage_measure(work: Path, target, threads: int, runs: int, log) -> dict:
             row["check_failed"] = str(exc)
             log(f"{name}: {exc}")
         report["models"].append(row)
+        if out:
+            out.write_text(json.dumps(report, indent=2))
     orig, thin = report["models"][:2]
     # transfer: which of the slim's kernels the original's records already cover (same structure and shapes)
     if orig["tuning"]:
@@ -243,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             budgets = args.budgets if args.model == "resnet18" else args.slim_budgets
             stage_tune(work, args.model, [float(b) for b in budgets.split(",")], target, args.trials_per_task, log)
         else:
-            report = stage_measure(work, target, args.threads, args.runs, log)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            report = stage_measure(work, target, args.threads, args.runs, log, Path(args.out))
             Path(args.out).write_text(json.dumps(report, indent=2))
         return 0
     report: dict = {"machine": platform.processor() or platform.machine(), "target": str(target),
