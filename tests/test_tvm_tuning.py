@@ -26,6 +26,21 @@ from graphprune.cli import main  # noqa: E402
 TRIALS = 32
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_kernel_layout():
+    """The recording/resume tests count trials and records of one kernel. In the default channels-last
+    layout a conv model also has a transpose kernel at its input and its output, so these tests compile
+    in NCHW (GRAPHPRUNE_TVM_LAYOUT=nchw, inherited by the CLI subprocess); the layout's own tests below
+    and tests/test_backend_tvm.py tune and check the channels-last kernels."""
+    saved = os.environ.get("GRAPHPRUNE_TVM_LAYOUT")
+    os.environ["GRAPHPRUNE_TVM_LAYOUT"] = "nchw"
+    yield
+    if saved is None:
+        os.environ.pop("GRAPHPRUNE_TVM_LAYOUT", None)
+    else:
+        os.environ["GRAPHPRUNE_TVM_LAYOUT"] = saved
+
+
 def _records(db: Path) -> int:
     path = db / "database_tuning_record.json"
     return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.exists() else 0
@@ -194,12 +209,13 @@ def test_time_budget_ends_a_kernel_after_its_batch(conv_model, tmp_path):
     assert entry["complete"] is False and entry["measured"] == result.new_trials == _records(db)
 
 
-def test_default_schedule_vectorises_and_blocks(conv_model, target):
+def test_default_schedule_vectorises_and_blocks(conv_model, target, monkeypatch):
     """The default schedule of a convolution: channels-last, output channels vectorised (a power of two of at
     most two registers), a register block of output pixels, the weights repacked in the order the loops
     read them (computed once at build time), and nothing left unscheduled."""
     from tvm.s_tir import meta_schedule as ms
 
+    monkeypatch.delenv("GRAPHPRUNE_TVM_LAYOUT")
     fused = tb._fuse_for_tuning(tb.import_onnx(conv_model), target)
     lanes = tb.vector_lanes(target)
     convs = [t for t in ms.relax_integration.extract_tasks(fused, target) if "conv2d" in t.task_name]
@@ -218,10 +234,11 @@ def test_default_schedule_vectorises_and_blocks(conv_model, target):
         assert scheduled is not None and "vectorize" in str(scheduled.mod)
 
 
-def test_channels_last_matches_onnxruntime(tmp_path, target):
+def test_channels_last_matches_onnxruntime(tmp_path, target, monkeypatch):
     """channels_last asks ungrouped convs for NHWC data and HWIO weights (a depthwise conv follows its input's
     layout and keeps its weights); the compiled model (strided, depthwise, 1x1, residual add, mean)
     still equals onnxruntime."""
+    monkeypatch.delenv("GRAPHPRUNE_TVM_LAYOUT")
     torch.manual_seed(0)
 
     class Block(torch.nn.Module):

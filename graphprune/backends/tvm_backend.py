@@ -698,9 +698,15 @@ def tune(
         _save_state(db_path, state)  # the records of this batch are in the database already
         if on_trials:
             on_trials(name, n, best.get(name))
-        if current.get("deadline") is not None and time.perf_counter() >= current["deadline"] and scheduler:
+        if current.get("deadline") is not None and time.perf_counter() >= current["deadline"] and scheduler \
+                and not current.get("terminated"):
+            # once: the batch in flight is joined after the termination and reports here again, and
+            # MetaSchedule refuses to end a task twice (InternalError, seen on the 16-core device run)
             current["terminated"] = True
-            scheduler.terminate_task(task_id)
+            try:
+                scheduler.terminate_task(task_id)
+            except Exception:  # the task ended on its own (its trials done) in the same batch
+                pass
 
     stopped = None
     if todo:
