@@ -18,8 +18,9 @@ TIME_PROXY = "time_proxy"
 
 def time_proxy_terms(analysis: Analysis, elem_macs: float) -> list[tuple[float, tuple[str, ...]]]:
     """A static estimate of time in MAC units, in the same term form as MACs: every MAC term, plus
-    2 * elem_macs per activation element with prunable channels that some op writes (one write, one
-    read: the traffic that a depthwise conv, an activation or an SE multiply costs beyond its MACs).
+    2 * elem_macs per element of every activation with a channel axis that some op writes (one write,
+    one read: the traffic that a depthwise conv, an activation or an SE multiply costs beyond its
+    MACs; tensors whose channels are all frozen only add a constant).
 
     Deterministic (no timing), so a plan built on it is the same on every run; elem_macs comes
     from the hardware's measured channel table (channel_table.elem_macs).
