@@ -137,3 +137,11 @@ def test_a_calibrated_table_rate_takes_precedence(tmp_path, monkeypatch):
     assert channel_table.elem_macs("ort-cpu") == 7.5
     res = graphprune.prune(_two_stage_model(), target_flops=0.5, round_to=2, measure=False)
     assert res.report["speed_order"]["elem_macs"] == 7.5
+    # a hand-written table without curves: the multiple is the user's, the rate the shipped table's
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "none"))
+    shipped = channel_table.elem_macs("ort-cpu")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "hand"))
+    channel_table.write_table({"ort-cpu": {"multiple": 8, "measured_on": "test", "curves": {}}},
+                              channel_table.user_table_path())
+    assert channel_table.channel_multiple("ort-cpu") == 8
+    assert channel_table.elem_macs("ort-cpu") == shipped != 7.5

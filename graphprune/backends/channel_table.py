@@ -68,17 +68,24 @@ def elem_macs(hardware: str) -> float:
 
     The speed-ordered allocation (strategy "speed", passes/allocate.py) weighs a channel's activation
     traffic with it. Tables written by `graphprune calibrate` store it; for older tables it is fitted
-    from their curves here.
+    from their curves here, and a table without curves (written by hand) uses the shipped table's.
     """
     if hardware not in HARDWARE:
         raise GraphpruneError(f"unknown hardware {hardware!r}; choose from {', '.join(HARDWARE)}")
     entry = load_table().get(hardware)
     if entry is None:
         raise GraphpruneError(f"no channel table for {hardware}; run `graphprune calibrate --hardware {hardware}`")
-    if "elem_macs" in entry:
-        return float(entry["elem_macs"])
-    return fit_elem_macs(hardware, {k: [(int(c), float(ms)) for c, ms in v] for k, v in entry["curves"].items()},
-                         int(entry["multiple"]))
+    shipped = json.loads(SHIPPED.read_text()).get(hardware) if SHIPPED.exists() else None
+    for e in (entry, shipped):  # a hand-written table without curves falls back to the shipped measurement
+        if e is None:
+            continue
+        if "elem_macs" in e:
+            return float(e["elem_macs"])
+        curves = {k: [(int(c), float(ms)) for c, ms in v] for k, v in e.get("curves", {}).items()}
+        if sum(1 for op in ("conv1x1", "conv3x3") for c, _ in curves.get(op, []) if c % int(e["multiple"]) == 0) >= 2:
+            return fit_elem_macs(hardware, curves, int(e["multiple"]))
+    raise GraphpruneError(f"the {hardware} channel table has no curves to fit the speed order's rate; "
+                          f"run `graphprune calibrate --hardware {hardware}`")
 
 
 def _geometry(hardware: str, op: str) -> tuple[int, int, int]:
