@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
-import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-from peer_latency import MODELS, _iqr_pct, _time_gpu_batch, export, header, time_cpu, tp_prune  # noqa: E402
+from peer_latency import (MODELS, _time_gpu_batch, export, header, prepare_all, source_model,  # noqa: E402
+                          time_cpu, tp_prune)
 
 # name -> (strategy, round_to, exchange-rate factor)
 CPU_VARIANTS = {"global": ("global", "auto", 1.0), "speed": ("speed", "auto", 1.0), "speed_k2": ("speed", "auto", 2.0)}
@@ -58,16 +56,11 @@ def _prune(model, x, hardware: str, strategy: str, round_to, factor: float, targ
 def prepare(name: str, size: int, target: float, workdir: str, tp_steps: int, gpu: bool) -> dict:
     import torch
 
-    torch.set_num_threads(1)
     import graphprune
-    from zoo import make_model
 
     t0 = time.perf_counter()
     work = Path(workdir)
-    model = make_model(name).eval()
-    x = torch.randn(1, 3, size, size)
-    orig = export(model, x, work / f"{name}.onnx")
-    base = graphprune.analyze(str(orig)).macs()
+    model, x, orig, base = source_model(name, size, work)
     row: dict = {"model": name, "macs": base, "files": {"original": str(orig)}, "macs_ratio": {}, "gpu_files": {}}
     for key, (strategy, rt, factor) in CPU_VARIANTS.items():
         res = _prune(str(orig), None, "ort-cpu", strategy, rt, factor, target)
@@ -135,23 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.is_available() and not args.no_gpu
     workdir = tempfile.mkdtemp(prefix="rule-sweep-")
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {n: pool.submit(prepare, n, args.size, args.target, workdir, args.tp_steps, gpu) for n in args.models}
-        rows, failed = [], {}
-        for name, f in futures.items():
-            try:
-                rows.append(f.result())
-                print(f"prepared {name} in {rows[-1]['prepare_s']}s", flush=True)
-            except Exception as exc:  # noqa: BLE001
-                failed[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                print(f"FAILED to prepare {name}: {failed[name]}", flush=True)
-    ns = argparse.Namespace(target=args.target, size=args.size, quick=args.quick)
-    report = header(ns, gpu, time.perf_counter() - t0)
-    report.update({"failed": failed, "cpu_variants": CPU_VARIANTS, "gpu_variants": GPU_VARIANTS,
-                   "elem_macs": {}})
+    rows, failed = prepare_all(prepare, args, workdir, gpu)
     from graphprune.backends.channel_table import elem_macs
 
-    report["elem_macs"] = {hw: elem_macs(hw) for hw in ("ort-cpu", "cuda-fp16")}
+    report = header(args, gpu, time.perf_counter() - t0)
+    report.update({"failed": failed, "cpu_variants": CPU_VARIANTS, "gpu_variants": GPU_VARIANTS,
+                   "elem_macs": {hw: elem_macs(hw) for hw in ("ort-cpu", "cuda-fp16")}})
     for r in rows:
         r["cpu"] = time_cpu(r, 1, args.rounds)
         if gpu:
