@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphprune.passes.channels import ChannelSpace, plan_from_scores
+from graphprune.passes.channels import ChannelSpace, param_dict, plan_from_scores
 from graphprune.passes.training import TrainConfig, train
 
 GROUP_ROLES = ("out", "coupled")
@@ -63,13 +63,16 @@ class AULM:
 
     def __init__(self, model: nn.Module, space: ChannelSpace, cfg: SSRConfig) -> None:
         self.model, self.space, self.cfg = model, space, cfg
-        self.params = {n: p for n, p in model.named_parameters()}
+        self.params = param_dict(model)
         self.classes = [c for c in space.classes if any(s.role in GROUP_ROLES and s.param in self.params
                                                         for s in space.slices.get(c, []))]
-        base = space.cost(cfg.kind)
-        saved = np.array([base - space.cost(cfg.kind, [c]) for c in self.classes])
-        share = np.maximum(saved / max(saved.mean(), 1e-12), 1e-6) ** cfg.cost_power
-        self.weight = {c: float(w) for c, w in zip(self.classes, share)}
+        if cfg.cost_power == 0:  # plain weights: skip one cost evaluation per class (thousands on a real network)
+            self.weight = {c: 1.0 for c in self.classes}
+        else:
+            base = space.cost(cfg.kind)
+            saved = np.array([base - space.cost(cfg.kind, [c]) for c in self.classes])
+            share = np.maximum(saved / max(saved.mean(), 1e-12), 1e-6) ** cfg.cost_power
+            self.weight = {c: float(w) for c, w in zip(self.classes, share)}
         with torch.no_grad():
             w = self.flat()
         self.v = {c: t.clone() for c, t in w.items()}
