@@ -430,6 +430,11 @@ def markdown(parts: list[dict]) -> str:
     rank = [p for p in parts if p.get("kind") == "rank"]
     if rank:
         rows = [r for p in rank for r in p["rows"]]
+        # one row per method: its measurement if any file has one (an older file may list it as
+        # unavailable), else its latest failure
+        last = {r["method"]: r for r in rows}
+        measured = {r["method"]: r for r in rows if "final_rel" in r}
+        rows = [measured.get(m, r) for m, r in last.items()]
         r0 = rank[0]
         lines += [f"Method ranking at {r0['target']:g} FLOPs: each method's plan, lsq recovery, then distillation "
                   f"(batch {r0['batch_size']}); every method gets {r0['steps']} steps of the distillation loss in all: "

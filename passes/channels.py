@@ -60,8 +60,16 @@ class ChannelSpace:
         self.group_of = {c: gi for gi, g in enumerate(self.groups) for c in g}
 
     # -- costs ----------------------------------------------------------------------------------
-    def slots(self, tensor: str) -> torch.Tensor:
-        return self._slots[tensor]
+    def slots(self, tensor: str, device: Any = None) -> torch.Tensor:
+        """Keep-vector slot of each channel position of `tensor` (on `device`, cached: a copy to a GPU
+        at every training step would make the host wait for the device)."""
+        if device is None or torch.device(device).type == "cpu":
+            return self._slots[tensor]
+        cache = self.__dict__.setdefault("_slot_cache", {})
+        key = (tensor, str(device))
+        if key not in cache:
+            cache[key] = self._slots[tensor].to(device)
+        return cache[key]
 
     def soft_cost(self, kind: str, keep: torch.Tensor) -> torch.Tensor:
         """Differentiable cost for keep values (one per class in `classes` order, any in [0,1])."""
@@ -70,7 +78,7 @@ class ChannelSpace:
         for base, tensors in self.terms[kind]:
             f = keep.new_tensor(float(base))
             for t in tensors:
-                f = f * full[self._slots[t].to(keep.device)].mean()
+                f = f * full[self.slots(t, keep.device)].mean()
             total = total + f
         return total
 
@@ -119,13 +127,16 @@ class ChannelSpace:
                         cls += [self.index[c]] * len(s.index)
             self._out_index = [(p, a, torch.as_tensor(pos), torch.as_tensor(cls)) for (p, a), (pos, cls) in rows.items()]
         dev = next(iter(params.values())).device if params else torch.device("cpu")
+        cache = self.__dict__.setdefault("_out_index_on", {})
+        if str(dev) not in cache:
+            cache[str(dev)] = [(n, a, pos.to(dev), cls.to(dev)) for n, a, pos, cls in self._out_index]
         total = torch.zeros(len(self.classes), device=dev)
-        for name, axis, pos, cls in self._out_index:
+        for name, axis, pos, cls in cache[str(dev)]:
             if name not in params:
                 continue
             p = params[name]
             per = p.abs().movedim(axis, 0).reshape(p.shape[axis], -1).sum(1)
-            total = total.index_add(0, cls.to(p.device), per[pos.to(p.device)].to(total.dtype))
+            total = total.index_add(0, cls, per[pos].to(total.dtype))
         return total
 
     def class_rows(self, params: dict[str, torch.Tensor], cls: int, roles: tuple[str, ...] = ("out",)) -> list[torch.Tensor]:

@@ -93,15 +93,17 @@ class HBFPConfig:
 
 def similarity_term(space: ChannelSpace, pairs: list[tuple[int, int]], lam: float):
     """lam * mean |n_a - n_b| / mean(n): pulls the l1 norms of paired filters together."""
-    ia = torch.as_tensor([space.index[a] for a, _ in pairs])
-    ib = torch.as_tensor([space.index[b] for _, b in pairs])
-    members = torch.as_tensor(sorted({space.index[c] for pair in pairs for c in pair}))
+    index = {"cpu": (torch.as_tensor([space.index[a] for a, _ in pairs]),
+                     torch.as_tensor([space.index[b] for _, b in pairs]),
+                     torch.as_tensor(sorted({space.index[c] for pair in pairs for c in pair})))}
 
     def term(model: nn.Module) -> torch.Tensor:
         n = space.out_l1(param_dict(model))
-        dev = n.device
-        diffs = (n[ia.to(dev)] - n[ib.to(dev)]).abs()
-        mean = n[members.to(dev)].mean().detach().clamp_min(1e-12)
+        if str(n.device) not in index:  # copied to the device once, not at every step
+            index[str(n.device)] = tuple(t.to(n.device) for t in index["cpu"])
+        ia, ib, members = index[str(n.device)]
+        diffs = (n[ia] - n[ib]).abs()
+        mean = n[members].mean().detach().clamp_min(1e-12)
         return lam * diffs.mean() / mean
     return term
 

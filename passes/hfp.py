@@ -74,10 +74,9 @@ class Gates:
 
     def _hook(self, tensor: str):
         axis = channel_axis(self.space.analysis, tensor)
-        slots = self.space.slots(tensor)
 
         def hook(_m: nn.Module, _i: Any, out: torch.Tensor) -> torch.Tensor:
-            g = self.full()[slots.to(out.device)]
+            g = self.full()[self.space.slots(tensor, out.device)]
             shape = [1] * out.ndim
             shape[axis] = -1
             return out * g.view(shape).to(out.dtype)
