@@ -319,13 +319,11 @@ class Masker:
             for s in space.slices.get(c, []):
                 if s.param not in params or s.param.endswith(("running_mean", "running_var")):
                     continue
-                p = params[s.param]
                 m = per_param.get(s.param)
-                if m is None:  # (not setdefault: a fresh mask per slice costs seconds on a real network)
-                    m = per_param[s.param] = torch.ones_like(p, dtype=torch.bool)
-                idx = torch.as_tensor(s.index, device=p.device)
-                m.index_fill_(s.axis, idx, False)
-        self.masks = [(params[n], m) for n, m in per_param.items()]
+                if m is None:  # built on the host: one copy per parameter, not one per slice, to a GPU
+                    m = per_param[s.param] = torch.ones(params[s.param].shape, dtype=torch.bool)
+                m.index_fill_(s.axis, torch.as_tensor(s.index), False)
+        self.masks = [(params[n], m.to(params[n].device)) for n, m in per_param.items()]
         self.apply()
 
     @torch.no_grad()
