@@ -58,8 +58,12 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-6}
 B="benchmarks/distill_ocr.py --fonts $ASSETS/fonts --models $ASSETS --device $DEVICE --workers 4 --ort-threads 4"
 start=$(date +%s)
 JOBS=${JOBS:-ocr_0.5 ocr_0.4 rank_l1 rank_di digits}
-job() {  # job NAME GPU ARGS...: capped at 500 s so a slow job still leaves the others' results
+# GPU indices below are logical: with CUDA_VISIBLE_DEVICES already set (e.g. a GPU pinned by the caller) they
+# map into that list instead of replacing it
+IFS=, read -ra VISIBLE <<< "${CUDA_VISIBLE_DEVICES:-}"
+job() {  # job NAME GPU ARGS...: capped (CAP_S, default 500 s) so a slow job still leaves the others' results
     local name=$1 gpu=$2; shift 2
+    [ "${#VISIBLE[@]}" -gt 0 ] && gpu=${VISIBLE[$gpu]:-${VISIBLE[0]}}
     case " $JOBS " in *" $name "*) ;; *) return 0 ;; esac
     CUDA_VISIBLE_DEVICES=$gpu timeout "${CAP_S:-500}" $PY $B "$@" --out "$OUT/distill_$name.json" >"$LOGS/$name.log" 2>&1
     echo "$name: exit $? after $(( $(date +%s) - start )) s"
