@@ -436,7 +436,8 @@ def markdown(parts: list[dict]) -> str:
         measured = {r["method"]: r for r in rows if "final_rel" in r}
         rows = [measured.get(m, r) for m, r in last.items()]
         r0 = rank[0]
-        lines += [f"Method ranking at {r0['target']:g} FLOPs: each method's plan, lsq recovery, then distillation "
+        lines += [f"Method ranking at {r0['target']:g} FLOPs: each method's plan, {r0.get('recovery', 'lsq')} recovery, "
+                  "then distillation "
                   f"(batch {r0['batch_size']}); every method gets {r0['steps']} steps of the distillation loss in all: "
                   "HFP, SSR and HBFP spend the first ones training the unpruned model towards their plan "
                   "(gates / group sparsity / norm pairs, no labels), the rest distil the pruned model. "
