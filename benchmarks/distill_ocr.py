@@ -415,13 +415,16 @@ def markdown(parts: list[dict]) -> str:
         lines += [f"PP-OCRv4 rec, {ocr[0]['eval_lines']} rendered evaluation lines, original char accuracy "
                   f"{100 * o['char_acc']:.2f}%; act + lsq recovery, then label-free distillation on "
                   f"{ocr[0]['train_lines']} unlabeled rendered lines ({ocr[0]['device']}).", "",
-                  "| FLOPs target | after act+lsq | after distillation | steps | distillation wall | CPU per step |",
-                  "|---|---|---|---|---|---|"]
+                  "| FLOPs kept | act + lsq | + distillation | steps | distillation wall | held-out top-1 agreement "
+                  "| CPU per step |",
+                  "|---|---|---|---|---|---|---|"]
         for p in ocr:
             cpu = p.get("cpu_step")
             cpu_s = f"{cpu['wall_s_per_step']:.2f} s ({cpu['threads']} threads, batch {cpu['batch']})" if cpu else "-"
+            ft = p["finetune"]
+            agree = " -> ".join(f"{100 * a[0]['top1_agreement']:.2f}%" for a in (ft["agreement_before"], ft["agreement_after"]))
             lines.append(f"| {p['target']:g} | {100 * p['pruned']['rel_char_acc']:.2f}% | {100 * p['final_rel']:.2f}% | "
-                         f"{p['steps']} | {p['finetune_wall_s']:.0f} s | {cpu_s} |")
+                         f"{p['steps']} | {p['finetune_wall_s']:.0f} s | {agree} | {cpu_s} |")
         lines += ["", "Character accuracy relative to the original vs distillation steps (evaluated with the training module):", ""]
         for p in ocr:
             pts = ", ".join(f"{c['step']}: {100 * c['rel_char_acc']:.1f}%" for c in p["finetune"]["curve"] if "rel_char_acc" in c)
@@ -444,14 +447,22 @@ def markdown(parts: list[dict]) -> str:
                   "Char accuracy relative to the original.", "",
                   "| method | FLOPs | steps: method + distillation | after recovery | after distillation |",
                   "|---|---|---|---|---|"]
-        ranked = sorted(rows, key=lambda r: -r.get("final_rel", -1))
+        ranked = sorted((r for r in rows if "final_rel" in r), key=lambda r: -r["final_rel"])
         for r in ranked:
+            lines.append(f"| {r['method']} | {r['flops']:.3f} | {r.get('method_steps', 0)} + {r['steps']} | "
+                         f"{100 * r['start_rel']:.2f}% | {100 * r['final_rel']:.2f}% |")
+        why: dict[str, list[str]] = {}  # methods that did not run, one row per reason
+        for r in rows:
             if "final_rel" in r:
-                ms = r.get("method_steps", 0)
-                lines.append(f"| {r['method']} | {r['flops']:.3f} | {ms} + {r['steps']} | {100 * r['start_rel']:.2f}% | "
-                             f"{100 * r['final_rel']:.2f}% |")
+                continue
+            if r.get("unavailable") and r["method"] in TRAINING_METHODS:
+                reason = "no result yet (listed by a run older than their ONNX wiring)"
+            elif r.get("unavailable"):
+                reason = f"not run: {r.get('unavailable')}"
             else:
-                lines.append(f"| {r['method']} | - | - | - | {r.get('unavailable') or r.get('error')} |")
+                reason = f"failed: {r.get('error')}"
+            why.setdefault(reason, []).append(r["method"])
+        lines += [f"| {', '.join(methods)} | - | - | - | {reason} |" for reason, methods in why.items()]
         lines.append("")
     dig = [p for p in parts if p.get("kind") == "digits"]
     for d in dig:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
@@ -28,6 +30,28 @@ def bench(fn, x, runs: int, sync) -> list[float]:
         sync()
         out.append((time.perf_counter() - t) * 1000)
     return out
+
+
+COLUMNS = ("model", "setting", "batch", "mode", "original ms", "pruned ms", "speed-up", "1/FLOPs ratio")
+
+
+def cells(r: dict, round_to: int | None = None) -> list[str]:
+    """One row of the table (terminal and docs). Early results files lack round_to/channels_last: the
+    caller passes round_to from the file name then, and their layout was NCHW (no flag existed)."""
+    layout = "channels_last" if r.get("channels_last") else "NCHW"
+    return [r["model"], f"round_to {r.get('round_to', round_to)}, {layout}", str(r["batch"]), r["mode"],
+            f"{r['original_ms']:.3f}", f"{r['pruned_ms']:.3f}", f"{r['speedup']:.2f}x", f"{1 / r['flops_ratio']:.2f}x"]
+
+
+def markdown(files: list) -> str:
+    """One docs table over several results files (benchmarks/render_docs.py), in the files' order."""
+    from mdtable import md_table
+
+    rows = []
+    for f in map(Path, files):
+        named = re.search(r"_r(\d+)", f.name)
+        rows += [cells(r, int(named[1]) if named else None) for r in json.loads(f.read_text())]
+    return md_table(COLUMNS, rows)
 
 
 def main() -> None:
@@ -88,11 +112,10 @@ def main() -> None:
         from rich.table import Table
 
         t = Table(title=f"GPU latency, target {args.target:.0%} FLOPs, round_to {args.round_to}")
-        for c in ("model", "batch", "mode", "original ms", "pruned ms", "speed-up", "1/FLOPs ratio"):
+        for c in COLUMNS:
             t.add_column(c, justify="right")
         for r in rows:
-            t.add_row(r["model"], str(r["batch"]), r["mode"], f"{r['original_ms']:.3f}", f"{r['pruned_ms']:.3f}",
-                      f"{r['speedup']:.2f}x", f"{1 / r['flops_ratio']:.2f}x")
+            t.add_row(*cells(r))
         Console(width=140).print(t)
     except ImportError:
         pass

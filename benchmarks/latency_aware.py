@@ -60,6 +60,24 @@ def run(name: str, directory: str, target: float, rounds: int, round_to: int) ->
     }
 
 
+COLUMNS = ("model", "predicted latency", "measured latency", "MACs kept (latency plan)",
+           "MACs kept (FLOPs plan, same latency)", "params kept (latency / FLOPs plan)")
+
+
+def cells(r: dict) -> list[str]:
+    """One row of the table (terminal and docs)."""
+    lp, fp = r["latency_plan"], r["flops_plan_at_same_latency"]
+    return [r["model"], f"{lp['predicted']:.3f}", f"{lp['measured']:.3f}", f"{lp['macs_kept']:.3f}",
+            f"{fp['macs_kept']:.3f}", f"{lp['params_kept']:.3f} / {fp['params_kept']:.3f}"]
+
+
+def markdown(rows: list[dict]) -> str:
+    """The docs table of a results file (benchmarks/render_docs.py)."""
+    from mdtable import md_table
+
+    return md_table(COLUMNS, [cells(r) for r in rows])
+
+
 def main() -> None:
     from rich.console import Console
     from rich.table import Table
@@ -75,13 +93,10 @@ def main() -> None:
     os.makedirs(args.zoo_dir, exist_ok=True)
     rows = [run(m, args.zoo_dir, args.target, args.rounds, args.round_to) for m in args.models]
     t = Table(title=f"--target-latency {args.target} vs --target-flops at equal measured latency (ORT, 1 thread)")
-    for c in ("model", "predicted latency", "measured latency", "MACs kept (latency plan)",
-              "MACs kept (FLOPs plan, same latency)", "params kept (latency / FLOPs plan)"):
+    for c in COLUMNS:
         t.add_column(c, justify="right")
     for r in rows:
-        lp, fp = r["latency_plan"], r["flops_plan_at_same_latency"]
-        t.add_row(r["model"], f"{lp['predicted']:.3f}", f"{lp['measured']:.3f}", f"{lp['macs_kept']:.3f}",
-                  f"{fp['macs_kept']:.3f}", f"{lp['params_kept']:.3f} / {fp['params_kept']:.3f}")
+        t.add_row(*cells(r))
     Console(width=160).print(t)
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as fh:

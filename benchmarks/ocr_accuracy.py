@@ -537,14 +537,27 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def render(a: argparse.Namespace) -> None:
-    """Regenerate the doc from a results file: the table is one command away from its data."""
-    res = json.loads(Path(a.render).read_text())
-    for key in ("quick", "targets", "cls_targets", "threads"):
-        setattr(a, key, res["args"][key])
+def markdown_of(res: dict) -> str:
+    """The doc page of a results file alone, with the settings the run recorded (render_docs.py uses it)."""
+    a = argparse.Namespace(**{k: res["args"][k] for k in ("quick", "targets", "cls_targets", "threads")})
     a.round_to = str(res["args"].get("round_to", "1"))
-    text = markdown(res, a)
-    write_atomic(Path(a.doc), text)
+    return markdown(res, a)
+
+
+def write_doc(doc: Path, res: dict, text: str) -> None:
+    """Replace this results file's block in the doc, keeping the rest of the page (other sections)."""
+    from mdtable import replace_block
+
+    block = text[text.index("<!-- results:"):text.index("<!-- /results -->") + len("<!-- /results -->")]
+    page = doc.read_text() if doc.exists() else text
+    write_atomic(doc, replace_block(page, f"benchmarks/results/{res['name']}.json", block))
+
+
+def render(a: argparse.Namespace) -> None:
+    """Regenerate the doc's block from a results file (the tables alone: benchmarks/render_docs.py)."""
+    res = json.loads(Path(a.render).read_text())
+    text = markdown_of(res)
+    write_doc(Path(a.doc), res, text)
     print(text)
 
 
@@ -574,7 +587,7 @@ def main() -> None:
     write_atomic(Path(a.out) / f"{name}.json", json.dumps(res, indent=1, default=str))
     if "ocr" in res:
         text = markdown(res, a)
-        write_atomic(Path(a.doc), text)
+        write_doc(Path(a.doc), res, text)
         print(text)
 
 

@@ -278,15 +278,9 @@ def latency_wins(r: dict) -> bool:
 
 def update_doc(text: str, src: str = "benchmarks/results/peer_latency.json", doc: Path = DOC) -> None:
     """Replace this results file's block in docs/benchmarks.md (or append it)."""
-    start = f"<!-- results: {src} "
-    old = doc.read_text()
-    if start in old:
-        head, rest = old.split(start, 1)
-        tail = rest.split("<!-- /results -->", 1)[1]
-        doc.write_text(head + text + tail)
-    else:
-        doc.write_text(old.rstrip("\n") + f"\n\n## Speed-up vs Torch-Pruning at equal FLOPs ({src})\n\n"
-                       + text + "\n")
+    from mdtable import replace_block
+
+    doc.write_text(replace_block(doc.read_text(), src, text, f"## Speed-up vs Torch-Pruning at equal FLOPs ({src})"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,6 +115,38 @@ def latency_rows(name: str, directory: str, target: float, runs: int) -> list[di
     return rows
 
 
+ZOO_COLUMNS = ("model", "GMACs", "coverage", "groups (prunable)", "analyse s", "prune s", "achieved", "FLOPs error")
+LATENCY_COLUMNS = ("model", "allocation", "runs", "original ms", "pruned ms", "speed-up", "FLOPs ratio", "1/FLOPs ratio")
+
+
+def zoo_cells(r: dict, target: float) -> list[str]:
+    """One model's row of the per-model table (terminal and docs alike)."""
+    if not r["ok"]:
+        return [r["model"], "-", "-", "-", "-", "-", "FAILED", r["error"][:40]]
+    floor = "" if r["target"] == target else f" (floor {r['target']:.3f})"
+    return [r["model"], f"{r['gmacs']:.2f}", f"{r['coverage']:.0%}", f"{r['groups']} ({r['prunable_groups']})",
+            f"{r['analyze_s']:.2f}", f"{r['prune_s']:.2f}", f"{r['achieved']:.4f}{floor}", f"{r['flops_error']:.3%}"]
+
+
+def latency_cells(r: dict) -> list[str]:
+    return [r["model"], r["config"], str(r["runs"]), f"{r['original_ms']:.2f}", f"{r['pruned_ms']:.2f}",
+            f"{r['speedup']:.2f}x", f"{r['flops_ratio']:.3f}", f"{r['flops_speedup']:.2f}x"]
+
+
+def markdown(out: dict) -> str:
+    """The docs' tables of a results file (benchmarks/render_docs.py): latency first, then the zoo."""
+    from mdtable import md_table
+
+    parts = []
+    if out.get("latency"):
+        parts.append(md_table(LATENCY_COLUMNS, [latency_cells(r) for r in out["latency"]]))
+    if out.get("zoo"):
+        targets = [r["target"] for r in out["zoo"] if r["ok"]]
+        target = max(set(targets), key=targets.count)  # the run's target; floors differ from it
+        parts.append(md_table(ZOO_COLUMNS, [zoo_cells(r, target) for r in out["zoo"]]))
+    return "\n\n".join(parts)
+
+
 def main() -> None:
     import torchvision
     from rich.console import Console
@@ -137,26 +169,20 @@ def main() -> None:
         rows = zoo_rows(models, args.zoo_dir, args.target)
         out["zoo"] = rows
         table = Table(title=f"ONNX path, target {args.target:.0%} FLOPs")
-        for c in ("model", "GMACs", "coverage", "groups (prunable)", "analyse s", "prune s", "achieved", "FLOPs err"):
+        for c in ZOO_COLUMNS:
             table.add_column(c, justify="left" if c == "model" else "right")
         for r in rows:
-            if not r["ok"]:
-                table.add_row(r["model"], "-", "-", "-", "-", "-", "FAILED", r["error"][:40])
-                continue
-            floor = "" if r["target"] == args.target else f" (floor, target {r['target']:.3f})"
-            table.add_row(r["model"], f"{r['gmacs']:.2f}", f"{r['coverage']:.0%}", f"{r['groups']} ({r['prunable_groups']})",
-                          f"{r['analyze_s']:.2f}", f"{r['prune_s']:.2f}", f"{r['achieved']:.4f}{floor}", f"{r['flops_error']:.3%}")
+            table.add_row(*zoo_cells(r, args.target))
         console.print(table)
         ok = [r for r in rows if r["ok"]]
         console.print(f"{len(ok)}/{len(rows)} models pruned; max FLOPs error {max(r['flops_error'] for r in ok):.3%}")
     lat = [row for m in args.latency_models for row in latency_rows(m, args.zoo_dir, args.target, args.runs)]
     out["latency"] = lat
     table = Table(title="onnxruntime latency, 1 thread, median")
-    for c in ("model", "allocation", "runs", "original ms", "pruned ms", "speed-up", "FLOPs ratio", "1/FLOPs ratio"):
+    for c in LATENCY_COLUMNS:
         table.add_column(c, justify="right")
     for r in lat:
-        table.add_row(r["model"], r["config"], str(r["runs"]), f"{r['original_ms']:.2f}", f"{r['pruned_ms']:.2f}",
-                      f"{r['speedup']:.2f}x", f"{r['flops_ratio']:.3f}", f"{r['flops_speedup']:.2f}x")
+        table.add_row(*latency_cells(r))
     console.print(table)
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as fh:

@@ -21,6 +21,7 @@ import io
 import json
 import os
 import platform
+import re
 import signal
 import sys
 import tempfile
@@ -28,6 +29,7 @@ import time
 import traceback
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 
 # (model name, family, input size): small members of each timm family
 SAMPLE: list[tuple[str, str, int]] = [
@@ -162,6 +164,30 @@ def _write(out: str, rows: list[dict], paths: list[str]) -> dict[str, int]:
     return summary
 
 
+PATH_TITLES = {"torch": "graphprune PyTorch", "onnx": "graphprune ONNX", "torch_pruning": "Torch-Pruning"}
+
+
+def _cell(c: dict) -> str:
+    if c["ok"]:
+        via = f" ({c['frontend']})" if c.get("frontend") == "torch.export" else ""
+        return f"ok{via} {c['achieved']:.4f}"
+    timeout = re.fullmatch(r"timeout after (\d+)s", c.get("error", ""))
+    if timeout:
+        return f"timeout ({timeout[1]}s wall clock, shared machine)"
+    return "fail: " + c.get("error", "")[:70].replace("|", "/")
+
+
+def markdown(doc: dict, paths: list[str] | None = None) -> str:
+    """The per-model table of a results file: outcome and achieved FLOPs ratio per path (terminal and docs)."""
+    from mdtable import md_table
+
+    paths = paths or [p for p in PATH_TITLES if p in doc["success"]]
+    titles = [PATH_TITLES.get(p, p) + (f" {doc['versions']['torch_pruning']}" if p == "torch_pruning" else "")
+              for p in paths]
+    return md_table(["model", "family", *titles],
+                    [[r["model"], r["family"], *(_cell(r[p]) for p in paths)] for r in doc["rows"]])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", help="subset of the sample (default: all)")
@@ -224,15 +250,8 @@ def main() -> int:
 
     summary = _write(args.out, rows, args.paths)
     print(f"\n{len(rows)} models, success: " + ", ".join(f"{p} {n}/{len(rows)}" for p, n in summary.items()))
-    print("\n| model | family | " + " | ".join(args.paths) + " |")
-    print("|---|---|" + "---|" * len(args.paths))
-    for r in rows:
-        cells = []
-        for p in args.paths:
-            c = r[p]
-            cells.append("ok" + (f" ({c['frontend']})" if c.get("frontend") == "torch.export" else "") if c["ok"]
-                         else "fail: " + c.get("error", "")[:60].replace("|", "/"))
-        print(f"| {r['model']} | {r['family']} | " + " | ".join(cells) + " |")
+    print()
+    print(markdown(json.loads(Path(args.out).read_text()), args.paths))
     return 0
 
 

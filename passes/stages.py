@@ -103,14 +103,20 @@ class ExplicitPlan(Pass):
 
 class RoundTo(Pass):
     """The channel multiple allocation keeps: the user's N, or (auto) the multiple a measured table says
-    is fast on the target hardware, halved for groups too small for it (passes/allocate.py)."""
+    is fast on the target hardware for every group, finer only when the target needs it
+    (passes/allocate.py auto_multiples). A latency target's cost model is registered after this pass,
+    so its reachability is judged on MACs."""
 
     name, time_key = "round_to", "plan_s"
 
     def run(self, state: PruneState) -> PruneState:
         state.need("analysis")
         o = state.options
-        state.round_to, state.round_info = resolve_round_to(state.analysis, o.round_to, o.hardware)
+        kind = "macs" if o.target_kind in (None, "latency") else o.target_kind
+        protected = set(ignore_reasons(state.analysis, list(o.ignore))[0]) if o.ignore else set()
+        target = o.target if o.removed is None else None
+        state.round_to, state.round_info = resolve_round_to(state.analysis, o.round_to, o.hardware, kind, target,
+                                                            protected)
         return state
 
 
