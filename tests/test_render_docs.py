@@ -81,7 +81,7 @@ def test_an_edited_header_and_a_deleted_row_are_detected(rd, pages, capsys):
 
 def test_a_table_without_a_renderer_fails_the_check(rd, pages, capsys):
     page = pages / "docs" / "benchmarks.md"
-    page.write_text(page.read_text() + "\n<!-- results: benchmarks/results/real_models.json (benchmarks/real_models.py) -->\n"
+    page.write_text(page.read_text() + "\n<!-- results: benchmarks/results/layout_scaling.json (benchmarks/layout_scaling.py) -->\n"
                     "| model | achieved |\n|---|---|\n| resnet18 | 0.5 |\n<!-- /results -->\n")
     assert rd.run(rd.docs(pages), "check") == 1
     assert "no renderer" in capsys.readouterr().out
