@@ -130,6 +130,10 @@ def _ocr_accuracy(files: list[Path]) -> str:
     return _script("ocr_accuracy").markdown_of(_load(files[0]))
 
 
+def _plan_stability(files: list[Path]) -> str:
+    return _script("plan_stability").render(_load(files[0]))
+
+
 def _prune_zoo(files: list[Path]) -> str:
     return _script("prune_zoo").markdown(_load(files[0]))
 
@@ -284,6 +288,7 @@ RENDERERS: list[Renderer] = [
     Renderer("peer_latency*.json", _peer_latency, "benchmarks/peer_latency.py: render"),
     Renderer("ocr_accuracy*.json", _ocr_accuracy, "benchmarks/ocr_accuracy.py: markdown_of"),
     Renderer("prune_zoo*.json", _prune_zoo, "benchmarks/prune_zoo.py: markdown"),
+    Renderer("plan_stability*.json", _plan_stability, "benchmarks/plan_stability.py: render"),
     Renderer("gpu_latency*.json", _gpu_latency, "benchmarks/gpu_latency.py: markdown"),
     Renderer("latency_aware*.json", _latency_aware, "benchmarks/latency_aware.py: markdown"),
     Renderer("accuracy*.json", _accuracy, "benchmarks/accuracy.py: markdown"),

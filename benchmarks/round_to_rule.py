@@ -2,8 +2,8 @@
 small groups? Measured on onnxruntime, 1 thread, on this machine.
 
 For each torchvision model (random weights, as in tests/zoo.py) at 40% FLOPs with l1 importance:
-  - halved: what `graphprune.prune` does by default (`--round-to auto`: the table's multiple, halved
-    for groups narrower than twice it, passes.allocate.group_multiples);
+  - halved: the rule `--round-to auto` used before (the table's multiple, halved for groups narrower
+    than twice it, passes.allocate.group_multiples(halve=True));
   - strict: `--round-to <the table's multiple>` for every group (a 16-wide group, or a grouped conv's
     16-channel groups, then stay whole instead of dropping to 8 channels that a blocked kernel pads back).
 Timing: per-run CPU time of the calling thread (`time.thread_time`) in interleaved rounds. With one
@@ -12,9 +12,9 @@ the time the process waited for a core: on a shared machine that is the stable f
 medians there move by 10-20% between identical models). The strict model is timed twice (as "strict"
 and "strict_again") to show what noise remains.
 
-Not the default (yet): with strict multiples, shufflenet_v2's channel-shuffle Reshapes were rewritten
-into models onnxruntime rejects (caught by validation, exit 2) in the test zoo; that rewrite case has
-to be fixed first (branch speed2-strict has the rule, `passes.allocate.auto_multiples`).
+Strict is now the default (`--round-to auto`, passes.allocate.auto_multiples, halving only when the
+target needs it), so "halved" reproduces the previous default by substituting the halving rule for
+auto_multiples while pruning; results/round_to_rule.json was measured while halved was the default.
 
     python benchmarks/round_to_rule.py --out benchmarks/results/round_to_rule.json
 """
@@ -62,7 +62,15 @@ def one_model(name: str, target: float, size: int, rounds: int, work: Path) -> d
 
     torch.set_num_threads(1)
     orig = export(make_model(name).eval(), torch.randn(1, 3, size, size), work / f"{name}.onnx")
-    halved = graphprune.prune(str(orig), target_flops=target, measure=False)
+    from unittest import mock
+
+    from graphprune.passes import allocate
+
+    def halving(analysis, multiple, *_args, **_kw):
+        return allocate.group_multiples(analysis, multiple, halve=True), "halved (previous default)"
+
+    with mock.patch.object(allocate, "auto_multiples", halving):
+        halved = graphprune.prune(str(orig), target_flops=target, measure=False)
     multiple = channel_multiple("ort-cpu")
     strict = graphprune.prune(str(orig), target_flops=target, round_to=multiple, measure=False)
     files = {"original": str(orig)}

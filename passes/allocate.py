@@ -96,19 +96,56 @@ def ignored_classes(analysis: Analysis, patterns: list[str] | tuple[str, ...]) -
     return set(ignore_reasons(analysis, patterns)[0]) if patterns else set()
 
 
-def group_multiples(analysis: Analysis, multiple: int) -> dict[int, int]:
-    """Per-group channel multiple for `--round-to auto`: the hardware's multiple, halved for small groups.
+def group_multiples(analysis: Analysis, multiple: int, halve: bool = True) -> dict[int, int]:
+    """Per-group channel multiple for `--round-to auto`.
 
-    A group smaller than twice the multiple could otherwise only stay whole; halving (down to 1)
-    until it is at least twice the multiple keeps small layers prunable at a coarser-but-sane step.
+    halve=False: every group keeps multiples of the hardware's multiple. On a blocked kernel a count
+    between two multiples costs as much as the next one up, so pruning a 16-wide group to 8 (or a
+    grouped conv's 16-channel groups to 8) spends FLOPs budget without saving time; such groups stay
+    whole and the budget goes where it buys speed.
+    halve=True (the fallback when the strict multiples cannot reach the target, see auto_multiples):
+    the multiple is halved (down to 1) for groups narrower than twice it, so small layers stay prunable.
     """
     out = {}
     for g in analysis.groups:
         m = max(1, int(multiple))
-        while m > 1 and g.size < 2 * m:
+        while halve and m > 1 and g.size < 2 * m:
             m //= 2
         out[g.id] = m
     return out
+
+
+def floor_fraction(analysis: Analysis, kind: str, round_to: int | Mapping[int, int],
+                   protected: set[int] | None = None) -> float:
+    """The lowest cost fraction reachable at these multiples: every removable chunk removed."""
+    cost = IncrementalCost(analysis, kind)
+    if cost.base_total <= 0:
+        return 1.0
+    for chunks in _chunks(analysis, {}, protected or set(), round_to, normalize=False).values():
+        for chunk in chunks:
+            for r in chunk:
+                cost.remove(r)
+    return cost.total / cost.base_total
+
+
+# the strict multiples are used when their floor leaves this much room below the target, so the plan
+# is not forced to strip every wide group to its minimum to get there
+STRICT_MARGIN = 0.05
+
+
+def auto_multiples(analysis: Analysis, multiple: int, kind: str, target: float | None,
+                   protected: set[int] | None = None) -> tuple[dict[int, int], str | None]:
+    """Multiples for `--round-to auto`, the coarsest that can reach `target`: strict (see
+    group_multiples) when their floor leaves STRICT_MARGIN of room, else halved for small groups,
+    else 1 (a target is never missed for the sake of rounding). Returns them and a note saying which
+    fallback was taken (None: strict)."""
+    strict = group_multiples(analysis, multiple, halve=False)
+    if target is None or floor_fraction(analysis, kind, strict, protected) <= target - STRICT_MARGIN:
+        return strict, None
+    halved = group_multiples(analysis, multiple, halve=True)
+    if floor_fraction(analysis, kind, halved, protected) <= target:
+        return halved, "halved for small groups to reach the target"
+    return {g.id: 1 for g in analysis.groups}, "1: the table's multiples cannot reach the target"
 
 
 def _multiple(round_to: int | Mapping[int, int], gid: int) -> int:
@@ -346,17 +383,21 @@ def _uniform(analysis: Analysis, chunks: dict[int, list[list[int]]], cost: Incre
     apply(hi)
 
 
-def resolve_round_to(analysis: Analysis, round_to: int | str, hardware: str) -> tuple[int | dict[int, int], dict]:
+def resolve_round_to(analysis: Analysis, round_to: int | str, hardware: str, kind: str = "macs",
+                     target: float | None = None, protected: set[int] | None = None) -> tuple[int | dict[int, int], dict]:
     """`round_to` as allocate() takes it, plus what the report says about it.
 
     "auto" looks the channel multiple for `hardware` up in the measured table
-    (graphprune.backends.channel_table) and halves it for groups too small for it.
+    (graphprune.backends.channel_table) and keeps every group at multiples of it; only when that
+    cannot reach `target` are finer multiples used (auto_multiples).
     """
     if round_to == "auto":
         from graphprune.backends.channel_table import channel_multiple
 
         multiple = channel_multiple(hardware)
-        return group_multiples(analysis, multiple), {"round_to": multiple, "round_to_source": f"auto ({hardware} table)"}
+        multiples, fallback = auto_multiples(analysis, multiple, kind, target, protected)
+        source = f"auto ({hardware} table{'; ' + fallback if fallback else ''})"
+        return multiples, {"round_to": multiple, "round_to_source": source}
     try:
         value = int(round_to)
     except (TypeError, ValueError):

@@ -67,6 +67,21 @@ def patch_rows(x: np.ndarray, kernel: tuple[int, ...], geom: ConvGeometry, pick:
     return np.stack(taps, axis=-1).reshape(n, pick.shape[1], -1)  # (N, R, C, K) -> (N, R, C*K)
 
 
+def _mirror(g: np.ndarray, to_lower: bool, block: int = 256) -> None:
+    """Copy one triangle of the square `g` onto the other in place, a block of rows at a time."""
+    n = len(g)
+    for i in range(0, n, block):
+        j = min(i + block, n)
+        sq = g[i:j, i:j]
+        below = np.tril_indices(j - i, -1)
+        if to_lower:
+            g[j:, i:j] = g[i:j, j:].T
+            sq[below] = sq.T[below]
+        else:
+            g[i:j, j:] = g[j:, i:j].T
+            sq.T[below] = sq[below]
+
+
 @dataclass
 class FitResult:
     weight: np.ndarray  # pruned layout: conv [kept out, kept in/g, *k]; dense as stored (M or M^T)
@@ -107,7 +122,8 @@ class LayerFit:
             self.w_full = [m[:, self.outs[0]].T]
             self.w_kept = [m[self.kin][:, self.outs[0]].T]
         d = [len(self.kin) * self.k + 1] * g
-        self.gram = [np.zeros((di, di)) for di in d]
+        # Fortran order: BLAS syrk updates it in place, so a batch adds no D x D temporary
+        self.gram = [np.zeros((di, di), order="F") for di in d]
         self.xty = [np.zeros((di, len(o))) for di, o in zip(d, self.outs)]
         self.yy = [np.zeros(len(o)) for o in self.outs]
         self.rows = 0
@@ -148,51 +164,59 @@ class LayerFit:
         cin_full = ro.shape[1] // g
         from scipy.linalg.blas import dsyrk
 
+        a = np.empty((rp.shape[0], cin_kept + 1))  # [x, 1]: the bias column rides along in every product
+        a[:, cin_kept] = 1.0
         for k in range(g):
-            a = np.ascontiguousarray(rp[:, k * cin_kept:(k + 1) * cin_kept])
+            a[:, :cin_kept] = rp[:, k * cin_kept:(k + 1) * cin_kept]
             y = ro[:, k * cin_full:(k + 1) * cin_full] @ self.w_full[k].T + self.b[self.outs[k]]
-            d = a.shape[1]
-            # [a, 1]^T [a, 1] by blocks; syrk fills the upper triangle only (half the flops)
-            self.gram[k][:d, :d] += dsyrk(1.0, a, trans=1, lower=0) if d else 0.0
-            colsum = a.sum(0)
-            self.gram[k][:d, d] += colsum
-            self.gram[k][d, d] += a.shape[0]
-            self.xty[k][:d] += a.T @ y
-            self.xty[k][d] += y.sum(0)
+            # upper triangle of [x, 1]^T [x, 1] accumulated in place (a.T is Fortran-contiguous: no copy)
+            dsyrk(1.0, a.T, beta=1.0, c=self.gram[k], trans=0, lower=0, overwrite_c=1)
+            self.xty[k] += a.T @ y
             self.yy[k] += np.einsum("ij,ij->j", y, y)
         self.rows += rp.shape[0]
-
-    def _full_gram(self, k: int) -> np.ndarray:
-        """The symmetric Gram matrix from its accumulated upper triangle."""
-        u = np.triu(self.gram[k])
-        return u + np.triu(u, 1).T
 
     # -- solution ----------------------------------------------------------------------------------
     def _theta0(self, k: int) -> np.ndarray:
         return np.vstack([self.w_kept[k].T, self.b[self.outs[k]][None, :]])
 
-    def _sq_error(self, k: int, theta: np.ndarray, g: np.ndarray) -> float:
-        h = self.xty[k]
-        return float(np.sum(self.yy[k]) - 2 * np.sum(theta * h) + np.sum(theta * (g @ theta)))
+    def _sq_error(self, k: int, theta: np.ndarray, g_theta: np.ndarray) -> float:
+        """||[x, 1] theta - y||^2 from the sums, given g_theta = G theta."""
+        return float(np.sum(self.yy[k]) - 2 * np.sum(theta * self.xty[k]) + np.sum(theta * g_theta))
 
     def solve(self) -> FitResult:
-        import scipy.linalg
+        """Ridge solution per group, factorised in place in the accumulated Gram matrix.
+
+        The Gram matrix is the one object of size D^2 (a dense layer fed by 2048 channels: 34 MB), so
+        no copy of it is made: G is mirrored into the lower triangle, the Cholesky factor of G + R
+        overwrites the upper one, and afterwards the diagonal and the upper triangle are restored.
+        """
+        from scipy.linalg.blas import dsymm
+        from scipy.linalg.lapack import dpotrf, dpotrs
 
         thetas, before, after, total = [], 0.0, 0.0, 0.0
         for k in range(self.groups):
-            g, h = self._full_gram(k), self.xty[k]
+            g, h = self.gram[k], self.xty[k]
             t0 = self._theta0(k)
             d = len(g) - 1
-            lam = self.ridge * max(float(np.trace(g[:d, :d])) / max(d, 1), 1e-12)
+            diag = g.diagonal().copy()
+            lam = self.ridge * max(float(diag[:d].sum()) / max(d, 1), 1e-12)
             reg = np.full(d + 1, lam)
             reg[d] = 0.0
-            try:
-                theta = scipy.linalg.solve(g + np.diag(reg), h + reg[:, None] * t0, assume_a="pos")
-            except (np.linalg.LinAlgError, ValueError):
-                theta = np.linalg.lstsq(g + np.diag(reg), h + reg[:, None] * t0, rcond=None)[0]
+            rhs = h + reg[:, None] * t0
+            _mirror(g, to_lower=True)
+            g[np.diag_indices(d + 1)] += reg
+            factor, info = dpotrf(g, lower=0, clean=0, overwrite_a=1)  # g is Fortran-ordered: no copy
+            if info == 0:
+                theta, info = dpotrs(factor, rhs, lower=0)
+            g[np.diag_indices(d + 1)] = diag  # lower triangle and diagonal: G again
+            if info != 0:  # not positive definite in floating point: least squares on G + R
+                full = np.tril(g) + np.tril(g, -1).T + np.diag(reg)
+                theta = np.linalg.lstsq(full, rhs, rcond=None)[0]
+                del full
             thetas.append(theta)
-            before += max(self._sq_error(k, t0, g), 0.0)
-            after += max(self._sq_error(k, theta, g), 0.0)
+            before += max(self._sq_error(k, t0, dsymm(1.0, g, t0, side=0, lower=1)), 0.0)
+            after += max(self._sq_error(k, theta, dsymm(1.0, g, theta, side=0, lower=1)), 0.0)
+            _mirror(g, to_lower=False)
             total += float(np.sum(self.yy[k]))
         denom = max(total, 1e-300)
         bias = np.concatenate([t[-1] for t in thetas])

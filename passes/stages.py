@@ -103,14 +103,20 @@ class ExplicitPlan(Pass):
 
 class RoundTo(Pass):
     """The channel multiple allocation keeps: the user's N, or (auto) the multiple a measured table says
-    is fast on the target hardware, halved for groups too small for it (passes/allocate.py)."""
+    is fast on the target hardware for every group, finer only when the target needs it
+    (passes/allocate.py auto_multiples). A latency target's cost model is registered after this pass,
+    so its reachability is judged on MACs."""
 
     name, time_key = "round_to", "plan_s"
 
     def run(self, state: PruneState) -> PruneState:
         state.need("analysis")
         o = state.options
-        state.round_to, state.round_info = resolve_round_to(state.analysis, o.round_to, o.hardware)
+        kind = "macs" if o.target_kind in (None, "latency") else o.target_kind
+        protected = set(ignore_reasons(state.analysis, list(o.ignore))[0]) if o.ignore else set()
+        target = o.target if o.removed is None else None
+        state.round_to, state.round_info = resolve_round_to(state.analysis, o.round_to, o.hardware, kind, target,
+                                                            protected)
         return state
 
 
@@ -211,9 +217,29 @@ class Allocate(Pass):
         if kind == "latency":
             plan, state.slim, state.latency = state.adapter.fit_latency(state, allocate_at)
             state.plan = Plan(plan.removed, plan.kind, o.target, plan.base_cost, plan.cost, plan.kept)
+            _check_latency_fit(state)
         else:
             state.plan = allocate_at(o.target)
         return state
+
+
+def _check_latency_fit(state: PruneState) -> None:
+    """A latency target is met when the measured ratio is at most target * (1 + TOLERANCE); a miss
+    is TargetNotMet (exit 3, nothing written) unless --allow-floor, and a plan much faster than asked
+    (it pruned more than needed) is a warning."""
+    from graphprune.errors import TargetNotMet
+    from graphprune.passes.latency_cost import TOLERANCE
+
+    target, measured = state.options.target, state.latency["ratio"]
+    tries = len(state.latency.get("calibration", []))
+    if measured > target * (1 + TOLERANCE):
+        if not state.options.allow_floor:
+            raise TargetNotMet(f"--target-latency {target:g}: the closest plan of {tries} measured tries runs at "
+                               f"{measured:.3f} of the original latency; nothing written (--allow-floor accepts it)")
+        state.warnings.append(f"latency target {target:g} not met: measured {measured:.3f} (--allow-floor)")
+    elif measured < target * (1 - TOLERANCE):
+        state.warnings.append(f"latency target {target:g}: the fitted plan measures {measured:.3f} after {tries} "
+                              "tries, faster than asked (more pruned than needed)")
 
 
 class SensitivityAllocate(Pass):
@@ -346,8 +372,11 @@ class Report(Pass):
         if state.latency is not None:
             report["latency"] = state.latency
             if state.plan.kind == "latency":  # the measured ratio is what was achieved
+                from graphprune.passes.latency_cost import TOLERANCE
+
                 report["achieved"] = state.latency["ratio"]
                 report["target_error"] = abs(state.latency["ratio"] - state.plan.target)
+                report["target_met"] = state.latency["ratio"] <= state.plan.target * (1 + TOLERANCE)
         state.report = report
         return state
 

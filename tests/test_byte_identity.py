@@ -4,8 +4,9 @@ the pipeline refactor (issue 10). The comparison runs inside tests/test_onnx_equ
 tests/test_fx_equivalence.py, on the results those tests already compute (same models, methods, target
 and inputs as recorded here), so the suite does not prune the seven models twice.
 
-Recorded from main at 80e9cb2 (round_to "auto" is the default since the issue 14/19 landing, so the
-plans differ from earlier records), before the pipeline refactor was merged with it (session 2).
+Re-recorded (session 2, branch strict) when `--round-to auto` began keeping every group at the table's
+full multiple (passes.allocate.auto_multiples): an intended change of every default plan; first
+recorded from main at 80e9cb2, before the pipeline refactor.
 
 Re-record only for an intended change of results, and say why in the commit:
     .venv/bin/python tests/test_byte_identity.py --record

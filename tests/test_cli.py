@@ -30,7 +30,9 @@ def test_default_command_prunes_and_reports_json(example, tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["macs"]["ratio"] <= 0.4
-    assert abs(report["achieved"] - 0.4) <= 0.005
+    # --round-to auto keeps this small CNN's 24..96-wide groups at multiples of 16: steps of a few points
+    assert abs(report["achieved"] - 0.4) <= 0.015
+    assert report["round_to_source"].startswith("auto")
     assert report["params"]["after"] < report["params"]["before"]
     assert all({"id", "channels", "kept", "frozen"} <= set(g) for g in report["groups"])
     onnx.checker.check_model(onnx.load(out))

@@ -82,7 +82,9 @@ def _qdq(src, dst, per_channel=True, fmt="QDQ"):
 def _check_qdq(src, target):
     import onnxruntime as ort
 
-    result = graphprune.prune(src, target_flops=target)
+    # round_to=1: these tiny CNNs (16..32-wide groups) are about QDQ handling; --round-to auto would keep
+    # them at multiples of 16, steps far coarser than the 3-point tolerance below
+    result = graphprune.prune(src, target_flops=target, round_to=1)
     assert target - 0.03 <= result.report["achieved"] <= target + 1e-9
     before, after = onnx.load(src), result.model
     count = lambda m, op: sum(n.op_type == op for n in m.graph.node)  # noqa: E731

@@ -7,7 +7,7 @@ import pytest
 import graphprune
 from graphprune.backends import channel_table as ct
 from graphprune.examples import example_cnn
-from graphprune.passes.allocate import group_multiples
+from graphprune.passes.allocate import STRICT_MARGIN, floor_fraction, group_multiples
 
 
 from test_cli import example, run_cli  # noqa: F401,E402  (example is a fixture)
@@ -114,3 +114,40 @@ def test_bench_interleaves_and_checks_interfaces(example, tmp_path):
     proc = run_cli("bench", str(example), "--compare", str(other), "--runs", "3")
     assert proc.returncode == 2 and "not a drop-in replacement" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_round_to_auto_keeps_wide_groups_at_the_full_multiple(monkeypatch, tmp_path):
+    """Strict multiples: no group is pruned to a count between two multiples (no time saved there)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    ct.write_table({"ort-cpu": {"multiple": 16, "measured_on": "test", "curves": {}}}, ct.user_table_path())
+    result = graphprune.prune(example_cnn(), target_flops=0.5, measure=False)
+    assert "halved" not in result.report["round_to_source"]
+    pruned = {gid: (size, kept) for gid, (size, kept) in _kept_counts(result).items() if kept != size}
+    assert pruned and all(kept % 16 == 0 for _, kept in pruned.values()), pruned
+    # the halving rule would have allowed counts such as 8 in the 24- and 32-wide groups
+    assert any(m == 8 for m in group_multiples(result.analysis, 16).values())
+
+
+def test_round_to_auto_halves_small_groups_only_when_the_target_needs_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    ct.write_table({"ort-cpu": {"multiple": 64, "measured_on": "test", "curves": {}}}, ct.user_table_path())
+    analysis = graphprune.analyze(example_cnn())
+    strict = group_multiples(analysis, 64, halve=False)
+    assert floor_fraction(analysis, "macs", strict) > 0.5 - STRICT_MARGIN  # 64-multiples cannot get there
+    result = graphprune.prune(example_cnn(), target_flops=0.5, measure=False)
+    assert "halved" in result.report["round_to_source"]
+    assert result.report["macs"]["ratio"] <= 0.5
+    steps = group_multiples(result.analysis, 64)
+    for gid, (size, kept) in _kept_counts(result).items():
+        assert kept == size or kept % steps[gid] == 0
+
+
+def test_round_to_auto_never_misses_a_target_for_the_sake_of_rounding(monkeypatch, tmp_path):
+    """Below the floor of every table multiple, auto falls back to 1 and says so (a target 1 can reach)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    ct.write_table({"ort-cpu": {"multiple": 16, "measured_on": "test", "curves": {}}}, ct.user_table_path())
+    analysis = graphprune.analyze(example_cnn())
+    assert floor_fraction(analysis, "macs", group_multiples(analysis, 16)) > 0.1 > floor_fraction(analysis, "macs", 1)
+    result = graphprune.prune(example_cnn(), target_flops=0.1, measure=False)
+    assert result.report["round_to_source"].endswith("1: the table's multiples cannot reach the target)")
+    assert result.report["macs"]["ratio"] <= 0.1
