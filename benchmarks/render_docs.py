@@ -130,6 +130,10 @@ def _ocr_accuracy(files: list[Path]) -> str:
     return _script("ocr_accuracy").markdown_of(_load(files[0]))
 
 
+def _plan_stability(files: list[Path]) -> str:
+    return _script("plan_stability").render(_load(files[0]))
+
+
 def _prune_zoo(files: list[Path]) -> str:
     return _script("prune_zoo").markdown(_load(files[0]))
 
@@ -243,6 +247,10 @@ def _di_scale(files: list[Path]) -> str:
                  split)])
 
 
+def _real_models(files: list[Path]) -> str:
+    return _script("real_models").markdown(_load(files[0]))
+
+
 def _channel_multiples(files: list[Path]) -> str:
     """graphprune calibrate's table: efficiency gain per candidate multiple and the one chosen."""
     entries = _load(files[0])
@@ -280,6 +288,7 @@ RENDERERS: list[Renderer] = [
     Renderer("peer_latency*.json", _peer_latency, "benchmarks/peer_latency.py: render"),
     Renderer("ocr_accuracy*.json", _ocr_accuracy, "benchmarks/ocr_accuracy.py: markdown_of"),
     Renderer("prune_zoo*.json", _prune_zoo, "benchmarks/prune_zoo.py: markdown"),
+    Renderer("plan_stability*.json", _plan_stability, "benchmarks/plan_stability.py: render"),
     Renderer("gpu_latency*.json", _gpu_latency, "benchmarks/gpu_latency.py: markdown"),
     Renderer("latency_aware*.json", _latency_aware, "benchmarks/latency_aware.py: markdown"),
     Renderer("accuracy*.json", _accuracy, "benchmarks/accuracy.py: markdown"),
@@ -287,6 +296,7 @@ RENDERERS: list[Renderer] = [
     Renderer("distill*.json", _distill, "benchmarks/distill_ocr.py: markdown"),
     Renderer("tvm_tuning*.json", _tvm_tuning, "benchmarks/render_docs.py: _tvm_tuning"),
     Renderer("di_scale*.json", _di_scale, "benchmarks/render_docs.py: _di_scale"),
+    Renderer("real_models*.json", _real_models, "benchmarks/real_models.py: markdown"),
     Renderer("channel_multiples*.json", _channel_multiples, "benchmarks/render_docs.py: _channel_multiples"),
     Renderer("round_to_rule*.json", _round_to_rule, "benchmarks/render_docs.py: _round_to_rule"),
     Renderer("big_model_memory*.json", _big_model_memory, "benchmarks/render_docs.py: _big_model_memory"),

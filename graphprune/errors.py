@@ -33,3 +33,10 @@ class SpeedupNotMet(GraphpruneError):
     """The measured speed-up is below --min-speedup: the CLI exits with code 3 and writes nothing."""
 
     exit_code = 3
+
+
+class TargetNotMet(GraphpruneError):
+    """A latency target the measured plans could not reach: exit code 3, nothing written (like
+    --min-speedup); --allow-floor accepts the fastest plan tried instead."""
+
+    exit_code = 3

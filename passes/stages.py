@@ -217,9 +217,29 @@ class Allocate(Pass):
         if kind == "latency":
             plan, state.slim, state.latency = state.adapter.fit_latency(state, allocate_at)
             state.plan = Plan(plan.removed, plan.kind, o.target, plan.base_cost, plan.cost, plan.kept)
+            _check_latency_fit(state)
         else:
             state.plan = allocate_at(o.target)
         return state
+
+
+def _check_latency_fit(state: PruneState) -> None:
+    """A latency target is met when the measured ratio is at most target * (1 + TOLERANCE); a miss
+    is TargetNotMet (exit 3, nothing written) unless --allow-floor, and a plan much faster than asked
+    (it pruned more than needed) is a warning."""
+    from graphprune.errors import TargetNotMet
+    from graphprune.passes.latency_cost import TOLERANCE
+
+    target, measured = state.options.target, state.latency["ratio"]
+    tries = len(state.latency.get("calibration", []))
+    if measured > target * (1 + TOLERANCE):
+        if not state.options.allow_floor:
+            raise TargetNotMet(f"--target-latency {target:g}: the closest plan of {tries} measured tries runs at "
+                               f"{measured:.3f} of the original latency; nothing written (--allow-floor accepts it)")
+        state.warnings.append(f"latency target {target:g} not met: measured {measured:.3f} (--allow-floor)")
+    elif measured < target * (1 - TOLERANCE):
+        state.warnings.append(f"latency target {target:g}: the fitted plan measures {measured:.3f} after {tries} "
+                              "tries, faster than asked (more pruned than needed)")
 
 
 class SensitivityAllocate(Pass):
@@ -352,8 +372,11 @@ class Report(Pass):
         if state.latency is not None:
             report["latency"] = state.latency
             if state.plan.kind == "latency":  # the measured ratio is what was achieved
+                from graphprune.passes.latency_cost import TOLERANCE
+
                 report["achieved"] = state.latency["ratio"]
                 report["target_error"] = abs(state.latency["ratio"] - state.plan.target)
+                report["target_met"] = state.latency["ratio"] <= state.plan.target * (1 + TOLERANCE)
         state.report = report
         return state
 

@@ -109,17 +109,43 @@ def measure_ort(
     return LatencyStats.from_samples(sample_ort(model, feeds, runs, warmup, intra_op_threads))
 
 
+CLOCKS = ("wall", "cpu", "auto")
+
+
+def clock_for(clock: str, intra_op_threads: int) -> str:
+    """Resolve "auto": the calling thread's CPU time for one-thread sessions, wall time otherwise.
+
+    Why: with one intra-op thread onnxruntime runs every op on the calling thread, so that thread's
+    CPU time is the model's compute time without the time the scheduler gave to other processes. On a
+    busy machine (more runnable processes than cores) wall-clock medians of the same pair of models
+    ranged from 0.27 to 0.73 while thread CPU time gave 0.502-0.509. With a thread pool the work runs
+    on other threads, so only wall time is meaningful there.
+    """
+    if clock not in CLOCKS:
+        raise GraphpruneError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
+    if clock == "auto":
+        return "cpu" if intra_op_threads == 1 else "wall"
+    if clock == "cpu" and intra_op_threads != 1:
+        raise GraphpruneError("the cpu clock times the calling thread: it needs intra_op_threads=1")
+    return clock
+
+
+def _timer(clock: str) -> Callable[[], float]:
+    return time.thread_time if clock == "cpu" else time.perf_counter
+
+
 def sample_ort(model: onnx.ModelProto | str | Path | bytes, feeds: dict[str, np.ndarray], runs: int,
-               warmup: int = 3, intra_op_threads: int = 1) -> list[float]:
+               warmup: int = 3, intra_op_threads: int = 1, clock: str = "wall") -> list[float]:
     """Raw per-run milliseconds; callers interleave rounds of several models to share machine noise."""
+    now = _timer(clock_for(clock, intra_op_threads))
     sess = make_session(onnx.load_from_string(model) if isinstance(model, bytes) else model, intra_op_threads)
     for _ in range(warmup):
         sess.run(None, feeds)
     samples = []
     for _ in range(runs):
-        t0 = time.perf_counter()
+        t0 = now()
         sess.run(None, feeds)
-        samples.append((time.perf_counter() - t0) * 1e3)
+        samples.append((now() - t0) * 1e3)
     return samples
 
 
@@ -132,12 +158,13 @@ def interleaved_samples(
     budget_s: float | None = None,
     min_rounds: int = 5,
     on_round: Callable[[int, int], None] | None = None,
+    clock: str = "wall",
 ) -> list[list[float]]:
     """Per-model milliseconds from interleaved rounds: each round runs every model once, in turn.
 
     Why interleave: machine noise (another process, frequency changes) then hits all models alike,
     so the ratio of medians stays meaningful on a busy machine where back-to-back timing does not.
-    `budget_s` bounds the timed part (at least `min_rounds` rounds still run).
+    `budget_s` bounds the timed part (at least `min_rounds` rounds still run); `clock` is clock_for's.
     """
     if rounds < 1:
         raise GraphpruneError("--runs must be at least 1")
@@ -146,13 +173,14 @@ def interleaved_samples(
     for _ in range(warmup):
         for sess, feed in zip(sessions, feed_list):
             sess.run(None, feed)
+    now = _timer(clock_for(clock, intra_op_threads))
     samples: list[list[float]] = [[] for _ in models]
     start = time.perf_counter()
     for r in range(rounds):
         for i, (sess, feed) in enumerate(zip(sessions, feed_list)):
-            t0 = time.perf_counter()
+            t0 = now()
             sess.run(None, feed)
-            samples[i].append((time.perf_counter() - t0) * 1e3)
+            samples[i].append((now() - t0) * 1e3)
         if on_round:
             on_round(r + 1, rounds)
         if budget_s is not None and r + 1 >= min_rounds and time.perf_counter() - start > budget_s:
@@ -162,20 +190,23 @@ def interleaved_samples(
 
 def measure_speedup(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dict[str, np.ndarray],
                     budget_s: float = 3.0, max_rounds: int = 50, intra_op_threads: int = 1,
-                    progress: Callable[[str], None] | None = None) -> dict:
+                    progress: Callable[[str], None] | None = None, clock: str = "auto") -> dict:
     """Original vs pruned latency on onnxruntime CPU, interleaved and bounded by `budget_s`.
 
     This is the measurement every `prune` run reports next to its FLOPs ratio: short (a few seconds),
-    so it is a sanity check against "pruned but not faster", not a benchmark.
+    so it is a sanity check against "pruned but not faster", not a benchmark. With one thread it
+    times the thread's CPU time by default (clock_for), so a busy machine does not decide the plan.
     """
+    clock = clock_for(clock, intra_op_threads)
     def tick(done: int, total: int) -> None:
         if progress:
             progress(f"measuring speed-up on onnxruntime (round {done})")
 
     a, b = interleaved_samples([original, pruned], feed, rounds=max_rounds, warmup=2,
-                               intra_op_threads=intra_op_threads, budget_s=budget_s, on_round=tick)
+                               intra_op_threads=intra_op_threads, budget_s=budget_s, on_round=tick, clock=clock)
     before, after = LatencyStats.from_samples(a), LatencyStats.from_samples(b)
     return {"backend": "onnxruntime CPU", "threads": intra_op_threads, "rounds": len(a),
+            "clock": "thread CPU time" if clock == "cpu" else "wall",
             "before_ms": before.median_ms, "after_ms": after.median_ms,
             "ratio": after.median_ms / before.median_ms if before.median_ms else 1.0,
             "speedup": before.median_ms / after.median_ms if after.median_ms else float("inf"),

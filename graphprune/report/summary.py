@@ -228,7 +228,7 @@ def render_tables(report: dict[str, Any], console: Any, max_groups: int | None =
     )
     if lat and "speedup" in lat:
         console.print(f"[bold]speed-up {lat['speedup']:.2f}x[/] measured ({lat['backend']}, {lat['threads']} thread, "
-                      f"{lat['rounds']} interleaved rounds)  vs  FLOPs reduction {lat['flops_speedup']:.2f}x")
+                      f"{lat['rounds']} interleaved rounds{', ' + lat['clock'] if lat.get('clock') else ''})  vs  FLOPs reduction {lat['flops_speedup']:.2f}x")
     if report.get("target_met") is False:
         console.print("[yellow]target not met: this is the floor (--allow-floor)[/yellow]")
 
