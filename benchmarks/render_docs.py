@@ -247,6 +247,10 @@ def _di_scale(files: list[Path]) -> str:
                  split)])
 
 
+def _real_models(files: list[Path]) -> str:
+    return _script("real_models").markdown(_load(files[0]))
+
+
 def _channel_multiples(files: list[Path]) -> str:
     """graphprune calibrate's table: efficiency gain per candidate multiple and the one chosen."""
     entries = _load(files[0])
@@ -300,6 +304,7 @@ RENDERERS: list[Renderer] = [
     Renderer("distill*.json", _distill, "benchmarks/distill_ocr.py: markdown"),
     Renderer("tvm_tuning*.json", _tvm_tuning, "benchmarks/render_docs.py: _tvm_tuning"),
     Renderer("di_scale*.json", _di_scale, "benchmarks/render_docs.py: _di_scale"),
+    Renderer("real_models*.json", _real_models, "benchmarks/real_models.py: markdown"),
     Renderer("channel_multiples*.json", _channel_multiples, "benchmarks/render_docs.py: _channel_multiples"),
     Renderer("round_to_rule*.json", _round_to_rule, "benchmarks/render_docs.py: _round_to_rule"),
     Renderer("big_model_memory*.json", _big_model_memory, "benchmarks/render_docs.py: _big_model_memory"),
