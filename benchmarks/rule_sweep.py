@@ -33,7 +33,21 @@ from peer_latency import (MODELS, _time_gpu_batch, export, header, prepare_all, 
 # name -> (strategy, round_to, exchange-rate factor)
 CPU_VARIANTS = {"global": ("global", "auto", 1.0), "speed": ("speed", "auto", 1.0), "speed_k2": ("speed", "auto", 2.0)}
 GPU_VARIANTS = {"global": ("global", "auto", 1.0), "speed": ("speed", "auto", 1.0), "speed_k3": ("speed", "auto", 3.0),
-                "speed_r64": ("speed", 64, 1.0), "global_r64": ("global", 64, 1.0)}
+                "speed_r64": ("speed", 64, 1.0), "global_r64": ("global", 64, 1.0),
+                # --round-to auto with the table's multiple halved for groups narrower than twice it
+                "speed_halved": ("speed", "halved", 1.0), "global_halved": ("global", "halved", 1.0)}
+
+
+def _select() -> None:
+    """Keep only the variants named in RULE_SWEEP_CPU / RULE_SWEEP_GPU (comma lists; unset: keep all)."""
+    for env, table in (("RULE_SWEEP_CPU", CPU_VARIANTS), ("RULE_SWEEP_GPU", GPU_VARIANTS)):
+        if env in os.environ:
+            keep = set(filter(None, os.environ[env].split(",")))
+            for k in [k for k in table if k not in keep]:
+                del table[k]
+
+
+_select()
 
 
 def _prune(model, x, hardware: str, strategy: str, round_to, factor: float, target: float):
@@ -42,15 +56,19 @@ def _prune(model, x, hardware: str, strategy: str, round_to, factor: float, targ
     from graphprune.backends import channel_table
     from graphprune.passes import stages
 
+    from unittest import mock
+
+    from graphprune.passes import allocate
+
+    def halving(analysis, multiple, *_args, **_kw):
+        return allocate.group_multiples(analysis, multiple, halve=True), "halved for narrow groups"
+
     rate = channel_table.elem_macs(hardware) * factor
-    saved = stages.elem_macs
-    stages.elem_macs = lambda _hw: rate
-    try:
-        kw = {"measure": False} if x is None else {}
-        return graphprune.prune(model, x, target_flops=target, strategy=strategy, round_to=round_to,
-                                hardware=hardware, **kw)
-    finally:
-        stages.elem_macs = saved
+    kw = {"measure": False} if x is None else {}
+    with mock.patch.object(stages, "elem_macs", lambda _hw: rate), \
+            mock.patch.object(allocate, "auto_multiples", halving if round_to == "halved" else allocate.auto_multiples):
+        return graphprune.prune(model, x, target_flops=target, strategy=strategy,
+                                round_to="auto" if round_to == "halved" else round_to, hardware=hardware, **kw)
 
 
 def prepare(name: str, size: int, target: float, workdir: str, tp_steps: int, gpu: bool) -> dict:
@@ -119,8 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=min(7, os.cpu_count() or 1))
     ap.add_argument("--no-gpu", action="store_true")
     ap.add_argument("--quick", action="store_true", help="Few rounds and steps: a smoke run, not results.")
+    ap.add_argument("--cpu-variants", nargs="*", choices=list(CPU_VARIANTS), default=list(CPU_VARIANTS))
+    ap.add_argument("--gpu-variants", nargs="*", choices=list(GPU_VARIANTS),
+                    default=["global", "speed", "speed_k3", "speed_r64", "global_r64"])
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    # spawned workers re-import this module: the selection travels in the environment
+    os.environ["RULE_SWEEP_CPU"], os.environ["RULE_SWEEP_GPU"] = ",".join(args.cpu_variants), ",".join(args.gpu_variants)
+    _select()
     if args.quick:
         args.rounds, args.gpu_rounds, args.tp_steps = 3, 3, 4
     import torch
@@ -162,7 +186,8 @@ def render(report: dict) -> str:
 
 
 LABELS = {"global": "global", "speed": "speed", "speed_k2": "speed, rate x2", "speed_k3": "speed, rate x3",
-          "speed_r64": "speed, round_to 64", "global_r64": "global, round_to 64", "torch_pruning": "Torch-Pruning"}
+          "speed_r64": "speed, round_to 64", "global_r64": "global, round_to 64", "torch_pruning": "Torch-Pruning",
+          "speed_halved": "speed, halved multiples", "global_halved": "global, halved multiples"}
 
 
 def markdown(report: dict) -> str:
