@@ -42,23 +42,45 @@ CASES = [
 ]
 
 
+QDQ = ("local/resnet18_qdq_perchannel.onnx", {"": (1, 3, 224, 224)}, 0.5)  # made by qdq_resnet18 below
+COLUMNS = ("model (file under the models dir)", "input", "target", "achieved", "independent", "diff",
+           "prunable groups")
+
+
+def cells(r: dict) -> list[str]:
+    """One row of the docs table. Rows written before "source"/"input" were recorded get them from CASES."""
+    case = next((c for c in [*CASES, QDQ] if Path(c[0]).name == r["model"]), (r["model"], {"": ()}, None))
+    shape = r.get("input") or next(iter(case[1].values()))
+    return [r.get("source", case[0]), "x".join(map(str, shape)), f"{r['target']:g}", f"{r['achieved']:.5f}",
+            f"{r['independent_ratio']:.5f}", f"{r['max_abs_diff_vs_masked']:.2g}",
+            f"{r['prunable_groups']} / {r['groups']}"]
+
+
+def markdown(rows: list[dict]) -> str:
+    """The docs table of a results file (benchmarks/render_docs.py)."""
+    from mdtable import md_table
+
+    return md_table(COLUMNS, [cells(r) for r in rows])
+
+
 def qdq_resnet18(out_dir: Path) -> Path:
     import torch
     import torchvision
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    dst = out_dir / "resnet18_qdq_perchannel.onnx"
+    dst = out_dir / Path(QDQ[0]).name
+    size = QDQ[1][""]
     if dst.exists():
         return dst
     torch.manual_seed(0)
     src = out_dir / "resnet18.onnx"
-    torch.onnx.export(torchvision.models.resnet18(weights=None).eval(), torch.randn(1, 3, 224, 224), str(src),
+    torch.onnx.export(torchvision.models.resnet18(weights=None).eval(), torch.randn(*size), str(src),
                       opset_version=17, dynamo=False)
     name = onnx.load(src).graph.input[0].name
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.it = iter([{name: np.random.default_rng(i).standard_normal((1, 3, 224, 224)).astype(np.float32)}
+            self.it = iter([{name: np.random.default_rng(i).standard_normal(size).astype(np.float32)}
                             for i in range(8)])
 
         def get_next(self):
@@ -101,15 +123,16 @@ def main() -> None:
         if not path.exists():
             print(f"skip {rel}: not under {models}")
             continue
-        rows.append(check(path, shape, target))
+        rows.append({**check(path, shape, target), "source": rel, "input": next(iter(shape.values()))})
         print(json.dumps(rows[-1]))
     local = models / "local"
     local.mkdir(parents=True, exist_ok=True)
-    rows.append(check(qdq_resnet18(local), {}, 0.5))
+    rows.append({**check(qdq_resnet18(local), {}, QDQ[2]), "source": QDQ[0], "input": QDQ[1][""]})
     print(json.dumps(rows[-1]))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=2)
+    print(markdown(rows))
 
 
 if __name__ == "__main__":

@@ -265,6 +265,10 @@ def _di_scale(files: list[Path]) -> str:
                  split)])
 
 
+def _real_models(files: list[Path]) -> str:
+    return _script("real_models").markdown(_load(files[0]))
+
+
 def _channel_multiples(files: list[Path]) -> str:
     """graphprune calibrate's table: efficiency gain per candidate multiple and the one chosen."""
     entries = _load(files[0])
@@ -279,6 +283,14 @@ def _round_to_rule(files: list[Path]) -> str:
              f"{r['speedup']['strict']:.2f}x", f"{r['speedup']['strict_again']:.2f}x", f"{r['speedup']['halved']:.2f}x"]
             for r in _load(files[0])["models"]]
     return md_table(["model", "FLOPs kept strict / halved", "strict", "strict (again)", "halved (default)"], rows)
+
+
+def _rule_sweep(files: list[Path]) -> str:
+    return _script("rule_sweep").markdown(_load(files[0]))
+
+
+def _speed_order_accuracy(files: list[Path]) -> str:
+    return _script("speed_order_accuracy").markdown(_load(files[0]))
 
 
 def _big_model_memory(files: list[Path]) -> str:
@@ -311,9 +323,12 @@ RENDERERS: list[Renderer] = [
     Renderer("tvm_tuning*.json", _tvm_tuning, "benchmarks/render_docs.py: _tvm_tuning"),
     Renderer("tvm_schedules*.json", _tvm_schedules, "benchmarks/render_docs.py: _tvm_schedules"),
     Renderer("di_scale*.json", _di_scale, "benchmarks/render_docs.py: _di_scale"),
+    Renderer("real_models*.json", _real_models, "benchmarks/real_models.py: markdown"),
     Renderer("channel_multiples*.json", _channel_multiples, "benchmarks/render_docs.py: _channel_multiples"),
     Renderer("round_to_rule*.json", _round_to_rule, "benchmarks/render_docs.py: _round_to_rule"),
     Renderer("big_model_memory*.json", _big_model_memory, "benchmarks/render_docs.py: _big_model_memory"),
+    Renderer("rule_sweep*.json", _rule_sweep, "benchmarks/rule_sweep.py: markdown"),
+    Renderer("speed_order_accuracy*.json", _speed_order_accuracy, "benchmarks/speed_order_accuracy.py: markdown"),
 ]
 
 # Results files whose documented tables are still typed by hand. Only ever shrinks: a new table

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"<!-- results: (?P<refs>[^>]*?) -->(?P<body>.*?)<!-- /results -->", re.S)
 FENCE = re.compile(r"```.*?```", re.S)
-DECIMAL = re.compile(r"(?<![\w.])(\d+\.\d+)(?![\w.]*\d)")
+DECIMAL = re.compile(r"(?<![\w.])(\d+\.\d+(?:e[-+]?\d+)?)(?![\w.]*\d)")
 MEASURED = re.compile(r"(?<![\w.])\d+(\.\d+)?(x\b| ?ms\b| ?TFLOP/s)|(?<![\w.])\d+\.\d+( ?%| ?s\b| ±)")
 SCALES = (1.0, 100.0, 1e-3, 1e-6, 1e-9)
 
@@ -56,9 +56,10 @@ def _load_values(path: Path) -> list[float]:
 
 
 def _backed(text: str, values: list[float]) -> bool:
-    digits = len(text.split(".")[1])
+    mantissa, _, exponent = text.partition("e")  # 5.7e-06: two significant digits of 5.72e-06
+    digits = len(mantissa.split(".")[1])
     target = float(text)
-    tol = 0.5 * 10 ** -digits + 1e-12
+    tol = (0.5 * 10 ** -digits + 1e-12) * 10.0 ** int(exponent or 0)
     for v in values:
         if not math.isfinite(v):
             continue
@@ -108,6 +109,8 @@ def test_the_checker_catches_an_unbacked_figure(tmp_path):
     shown = f"{row['cpu']['1']['speedup']['graphprune']:.2f}"
     assert _backed(shown, values)
     assert not _backed("987.65", values)
+    assert _backed("5.7e-06", [5.7220458984375e-06]) and not _backed("5.8e-06", [5.7220458984375e-06])
+    assert DECIMAL.findall("diff 5.7e-06 and 1.25") == ["5.7e-06", "1.25"]
     assert MEASURED.search("runs 2.41x faster") and MEASURED.search("takes 3.5 ms")
     assert MEASURED.search("prunes in 1.2 s") and MEASURED.search("95.56 ± 1.33")
     assert not MEASURED.search("prune to 40% FLOPs with --round-to 8")
