@@ -405,7 +405,7 @@ def _uniform(analysis: Analysis, chunks: dict[int, list[list[int]]], cost: Incre
 # NCHWc kernels pad a narrow group back up to the block, so pruning inside it buys nothing. On cuda-fp16
 # narrow groups get the halved multiple (group_multiples(halve=True)): a regnet_y_800mf grouped conv kept
 # whole at 16 channels per group by the strict rule measured slower on the GPU than the halved plan
-# (benchmarks/results/rule_sweep_s3b.json).
+# (benchmarks/results/rule_sweep_gpu_s3.json: regnet_y_800mf 1.38x vs 1.17x at batch 128).
 STRICT_HARDWARE = ("ort-cpu",)
 
 
