@@ -10,7 +10,9 @@
 # Env: OUT (results folder, default benchmarks/results), ASSETS (default bench_assets), PY (default python3),
 # RANK_STEPS (ranking budget in steps, default 2000), BUDGET_S (main distillation wall budget, default 200),
 # JOBS (a subset of "ocr_0.5 ocr_0.4 rank_l1 rank_di digits", plus "ddp": finetune --nproc 1 vs 2 on the example
-# CNN, not in the default set; the report merges every result file present),
+# CNN, and "rank_hfp rank_ssr rank_hbfp": the training-based methods on the ONNX model, their first METHOD_STEPS
+# (default 400) of the RANK_STEPS driven by the distillation loss before pruning; not in the default set; the
+# report merges every result file present), CAP_S (per-job time limit, default 500),
 # DEVICE=cpu SMOKE=1 for a local check of the whole chain with tiny sizes (numbers meaningless).
 set -u
 cd "$(dirname "$0")/.."
@@ -49,24 +51,32 @@ SMALL=""; DSMALL=""; OSMALL=""
 if [ "${SMOKE:-0}" = 1 ]; then
     SMALL="--train-lines 32 --eval-lines 16 --recover bias --batch-size 8 --curve-points 2 --cpu-threads 1 --workers 1 --ort-threads 1"
     DSMALL="--digits-quick --seeds 0"; OSMALL="--steps 2 --cpu-steps 1"
-    BUDGET_S=${BUDGET_S:-1}; RANK_STEPS=${RANK_STEPS:-2}
+    BUDGET_S=${BUDGET_S:-1}; RANK_STEPS=${RANK_STEPS:-5}; METHOD_STEPS=${METHOD_STEPS:-3}; SMALL="$SMALL --epoch-steps 1"
 fi
 mkdir -p "$OUT" "$LOGS"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-6}
 B="benchmarks/distill_ocr.py --fonts $ASSETS/fonts --models $ASSETS --device $DEVICE --workers 4 --ort-threads 4"
 start=$(date +%s)
 JOBS=${JOBS:-ocr_0.5 ocr_0.4 rank_l1 rank_di digits}
-job() {  # job NAME GPU ARGS...: capped at 500 s so a slow job still leaves the others' results
+# GPU indices below are logical: with CUDA_VISIBLE_DEVICES already set (e.g. a GPU pinned by the caller) they
+# map into that list instead of replacing it
+IFS=, read -ra VISIBLE <<< "${CUDA_VISIBLE_DEVICES:-}"
+job() {  # job NAME GPU ARGS...: capped (CAP_S, default 500 s) so a slow job still leaves the others' results
     local name=$1 gpu=$2; shift 2
+    [ "${#VISIBLE[@]}" -gt 0 ] && gpu=${VISIBLE[$gpu]:-${VISIBLE[0]}}
     case " $JOBS " in *" $name "*) ;; *) return 0 ;; esac
-    CUDA_VISIBLE_DEVICES=$gpu timeout 500 $PY $B "$@" --out "$OUT/distill_$name.json" >"$LOGS/$name.log" 2>&1
+    CUDA_VISIBLE_DEVICES=$gpu timeout "${CAP_S:-500}" $PY $B "$@" --out "$OUT/distill_$name.json" >"$LOGS/$name.log" 2>&1
     echo "$name: exit $? after $(( $(date +%s) - start )) s"
 }
 job ocr_0.5 0 ocr --target 0.5 --budget-s "${BUDGET_S:-200}" --cpu-threads 8 $SMALL $OSMALL &
 job ocr_0.4 "$g1" ocr --target 0.4 --budget-s "${BUDGET_S:-200}" --cpu-steps 0 $SMALL $OSMALL &
-job rank_l1 0 rank --target 0.5 --methods l1,hfp,ssr,hbfp --steps "${RANK_STEPS:-2000}" --cpu-steps 0 $SMALL &
+job rank_l1 0 rank --target 0.5 --methods l1 --steps "${RANK_STEPS:-2000}" --cpu-steps 0 $SMALL &
 job rank_di "$g1" rank --target 0.5 --methods di --steps "${RANK_STEPS:-2000}" --cpu-steps 0 $SMALL &
 job digits "$g1" digits $DSMALL &
+MS="--method-steps ${METHOD_STEPS:-400}"
+job rank_hfp 0 rank --target 0.5 --methods hfp --steps "${RANK_STEPS:-2000}" $MS --cpu-steps 0 $SMALL &
+job rank_ssr "$g1" rank --target 0.5 --methods ssr --steps "${RANK_STEPS:-2000}" $MS --cpu-steps 0 $SMALL &
+job rank_hbfp 0 rank --target 0.5 --methods hbfp --steps "${RANK_STEPS:-2000}" $MS --cpu-steps 0 $SMALL &
 wait
 case " $JOBS " in *" ddp "*)  # the multi-process path on the GPUs: the built-in example CNN, 1 vs 2 processes
     D=$(mktemp -d)
@@ -85,7 +95,7 @@ np.savez('$D/d.npz', image=np.random.default_rng(0).normal(size=(2048, 3, 32, 32
     done ;;
 esac
 files=""
-for f in ocr_0.5 ocr_0.4 rank_l1 rank_di digits; do [ -f "$OUT/distill_$f.json" ] && files="$files $OUT/distill_$f.json"; done
+for f in ocr_0.5 ocr_0.4 rank_l1 rank_di rank_hfp rank_ssr rank_hbfp digits; do [ -f "$OUT/distill_$f.json" ] && files="$files $OUT/distill_$f.json"; done
 $PY benchmarks/distill_ocr.py report $files --out "$OUT/distill.json" --md "$OUT/distill.md"
 echo "device_distill: done in $(( $(date +%s) - start )) s; logs in $LOGS"
 tail -n 3 "$LOGS"/*.log

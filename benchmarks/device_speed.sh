@@ -6,6 +6,8 @@
 #
 #   benchmarks/device_speed.sh --prepare   # here, once: puts the Torch-Pruning wheel in .whl/ (gitignored)
 #   OUT=$OUT benchmarks/device_speed.sh    # there, with carry [".whl"]; nothing else may run meanwhile (it times)
+#   OUT=$OUT benchmarks/device_speed.sh --sweep   # instead: benchmarks/rule_sweep.py -> $OUT/rule_sweep.json
+#                                                  (candidate allocation rules and GPU multiples, ~5 min)
 #
 # Torch-Pruning is not installed on the GPU machine: its wheel travels in .whl/ and is unpacked next to
 # it. If graphprune is not installed there, this checkout is imported (PYTHONPATH + a graphprune/passes
@@ -41,6 +43,12 @@ fi
 python3 -c "import graphprune, torch_pruning, torch; import graphprune.passes.allocate as a; print('graphprune', a.__file__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"
 
 start=$(date +%s)
+if [[ "${1:-}" == "--sweep" ]]; then
+    shift
+    python3 benchmarks/rule_sweep.py --out "$OUT/rule_sweep.json" "$@"
+    echo "rule_sweep: $(( $(date +%s) - start )) s"
+    exit 0
+fi
 python3 benchmarks/peer_latency.py --out "$OUT/peer_latency.json" "$@"  # extra args: e.g. --quick for a smoke run
 echo "peer_latency: $(( $(date +%s) - start )) s"
 # secondary (not an issue-14 figure): a failure here keeps peer_latency.json

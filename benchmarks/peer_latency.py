@@ -89,21 +89,30 @@ def export(model, x, path: Path) -> Path:
     return path
 
 
+def source_model(name: str, size: int, work: Path):
+    """The zoo model (one torch thread), an example input, its ONNX export and its MACs."""
+    import torch
+
+    import graphprune
+    from zoo import make_model
+
+    torch.set_num_threads(1)
+    model = make_model(name).eval()
+    x = torch.randn(1, 3, size, size)
+    orig = export(model, x, work / f"{name}.onnx")
+    return model, x, orig, graphprune.analyze(str(orig)).macs()
+
+
 def prepare(name: str, size: int, target: float, workdir: str, tp_steps: int, gpu: bool) -> dict:
     """Build every pruned variant of one model (one worker process, one thread)."""
     import torch
 
-    torch.set_num_threads(1)
     import graphprune
     from graphprune.backends.ort_backend import measure_speedup, random_inputs
-    from zoo import make_model
 
     t0 = time.perf_counter()
     work = Path(workdir)
-    model = make_model(name).eval()
-    x = torch.randn(1, 3, size, size)
-    orig = export(model, x, work / f"{name}.onnx")
-    base = graphprune.analyze(str(orig)).macs()
+    model, x, orig, base = source_model(name, size, work)
     row: dict = {"model": name, "macs": base, "files": {"original": str(orig)}}
 
     gp = graphprune.prune(str(orig), target_flops=target, measure=False)
@@ -137,6 +146,24 @@ def prepare(name: str, size: int, target: float, workdir: str, tp_steps: int, gp
         row["graphprune_gpu"] = {"macs_ratio": gpm.report["macs"]["ratio"], "round_to": gpm.report["round_to"]}
     row["prepare_s"] = round(time.perf_counter() - t0, 1)
     return row
+
+
+def prepare_all(prepare_fn, args: argparse.Namespace, workdir: str, gpu: bool) -> tuple[list[dict], dict[str, str]]:
+    """prepare_fn for every model of args.models, in parallel spawned workers; a model that fails is
+    recorded (name -> error) and the run goes on."""
+    import multiprocessing
+
+    with ProcessPoolExecutor(max_workers=args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(prepare_fn, n, args.size, args.target, workdir, args.tp_steps, gpu) for n in args.models]
+        rows, failed = [], {}
+        for name, f in zip(args.models, futures):
+            try:
+                rows.append(f.result())
+                print(f"prepared {name} in {rows[-1]['prepare_s']}s", flush=True)
+            except Exception as exc:  # noqa: BLE001 - one model's failure is a result, not the end of the run
+                failed[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                print(f"FAILED to prepare {name}: {failed[name]}", flush=True)
+    return rows, failed
 
 
 def _load(path):
@@ -313,18 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.is_available() and not args.no_gpu
     workdir = tempfile.mkdtemp(prefix="peer-latency-")
     t0 = time.perf_counter()
-    import multiprocessing
-
-    with ProcessPoolExecutor(max_workers=args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(prepare, n, args.size, args.target, workdir, args.tp_steps, gpu) for n in args.models]
-        rows, failed = [], {}
-        for name, f in zip(args.models, futures):
-            try:
-                rows.append(f.result())
-                print(f"prepared {name} in {rows[-1]['prepare_s']}s", flush=True)
-            except Exception as exc:  # noqa: BLE001 - one model's failure is a result, not the end of the run
-                failed[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                print(f"FAILED to prepare {name}: {failed[name]}", flush=True)
+    rows, failed = prepare_all(prepare, args, workdir, gpu)
     prep_s = time.perf_counter() - t0
     report = header(args, gpu, prep_s)
     report["failed"] = failed

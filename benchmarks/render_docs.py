@@ -267,6 +267,14 @@ def _round_to_rule(files: list[Path]) -> str:
     return md_table(["model", "FLOPs kept strict / halved", "strict", "strict (again)", "halved (default)"], rows)
 
 
+def _rule_sweep(files: list[Path]) -> str:
+    return _script("rule_sweep").markdown(_load(files[0]))
+
+
+def _speed_order_accuracy(files: list[Path]) -> str:
+    return _script("speed_order_accuracy").markdown(_load(files[0]))
+
+
 def _big_model_memory(files: list[Path]) -> str:
     def mb(r: dict, key: str) -> str:
         return f"{r[key + '_mb']:.1f}" + (" (over 2^31 bytes)" if r["over_2gb"][key] else "")
@@ -300,6 +308,8 @@ RENDERERS: list[Renderer] = [
     Renderer("channel_multiples*.json", _channel_multiples, "benchmarks/render_docs.py: _channel_multiples"),
     Renderer("round_to_rule*.json", _round_to_rule, "benchmarks/render_docs.py: _round_to_rule"),
     Renderer("big_model_memory*.json", _big_model_memory, "benchmarks/render_docs.py: _big_model_memory"),
+    Renderer("rule_sweep*.json", _rule_sweep, "benchmarks/rule_sweep.py: markdown"),
+    Renderer("speed_order_accuracy*.json", _speed_order_accuracy, "benchmarks/speed_order_accuracy.py: markdown"),
 ]
 
 # Results files whose documented tables are still typed by hand. Only ever shrinks: a new table

@@ -107,7 +107,7 @@ def prune(
     target_params: float | None = None,
     target_latency: float | None = None,
     method: str | None = None,
-    strategy: str = "global",
+    strategy: str = "speed",
     round_to: int | str = "auto",
     hardware: str | None = None,
     ignore: tuple[str, ...] | list[str] = (),

@@ -58,8 +58,10 @@ def _progress_printer(enabled: bool):
               help="Importance: l1, l2, bn_scale, fpgm, random; act (activation-aware, needs --calib); di, a "
                    "structure search (needs --calib). hfp, ssr, hbfp and taylor train or need gradients: run them "
                    "from Python (docs/methods.md). [default: act with --calib, else l1]")
-@click.option("--strategy", type=click.Choice(["global", "uniform", "sensitivity"]), default="global", show_default=True,
-              help="Budget per layer: global ranking, uniform ratio, or measured sensitivity (needs --calib).")
+@click.option("--strategy", type=click.Choice(["speed", "global", "uniform", "sensitivity"]), default="speed",
+              show_default=True,
+              help="Budget per layer: speed (global ranking, channels that cost more time per MAC on --hardware "
+                   "first), global ranking, uniform ratio, or measured sensitivity (needs --calib).")
 @click.option("--round-to", default="auto", show_default=True,
               help="Keep channel counts multiples of N; auto: the multiple measured fast on --hardware.")
 @click.option("--hardware", type=click.Choice(["ort-cpu", "cuda-fp16"]), default="ort-cpu", show_default=True,

@@ -326,6 +326,10 @@ def tune(model: str, target: str, trials: int | None, time_budget: str | None, t
     table.add_row("kernels", str(len(result.tasks)))
     table.add_row("tuned now / reused from db", f"{len(result.tuned_tasks)} / {len(result.reused_tasks)}")
     table.add_row("new trials", str(result.new_trials))
+    if result.default_ms:
+        names = [n for n in result.default_ms if n in result.best_ms]
+        table.add_row(f"default -> best, {len(names)} kernel(s) started now",
+                      f"{sum(result.default_ms[n] for n in names):.3f} -> {sum(result.best_ms[n] for n in names):.3f} ms")
     table.add_row("kernels with records / default schedule",
                   f"{report['kernels_tuned']} / {len(report['kernels_default'])}")
     if result.stopped:

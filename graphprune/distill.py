@@ -207,6 +207,23 @@ class OutputLoss:
                 **({"on": self.tap} if self.tap else {})}
 
 
+def outputs_loss(losses: list[OutputLoss], s_outs: tuple[Any, ...], t_outs: tuple[Any, ...],
+                 s_cap: dict[str, Any], t_cap: dict[str, Any], temperature: float) -> Any:
+    """The distillation loss summed over outputs: each compared as its OutputLoss says (a Softmax output on
+    its captured input logits). Shared by finetune and the training-based methods' label-free runs."""
+    total: Any = 0.0
+    for e, s, t in zip(losses, s_outs, t_outs):
+        if e.tap:
+            s, t = s_cap[e.tap], t_cap[e.tap]
+        if e.fn is not None:
+            total = total + e.fn(s, t)
+        elif e.kind == "kl":
+            total = total + kl_logits(s, t, temperature, e.axis)
+        else:
+            total = total + mse_scaled(s, t)
+    return total
+
+
 def onnx_output_losses(proto: Any, overrides: dict[str, Any]) -> list[OutputLoss]:
     """KL on the logits for Softmax/LogSoftmax outputs and for rank-2 float outputs (classifier logits),
     scale-free MSE for anything else (features, boxes, regressions); `overrides` wins."""
@@ -543,16 +560,7 @@ def _distil(teacher: Any, student: Any, fit: Any, hold: Any, names: list[str], l
             t_cap = dict(teacher.captured) if hasattr(teacher, "captured") else {}
         s_outs = _as_tuple(model(*xb))
         s_cap = student.captured if hasattr(student, "captured") else {}
-        total = 0.0
-        for e, s, t in zip(losses, s_outs, t_outs):
-            if e.tap:
-                s, t = s_cap[e.tap], t_cap[e.tap]
-            if e.fn is not None:
-                total = total + e.fn(s, t)
-            elif e.kind == "kl":
-                total = total + kl_logits(s, t, opts.temperature, e.axis)
-            else:
-                total = total + mse_scaled(s, t)
+        total = outputs_loss(losses, s_outs, t_outs, s_cap, t_cap, opts.temperature)
         if features:
             feat = sum(mse_scaled(s_cap[f], t_cap[f]) for f in features) / len(features)
             total = total + opts.feature_weight * feat

@@ -35,7 +35,7 @@ class PruneOptions:
     target_kind: str | None = None  # "macs", "params" or "latency"; None when `removed` is given
     target: float | None = None  # fraction of the cost to keep
     method: str = "l1"
-    strategy: str = "global"
+    strategy: str = "speed"  # global importance order, scaled by MACs saved per estimated time saved
     round_to: int | str = "auto"  # "auto": the channel multiple measured fast on `hardware`
     hardware: str = "ort-cpu"  # whose channel table round_to="auto" reads
     measure: bool = True  # time original vs pruned (ONNX: onnxruntime) and report the speed-up

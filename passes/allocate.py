@@ -1,7 +1,10 @@
 """Allocation: turn class scores into a set of removed classes that meets a cost target.
 
 Global: remove the globally least important chunk (round_to classes of one group) until the
-cost is at or under target. Uniform: every group keeps the same fraction, found by bisection,
+cost is at or under target. Speed (the default for FLOPs targets): global, with each chunk's
+importance scaled by the MACs it saves per unit of estimated time it saves, so at the same FLOPs
+the channels whose time is mostly memory traffic (depthwise convs, high-resolution activations,
+SE gates) go first. Uniform: every group keeps the same fraction, found by bisection,
 then topped up with global chunks so the target is met as tightly as the global strategy.
 """
 from __future__ import annotations
@@ -17,8 +20,8 @@ from graphprune.errors import GraphpruneError
 
 
 # "sensitivity" (passes/sensitivity.py) measures the model on calibration data, then allocates with
-# the global greedy over its measured prices
-STRATEGIES = ("global", "uniform", "sensitivity")
+# the global greedy over its measured prices; "speed" is global ordered by importance per time saved
+STRATEGIES = ("speed", "global", "uniform", "sensitivity")
 
 
 class IncrementalCost:
@@ -210,6 +213,8 @@ def allocate(
     normalize: bool = True,
     cost_aware: bool = False,
     value_kind: str | None = "macs",
+    time_kind: str | None = None,
+    time_weight: float = 1.0,
 ) -> Plan:
     """Pick classes to remove so that cost(kind) <= target * original cost, as tightly as possible.
 
@@ -220,6 +225,12 @@ def allocate(
     sensitivity prices: damage per unit of cost) pass normalize=False, and then the chunk that finally
     closes the gap is the set-aside one of least damage (score x cost saved), not of least overshoot.
     `round_to` is one multiple for all groups or a multiple per group id (see group_multiples).
+
+    time_kind (strategy "speed": a registered time estimate, passes.latency_cost.time_proxy_terms)
+    multiplies each chunk's importance by (target cost saved / time saved)^time_weight, both as
+    fractions of the model's total: a chunk saving 2% of the time for 1% of the MACs ranks as if half
+    as important. The target and the stopping rule are unchanged, so the plan meets the same FLOPs
+    target, spending it where it buys the most time.
 
     cost_aware=False removes the least important chunk first (cost only decides when to stop);
     cost_aware=True removes the chunk with the least value per unit of cost saved first, the greedy
@@ -254,13 +265,15 @@ def allocate(
     next_chunk = {gid: 0 for gid in chunks}
     if strategy == "uniform":
         _uniform(analysis, chunks, cost, goal, removed, next_chunk)
-    elif strategy != "global":
+    elif strategy not in ("global", "speed"):
         raise GraphpruneError(f"unknown strategy {strategy!r} (use {', '.join(STRATEGIES)}; "
                               "sensitivity needs calibration data)")
     work = IncrementalCost(analysis, value_kind) if cost_aware and value_kind else None
-    if work is not None:
-        for r in removed:  # (uniform's bisection left these removed)
-            work.remove(r)
+    clock = IncrementalCost(analysis, time_kind) if time_kind and not cost_aware else None
+    for counter in (work, clock):
+        if counter is not None:
+            for r in removed:  # (uniform's bisection left these removed)
+                counter.remove(r)
 
     def delta(counter: IncrementalCost, c: list[int]) -> float:
         before = counter.total
@@ -274,6 +287,10 @@ def allocate(
     def priority(gid: int, i: int) -> float:
         c = chunks[gid][i]
         importance = sum(scores.get(r, 0.0) for r in c)
+        if clock is not None:
+            saved, time_saved = delta(cost, c), delta(clock, c)
+            ratio = saved / time_saved if time_saved > 1e-15 else 1e6
+            return importance / len(c) * ratio ** time_weight
         if not cost_aware:
             return importance / len(c)
         saved = delta(cost, c)
@@ -297,7 +314,7 @@ def allocate(
             too_big.clear()
         else:
             score, gid, i = heapq.heappop(heap)
-            if cost_aware:  # lazy greedy: savings shrink as neighbours go, so re-check before taking
+            if cost_aware or clock is not None:  # lazy greedy: savings change as neighbours go: re-check
                 fresh = priority(gid, i)
                 if heap and fresh > heap[0][0] * (1 + 1e-9):
                     heapq.heappush(heap, (fresh, gid, i))
@@ -313,9 +330,10 @@ def allocate(
                 cost.restore(r)
             continue
         removed.update(chunks[gid][i])
-        if work is not None:
-            for r in chunks[gid][i]:
-                work.remove(r)
+        for counter in (work, clock):
+            if counter is not None:
+                for r in chunks[gid][i]:
+                    counter.remove(r)
         taken.append((score, gid, i))
         if i + 1 < len(chunks[gid]):
             heapq.heappush(heap, (priority(gid, i + 1), gid, i + 1))

@@ -60,8 +60,16 @@ class ChannelSpace:
         self.group_of = {c: gi for gi, g in enumerate(self.groups) for c in g}
 
     # -- costs ----------------------------------------------------------------------------------
-    def slots(self, tensor: str) -> torch.Tensor:
-        return self._slots[tensor]
+    def slots(self, tensor: str, device: Any = None) -> torch.Tensor:
+        """Keep-vector slot of each channel position of `tensor` (on `device`, cached: a copy to a GPU
+        at every training step would make the host wait for the device)."""
+        if device is None or torch.device(device).type == "cpu":
+            return self._slots[tensor]
+        cache = self.__dict__.setdefault("_slot_cache", {})
+        key = (tensor, str(device))
+        if key not in cache:
+            cache[key] = self._slots[tensor].to(device)
+        return cache[key]
 
     def soft_cost(self, kind: str, keep: torch.Tensor) -> torch.Tensor:
         """Differentiable cost for keep values (one per class in `classes` order, any in [0,1])."""
@@ -70,7 +78,7 @@ class ChannelSpace:
         for base, tensors in self.terms[kind]:
             f = keep.new_tensor(float(base))
             for t in tensors:
-                f = f * full[self._slots[t].to(keep.device)].mean()
+                f = f * full[self.slots(t, keep.device)].mean()
             total = total + f
         return total
 
@@ -104,6 +112,33 @@ class ChannelSpace:
         return self.cost(kind, removed) / self.cost(kind)
 
     # -- parameter access -----------------------------------------------------------------------
+    def out_l1(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per class (in `classes` order): the sum of the l1 norms of its "out" slices, differentiable.
+
+        One reduction per parameter instead of one per class: HBFP evaluates this at every step,
+        and a real network has thousands of classes."""
+        if not hasattr(self, "_out_index"):
+            rows: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
+            for c in self.classes:
+                for s in self.slices.get(c, []):
+                    if s.role == "out":
+                        pos, cls = rows.setdefault((s.param, s.axis), ([], []))
+                        pos += list(s.index)
+                        cls += [self.index[c]] * len(s.index)
+            self._out_index = [(p, a, torch.as_tensor(pos), torch.as_tensor(cls)) for (p, a), (pos, cls) in rows.items()]
+        dev = next(iter(params.values())).device if params else torch.device("cpu")
+        cache = self.__dict__.setdefault("_out_index_on", {})
+        if str(dev) not in cache:
+            cache[str(dev)] = [(n, a, pos.to(dev), cls.to(dev)) for n, a, pos, cls in self._out_index]
+        total = torch.zeros(len(self.classes), device=dev)
+        for name, axis, pos, cls in cache[str(dev)]:
+            if name not in params:
+                continue
+            p = params[name]
+            per = p.abs().movedim(axis, 0).reshape(p.shape[axis], -1).sum(1)
+            total = total.index_add(0, cls, per[pos].to(total.dtype))
+        return total
+
     def class_rows(self, params: dict[str, torch.Tensor], cls: int, roles: tuple[str, ...] = ("out",)) -> list[torch.Tensor]:
         """The class's slices of the given roles, each flattened to (k, -1) rows (views, grads flow)."""
         out = []
@@ -115,10 +150,25 @@ class ChannelSpace:
         return out
 
 
+def param_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's trained tensors under the names graphprune's analysis binds: an nn.Module's parameter
+    names, or an ONNX graph's initializer names for graphprune's trainable ONNX module (`weights_by_name`)."""
+    by_name = getattr(model, "weights_by_name", None)
+    return by_name() if callable(by_name) else dict(model.named_parameters())
+
+
 def _float_params(model: nn.Module) -> dict[str, torch.Tensor]:
-    d = dict(model.named_parameters())
-    d.update({k: v for k, v in model.named_buffers() if v.is_floating_point()})
+    d = param_dict(model)
+    if not callable(getattr(model, "weights_by_name", None)):
+        d.update({k: v for k, v in model.named_buffers() if v.is_floating_point()})
     return d
+
+
+def _module_of(model: nn.Module, param: str, modules: dict[str, nn.Module]) -> str | None:
+    """The submodule owning parameter `param` (by name prefix, or the ONNX module's own map)."""
+    owner = getattr(model, "module_of", None)
+    name = owner(param) if callable(owner) else (param.rsplit(".", 1)[0] if "." in param else None)
+    return name if name in modules else None
 
 
 def from_analysis(analysis: Any, model: nn.Module | None = None) -> ChannelSpace:
@@ -164,8 +214,8 @@ def _gate_points(analysis: Any, model: nn.Module) -> list[GatePoint]:
     for t in feature_tensors(analysis):
         node = graph.producer(t)
         weight = node.inputs[1] if node is not None and len(node.inputs) > 1 else None
-        name = weight.rsplit(".", 1)[0] if weight and "." in weight else None
-        if name is None or name not in modules:
+        name = _module_of(model, weight, modules) if weight else None
+        if name is None:
             continue
         points.append(GatePoint(name, t))
     return points
@@ -179,6 +229,46 @@ def space_of(model: nn.Module, example_inputs: Any) -> ChannelSpace:
 
 
 # -- plans ----------------------------------------------------------------------------------------
+class KeepCost:
+    """`cost_np` of a 0/1 keep vector changed one class at a time, in O(terms) per change.
+
+    Why: plan_from_scores checks the cost after every removal, and on a real network (PP-OCRv4 rec:
+    ~5,000 classes) recomputing every tensor's mean each time takes seconds per plan. The kept count
+    of a tensor is an integer, so count / size is exactly numpy's mean of the 0/1 values and the
+    result equals `cost_np` bit for bit.
+    """
+
+    def __init__(self, space: ChannelSpace, kinds: Iterable[str]) -> None:
+        self.space = space
+        self.kinds = list(kinds)
+        tensors = sorted({t for k in self.kinds for _, ts in space.terms[k] for t in ts})
+        self.size = {t: len(space.slots(t)) for t in tensors}
+        self.kept = {t: float(n) for t, n in self.size.items()}
+        self.where: dict[int, list[tuple[str, int]]] = {}
+        for t in tensors:
+            ids, counts = np.unique(space.slots(t).numpy(), return_counts=True)
+            for i, n in zip(ids.tolist(), counts.tolist()):
+                if i < len(space.classes):
+                    self.where.setdefault(space.classes[i], []).append((t, n))
+        self.on = {c: True for c in space.classes}
+
+    def set(self, cls: int, keep: bool) -> None:
+        if self.on.get(cls, True) == keep:
+            return
+        self.on[cls] = keep
+        for t, n in self.where.get(cls, []):
+            self.kept[t] += n if keep else -n
+
+    def cost(self, kind: str) -> float:
+        total = 0.0
+        for base, tensors in self.space.terms[kind]:
+            f = float(base)
+            for t in tensors:
+                f *= self.kept[t] / self.size[t]
+            total += f
+        return total
+
+
 def plan_from_scores(space: ChannelSpace, scores: dict[int, float], targets: dict[str, float],
                      min_keep: int = 1, min_keep_frac: float = 0.0) -> frozenset[int]:
     """Remove classes in increasing score order (per group at most size - min_keep) until every
@@ -188,11 +278,11 @@ def plan_from_scores(space: ChannelSpace, scores: dict[int, float], targets: dic
     order = sorted(space.classes, key=lambda c: (scores.get(c, 0.0), c))
     left = {gi: len(g) for gi, g in enumerate(space.groups)}
     floor = {gi: max(min_keep, int(np.ceil(min_keep_frac * len(g)))) for gi, g in enumerate(space.groups)}
-    keep = np.ones(len(space.classes))
+    keep = KeepCost(space, targets)
     removed: list[int] = []
 
     def met() -> bool:
-        return all(space.cost_np(k, keep) <= targets[k] * base[k] * (1 + 1e-9) for k in targets)
+        return all(keep.cost(k) <= targets[k] * base[k] * (1 + 1e-9) for k in targets)
 
     for c in order:
         if met():
@@ -201,16 +291,16 @@ def plan_from_scores(space: ChannelSpace, scores: dict[int, float], targets: dic
         if left[gi] <= floor[gi]:
             continue
         left[gi] -= 1
-        keep[space.index[c]] = 0.0
+        keep.set(c, False)
         removed.append(c)
     if not met():
         raise ValueError(f"targets {targets} are not reachable with min_keep={min_keep}, min_keep_frac={min_keep_frac}")
     for c in reversed(removed):  # most important first
-        keep[space.index[c]] = 1.0
+        keep.set(c, True)
         if met():
             removed.remove(c)
         else:
-            keep[space.index[c]] = 0.0
+            keep.set(c, False)
     return frozenset(removed)
 
 
@@ -229,11 +319,11 @@ class Masker:
             for s in space.slices.get(c, []):
                 if s.param not in params or s.param.endswith(("running_mean", "running_var")):
                     continue
-                p = params[s.param]
-                m = per_param.setdefault(s.param, torch.ones_like(p, dtype=torch.bool))
-                idx = torch.as_tensor(s.index, device=p.device)
-                m.index_fill_(s.axis, idx, False)
-        self.masks = [(params[n], m) for n, m in per_param.items()]
+                m = per_param.get(s.param)
+                if m is None:  # built on the host: one copy per parameter, not one per slice, to a GPU
+                    m = per_param[s.param] = torch.ones(params[s.param].shape, dtype=torch.bool)
+                m.index_fill_(s.axis, torch.as_tensor(s.index), False)
+        self.masks = [(params[n], m.to(params[n].device)) for n, m in per_param.items()]
         self.apply()
 
     @torch.no_grad()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphprune.passes.channels import ChannelSpace, Masker
+from graphprune.passes.channels import ChannelSpace, Masker, param_dict
 from graphprune.passes.training import TrainConfig, train
 
 
@@ -34,11 +34,7 @@ class NormHistory:
         self.rows: list[np.ndarray] = []
 
     def norms(self, model: nn.Module) -> torch.Tensor:
-        params = dict(model.named_parameters())
-        return torch.stack([
-            sum((r.abs().sum(1) for r in self.space.class_rows(params, c, ("out",))), torch.zeros(1, device=next(model.parameters()).device)).sum()
-            for c in self.space.classes
-        ])
+        return self.space.out_l1(param_dict(model))
 
     @torch.no_grad()
     def __call__(self, _epoch: int, model: nn.Module) -> None:
@@ -97,14 +93,17 @@ class HBFPConfig:
 
 def similarity_term(space: ChannelSpace, pairs: list[tuple[int, int]], lam: float):
     """lam * mean |n_a - n_b| / mean(n): pulls the l1 norms of paired filters together."""
+    index = {"cpu": (torch.as_tensor([space.index[a] for a, _ in pairs]),
+                     torch.as_tensor([space.index[b] for _, b in pairs]),
+                     torch.as_tensor(sorted({space.index[c] for pair in pairs for c in pair})))}
+
     def term(model: nn.Module) -> torch.Tensor:
-        params = dict(model.named_parameters())
-        n = {}
-        for a, b in pairs:
-            for c in (a, b):
-                n[c] = sum(r.abs().sum() for r in space.class_rows(params, c, ("out",)))
-        diffs = torch.stack([(n[a] - n[b]).abs() for a, b in pairs])
-        mean = torch.stack(list(n.values())).mean().detach().clamp_min(1e-12)
+        n = space.out_l1(param_dict(model))
+        if str(n.device) not in index:  # copied to the device once, not at every step
+            index[str(n.device)] = tuple(t.to(n.device) for t in index["cpu"])
+        ia, ib, members = index[str(n.device)]
+        diffs = (n[ia] - n[ib]).abs()
+        mean = n[members].mean().detach().clamp_min(1e-12)
         return lam * diffs.mean() / mean
     return term
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphprune.passes.channels import ChannelSpace, plan_from_scores
+from graphprune.passes.channels import ChannelSpace, channel_axis, plan_from_scores
 from graphprune.passes.training import TrainConfig, train
 
 
@@ -73,9 +73,13 @@ class Gates:
         return torch.cat([g, g.new_ones(1)])
 
     def _hook(self, tensor: str):
+        axis = channel_axis(self.space.analysis, tensor)
+
         def hook(_m: nn.Module, _i: Any, out: torch.Tensor) -> torch.Tensor:
-            g = self.full()[self.space.slots(tensor).to(out.device)]
-            return out * g.view(1, -1, *([1] * (out.ndim - 2)))
+            g = self.full()[self.space.slots(tensor, out.device)]
+            shape = [1] * out.ndim
+            shape[axis] = -1
+            return out * g.view(shape).to(out.dtype)
         return hook
 
     def remove(self) -> None:
@@ -94,7 +98,10 @@ class Gates:
             for name in ("weight", "bias"):
                 p = getattr(m, name, None)
                 if p is not None:
-                    p.mul_(g.view(-1, *([1] * (p.ndim - 1))).to(p.dtype))
+                    axis = getattr(m, "out_axis", 0) if name == "weight" else 0  # ONNX MatMul weights: the last
+                    shape = [1] * p.ndim
+                    shape[axis] = -1
+                    p.mul_(g.view(shape).to(p.dtype))
         self.remove()
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphprune.passes.channels import ChannelSpace, plan_from_scores
+from graphprune.passes.channels import ChannelSpace, param_dict, plan_from_scores
 from graphprune.passes.training import TrainConfig, train
 
 GROUP_ROLES = ("out", "coupled")
@@ -63,15 +63,20 @@ class AULM:
 
     def __init__(self, model: nn.Module, space: ChannelSpace, cfg: SSRConfig) -> None:
         self.model, self.space, self.cfg = model, space, cfg
-        self.params = {n: p for n, p in model.named_parameters()}
+        self.params = param_dict(model)
         self.classes = [c for c in space.classes if any(s.role in GROUP_ROLES and s.param in self.params
                                                         for s in space.slices.get(c, []))]
-        base = space.cost(cfg.kind)
-        saved = np.array([base - space.cost(cfg.kind, [c]) for c in self.classes])
-        share = np.maximum(saved / max(saved.mean(), 1e-12), 1e-6) ** cfg.cost_power
-        self.weight = {c: float(w) for c, w in zip(self.classes, share)}
+        if cfg.cost_power == 0:  # plain weights: skip one cost evaluation per class (thousands on a real network)
+            self.weight = {c: 1.0 for c in self.classes}
+        else:
+            base = space.cost(cfg.kind)
+            saved = np.array([base - space.cost(cfg.kind, [c]) for c in self.classes])
+            share = np.maximum(saved / max(saved.mean(), 1e-12), 1e-6) ** cfg.cost_power
+            self.weight = {c: float(w) for c, w in zip(self.classes, share)}
         with torch.no_grad():
-            w = self.flat()
+            w = self.flat(self._host())
+        # V and U live on the host: the V-step goes class by class (thousands on a real network), and
+        # on a GPU every one of those small ops and norms would be a launch and a synchronisation
         self.v = {c: t.clone() for c, t in w.items()}
         self.u = {c: torch.zeros_like(t) for c, t in w.items()}
         self.lam = 0.0
@@ -84,31 +89,44 @@ class AULM:
         for c in self.classes:
             for sl in self._group_slices(c):
                 p = self.params[sl.param]
-                m = self.mask.setdefault(sl.param, torch.zeros_like(p, dtype=torch.bool))
-                m.movedim(sl.axis, 0)[torch.as_tensor(sl.index, device=p.device)] = True
+                if sl.param not in self.mask:
+                    self.mask[sl.param] = torch.zeros(p.shape, dtype=torch.bool)
+                self.mask[sl.param].movedim(sl.axis, 0)[torch.as_tensor(sl.index)] = True
+        self.mask = {n: m.to(self.params[n].device) for n, m in self.mask.items()}  # built on the host
         self._scatter()
 
     def _group_slices(self, c: int) -> list:
         return [sl for sl in self.space.slices.get(c, []) if sl.role in GROUP_ROLES and sl.param in self.params]
 
     @torch.no_grad()
+    def _host(self) -> dict[str, torch.Tensor]:
+        """The group parameters' current values on the CPU (no copy when they are there already)."""
+        if not hasattr(self, "_names"):
+            self._names = sorted({sl.param for c in self.classes for sl in self._group_slices(c)})
+        return {n: self.params[n].detach().cpu() for n in self._names}
+
+    @torch.no_grad()
     def _scatter(self) -> None:
-        """T_p = V - U at every group-role entry, in the layout class_rows flattened it from."""
-        self.anchor = {n: torch.zeros_like(self.params[n]) for n in self.mask}
+        """T_p = V - U at every group-role entry, in the layout class_rows flattened it from
+        (built on the host, then one copy per parameter to where the parameter lives)."""
+        anchor = {n: torch.zeros(self.params[n].shape, dtype=self.params[n].dtype) for n in self.mask}
         for c in self.classes:
             flat = self.v[c] - self.u[c]
             pos = 0
             for sl in self._group_slices(c):
-                t = self.anchor[sl.param].movedim(sl.axis, 0)
+                t = anchor[sl.param].movedim(sl.axis, 0)
                 k = len(sl.index)
                 n = k * (t[0].numel() if t.ndim > 1 else 1)
                 seg = flat[pos: pos + n].reshape(k, *t.shape[1:])
-                t[torch.as_tensor(sl.index, device=t.device)] = seg
+                t[torch.as_tensor(sl.index)] = seg
                 pos += n
+        self.anchor = {n: t.to(self.params[n].device) for n, t in anchor.items()}
 
-    def flat(self) -> dict[int, torch.Tensor]:
-        """W_g: every group-role slice of the class, flattened and concatenated (differentiable)."""
-        return {c: torch.cat([r.reshape(-1) for r in self.space.class_rows(self.params, c, GROUP_ROLES)])
+    def flat(self, params: dict[str, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+        """W_g: every group-role slice of the class, flattened and concatenated (differentiable when
+        taken from the model's own parameters, the default)."""
+        params = self.params if params is None else params
+        return {c: torch.cat([r.reshape(-1) for r in self.space.class_rows(params, c, GROUP_ROLES)])
                 for c in self.classes}
 
     def penalty(self, _model: nn.Module | None = None) -> torch.Tensor:
@@ -121,7 +139,8 @@ class AULM:
     def penalty_by_groups(self) -> torch.Tensor:
         """The same term summed group by group (reference for the dense form)."""
         w = self.flat()
-        return 0.5 * self.cfg.rho * sum((w[c] - self.v[c] + self.u[c]).pow(2).sum() for c in self.classes)
+        return 0.5 * self.cfg.rho * sum((w[c] - (self.v[c] - self.u[c]).to(w[c].device)).pow(2).sum()
+                                        for c in self.classes)
 
     @torch.no_grad()
     def update(self) -> None:
@@ -131,7 +150,7 @@ class AULM:
         growing lambda zeroes them. lambda is the smallest value that zeroes a budget-meeting set;
         a group's last surviving class is never zeroed (plan_from_scores keeps one per group).
         """
-        w = self.flat()
+        w = self.flat(self._host())
         z = {c: w[c] + self.u[c] for c in self.classes}
         power = 1 if self.cfg.reg == "l21" else 2
         score = self.scores(z, power)
@@ -190,7 +209,7 @@ def ssr(model: nn.Module, space: ChannelSpace, x: torch.Tensor, y: torch.Tensor,
 
     train(model, x, y, train_cfg, teacher=teacher, loss_term=solver.penalty, after_step=after_step, seed=seed)
     solver.update()
-    w = solver.flat()
+    w = solver.flat(solver._host())
     scores = solver.scores(w)
     scores.update({c: 0.0 for c in solver.zero})
     removed = plan_from_scores(space, scores, {cfg.kind: cfg.target})

@@ -7,9 +7,11 @@ the whole pruning pipeline in one list; read it first.
 from __future__ import annotations
 
 from graphprune.analysis.plan import Plan
+from graphprune.backends.channel_table import elem_macs
 from graphprune.passes.allocate import allocate, ignore_reasons, resolve_round_to
 from graphprune.passes.methods import (ACT_METHODS, PLAN_METHODS, check_strict, di_plan, method_coverage,
                                        unknown_method_error)
+from graphprune.passes.time_proxy import register_time_proxy
 from graphprune.pipeline import Pass, PruneOptions, PruneState
 
 
@@ -209,10 +211,16 @@ class Allocate(Pass):
         protected = _protect(state)
         kind = _target_kind(state)
 
+        time_kind = None
+        if o.strategy == "speed" and kind == "macs":
+            kappa = elem_macs(o.hardware)
+            time_kind = register_time_proxy(state.analysis, kappa)
+            state.report["speed_order"] = {"hardware": o.hardware, "elem_macs": round(kappa, 2)}
+
         def allocate_at(goal: float) -> Plan:
             return allocate(state.analysis, state.scores, target=goal, kind=kind, strategy=o.strategy,
                             round_to=state.round_to, protected=protected, allow_floor=o.allow_floor,
-                            cost_aware=kind == "latency")
+                            cost_aware=kind == "latency", time_kind=time_kind)
 
         if kind == "latency":
             plan, state.slim, state.latency = state.adapter.fit_latency(state, allocate_at)

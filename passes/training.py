@@ -43,6 +43,9 @@ class TrainConfig:
     patience: int = 0  # evaluations without improvement before stopping early; 0 = never stop
     min_delta: float = 0.0
     warmup: float = 0.0  # fraction of the steps with a linear learning-rate ramp before the cosine decay
+    # (student output, teacher output) -> the distillation loss; None: KL of temperature-softened logits
+    # along axis 1. graphprune.distill_methods passes the ONNX graph's own per-output losses here.
+    distill_loss: Callable[[Any, Any], torch.Tensor] | None = None
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool,
@@ -202,7 +205,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, 
             return F.cross_entropy(logits, yb)
         with torch.no_grad():
             t_logits = teacher(xb)
-        kd = kd_loss(logits, t_logits, cfg.kd_temperature)
+        kd = cfg.distill_loss(logits, t_logits) if cfg.distill_loss else kd_loss(logits, t_logits, cfg.kd_temperature)
         if cfg.label_free:
             return kd
         return (1 - cfg.kd_alpha) * F.cross_entropy(logits, yb) + cfg.kd_alpha * kd

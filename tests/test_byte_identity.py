@@ -6,7 +6,9 @@ and inputs as recorded here), so the suite does not prune the seven models twice
 
 Re-recorded (session 2, branch strict) when `--round-to auto` began keeping every group at the table's
 full multiple (passes.allocate.auto_multiples): an intended change of every default plan; first
-recorded from main at 80e9cb2, before the pipeline refactor.
+recorded from main at 80e9cb2, before the pipeline refactor. Re-recorded (session 3, branch speed3)
+when strategy "speed" became the default for FLOPs targets (passes/time_proxy.py): again an intended
+change of every default plan.
 
 Re-record only for an intended change of results, and say why in the commit:
     .venv/bin/python tests/test_byte_identity.py --record

@@ -57,7 +57,7 @@ def test_report_is_self_contained_and_explains_frozen(report_path):
     assert "model input" in frozen and "model output" in frozen
     # settings used
     settings = text[text.index('id="settings"'):]
-    assert "l1" in settings and "global" in settings and "50.00%" in settings
+    assert "l1" in settings and "speed" in settings and "50.00%" in settings  # the default strategy
     assert not list(report_path.parent.glob(".graphprune-*"))  # atomic write left no temp file
 
 

@@ -73,6 +73,35 @@ def test_second_run_adds_nothing_and_reuses(tuned_db, conv_model, target):
     assert cover["kernels_tuned"] == cover["kernels"] == 1 and not cover["kernels_default"]
 
 
+def _record_ms(record) -> float:
+    return sum(float(x) for x in record.run_secs) / len(record.run_secs) * 1e3
+
+
+def test_default_schedule_is_the_first_measured_candidate(tuned_db, conv_model, target):
+    """Tuning starts from the rule-based default schedule: it is measured first and committed like any
+    record (one of the TRIALS), so the database's best record, which `compile_tuned` uses, is at worst
+    the default schedule, never a slower random candidate."""
+    from tvm.s_tir import meta_schedule as ms
+
+    db, result = tuned_db
+    (entry,) = json.loads((db / tb.STATE_FILE).read_text()).values()
+    (task,) = ms.relax_integration.extract_tasks(tb._fuse_for_tuning(tb.import_onnx(conv_model), target), target)
+    assert result.default_ms == {task.task_name: entry["default_ms"]} and entry["default_ms"] > 0
+    default = tb.default_trace(task.dispatched[0], target)
+    assert default is not None and "vectorize" in str(default)
+    first = json.loads((db / "database_tuning_record.json").read_text().splitlines()[0])
+    database = tb.open_database(db)
+    # the valid records (a candidate that failed to run, e.g. timed out on a loaded machine, is not one)
+    records = database.get_top_k(database.commit_workload(task.dispatched[0]), 1 << 20)
+    ours = [r for r in records if str(r.trace) == str(default)]
+    assert ours and _record_ms(ours[0]) == pytest.approx(entry["default_ms"])
+    # the first line of the database is the default's record
+    first_record = ms.database.TuningRecord.from_json(first[1], database.commit_workload(task.dispatched[0]))
+    assert str(first_record.trace) == str(default) and _record_ms(first_record) == pytest.approx(entry["default_ms"])
+    assert _record_ms(records[0]) <= entry["default_ms"] and result.best_ms[task.task_name] == pytest.approx(
+        _record_ms(records[0]))
+
+
 def _median_ms(executable, target, model) -> float:
     feeds = random_inputs(model)
     return tb.measure_tvm(executable, target, feeds, tb.graph_input_names(model), runs=15, warmup=3).median_ms

@@ -63,6 +63,62 @@ def channel_multiple(hardware: str) -> int:
     return int(entry["multiple"])
 
 
+def elem_macs(hardware: str) -> float:
+    """How many MACs cost as much time as moving one activation element on `hardware` (see fit_elem_macs).
+
+    The speed-ordered allocation (strategy "speed", passes/allocate.py) weighs a channel's activation
+    traffic with it. Tables written by `graphprune calibrate` store it; for older tables it is fitted
+    from their curves here, and a table without curves (written by hand) uses the shipped table's.
+    """
+    if hardware not in HARDWARE:
+        raise GraphpruneError(f"unknown hardware {hardware!r}; choose from {', '.join(HARDWARE)}")
+    entry = load_table().get(hardware)
+    if entry is None:
+        raise GraphpruneError(f"no channel table for {hardware}; run `graphprune calibrate --hardware {hardware}`")
+    shipped = json.loads(SHIPPED.read_text()).get(hardware) if SHIPPED.exists() else None
+    for e in (entry, shipped):  # a hand-written table without curves falls back to the shipped measurement
+        if e is None:
+            continue
+        if "elem_macs" in e:
+            return float(e["elem_macs"])
+        curves = {k: [(int(c), float(ms)) for c, ms in v] for k, v in e.get("curves", {}).items()}
+        if sum(1 for op in ("conv1x1", "conv3x3") for c, _ in curves.get(op, []) if c % int(e["multiple"]) == 0) >= 2:
+            return fit_elem_macs(hardware, curves, int(e["multiple"]))
+    raise GraphpruneError(f"the {hardware} channel table has no curves to fit the speed order's rate; "
+                          f"run `graphprune calibrate --hardware {hardware}`")
+
+
+def _geometry(hardware: str, op: str) -> tuple[int, int, int]:
+    """(batch, spatial size, kernel) of a sweep op as the timer of `hardware` runs it."""
+    size = next(s for name, s, _ in OPS if name == op)
+    k = 1 if op == "conv1x1" else 3
+    return (1, size, k) if hardware == "ort-cpu" else (32, size * 2, k)
+
+
+def fit_elem_macs(hardware: str, curves: dict[str, list[tuple[int, float]]], multiple: int = 1) -> float:
+    """Fit ms = a * MACs + b * (input + output elements) to the dense 1x1 and 3x3 conv curves and
+    return b / a, clipped to [1, 1000].
+
+    The two ops move the same activations per channel but differ 9x in MACs, which separates the
+    two costs; only channel counts divisible by `multiple` are used (the counts pruning keeps).
+    """
+    import numpy as np
+
+    rows, ms = [], []
+    for op in ("conv1x1", "conv3x3"):
+        batch, size, k = _geometry(hardware, op)
+        for c, t in curves.get(op, []):
+            if c % max(1, multiple) == 0 and t > 0:
+                rows.append([batch * c * c * k * k * size * size, batch * 2 * c * size * size])
+                ms.append(t)
+    if len(rows) < 2:
+        raise GraphpruneError(f"the {hardware} channel table has too few conv curve points to fit; re-run calibrate")
+    a, b = np.linalg.lstsq(np.array(rows, dtype=float), np.array(ms), rcond=None)[0]
+    if a <= 0:
+        return 1000.0
+    return float(min(1000.0, max(1.0, b / a)))
+
+
 def choose_multiple(curves: dict[str, list[tuple[int, float, float]]]) -> tuple[int, dict[str, float]]:
     """Pick the multiple from measured (channels, macs, ms) curves; returns it and the gain per candidate.
 
@@ -165,7 +221,8 @@ def measure(hardware: str, rounds: int = 7, step: int = 1, progress: Callable[[s
             rows.append((c, macs, round(ms, 5)))
         curves[name] = rows
     multiple, gains = choose_multiple(curves)
-    return {"multiple": multiple, "gains": {k: round(v, 4) for k, v in gains.items()},
+    kappa = fit_elem_macs(hardware, {k: [(c, ms) for c, _, ms in rows] for k, rows in curves.items()}, multiple)
+    return {"multiple": multiple, "gains": {k: round(v, 4) for k, v in gains.items()}, "elem_macs": round(kappa, 2),
             "measured_on": _machine(hardware), "seconds": round(time.perf_counter() - t0, 1),
             "curves": {k: [[c, ms] for c, _, ms in rows] for k, rows in curves.items()}}
 

@@ -219,43 +219,110 @@ def _default_tiles(trace: Any, lanes: int) -> Any:
     return trace
 
 
-def default_schedule_database(target: Any) -> Any:
-    """A database that answers every kernel with a default schedule instead of a measured one.
+def default_trace(mod: Any, target: Any) -> Any:
+    """The default schedule of one kernel as a complete MetaSchedule trace (post-processing included),
+    or None when the kernel has no design space that the rules or the seeded sample can fill.
 
     The schedule is MetaSchedule's own first design space for the kernel (multi-level tiling,
     parallel outer loops, vectorised inner loops, unrolling) with its tile sizes set by fixed rules
-    (`_default_tiles`) instead of sampled, then its post-processors. No candidate is measured, so
-    nothing is "tuned"; it avoids TVM's unscheduled fallback, which runs each kernel as one
-    single-threaded loop nest, and a random sample's unvectorised loops. A kernel the rules cannot
-    schedule keeps the seeded sample; one that cannot be scheduled at all keeps the fallback.
+    (`_default_tiles`) instead of sampled, then its post-processors. A kernel the rules cannot
+    schedule gets the seeded sample. Being a trace of the design space, it can be stored in a tuning
+    database like any measured candidate, and the evolutionary search mutates it like its own.
+    """
+    from tvm.s_tir import Schedule
+    from tvm.s_tir import meta_schedule as ms
+
+    try:
+        ctx = ms.TuneContext(mod=mod, target=target, space_generator="post-order-apply",
+                             task_name="graphprune-default", num_threads=1, rand_state=0)
+        spaces = ctx.space_generator.generate_design_space(mod)
+    except Exception:
+        return None
+    if not spaces:
+        return None
+    for trace in (_safe_default_tiles(spaces[0].trace, vector_lanes(target)), spaces[0].trace):
+        if trace is None:
+            continue
+        try:
+            sch = Schedule(mod)
+            trace.apply_to_schedule(sch, remove_postproc=False)
+            sch.enter_postproc()
+            if all(post.apply(sch) for post in ctx.space_generator.postprocs):
+                return sch.trace
+        except Exception:  # try the next trace; a kernel none fits keeps TVM's fallback
+            continue
+    return None
+
+
+def default_schedule_database(target: Any) -> Any:
+    """A database that answers every kernel with its default schedule (`default_trace`) instead of a
+    measured one.
+
+    No candidate is measured, so nothing is "tuned"; it avoids TVM's unscheduled fallback, which
+    runs each kernel as one single-threaded loop nest, and a random sample's unvectorised loops.
+    A kernel that cannot be scheduled at all keeps the fallback.
     """
     from tvm.s_tir import meta_schedule as ms
 
-    lanes = vector_lanes(target)
-
     def schedule_fn(sch: Any) -> bool:
+        trace = default_trace(sch.mod, target)
+        if trace is None:
+            return False
         try:
-            ctx = ms.TuneContext(mod=sch.mod, target=target, space_generator="post-order-apply",
-                                 task_name="graphprune-default", num_threads=1, rand_state=0)
-            spaces = ctx.space_generator.generate_design_space(sch.mod)
-            if not spaces:
-                return False
+            trace.apply_to_schedule(sch, remove_postproc=False)
         except Exception:
             return False
-        for trace in (_safe_default_tiles(spaces[0].trace, lanes), spaces[0].trace):
-            if trace is None:
-                continue
-            trial = sch.copy()
-            try:
-                trace.apply_to_schedule(trial, remove_postproc=False)
-                if all(post.apply(trial) for post in ctx.space_generator.postprocs):
-                    trace.apply_to_schedule(sch, remove_postproc=False)
-                    return all(post.apply(sch) for post in ctx.space_generator.postprocs)
-            except Exception:  # try the next trace; a kernel none fits keeps TVM's fallback
-                continue
-        return False
+        return True
 
     return ms.database.ScheduleFnDatabase(schedule_fn, module_equality="structural")
+
+
+def _try_measure_default(task: Any, target: Any, builder: Any, runner: Any, database: Any) -> float | None:
+    """`_measure_default`, with any failure meaning "no default record" (the search still runs)."""
+    try:
+        return _measure_default(task, target, builder, runner, database)
+    except Exception as exc:
+        logging.getLogger(__name__).warning("default schedule of %s not measured: %s", task.task_name,
+                                            str(exc).strip().splitlines()[-1] if str(exc).strip() else exc)
+        return None
+
+
+def _measure_default(task: Any, target: Any, builder: Any, runner: Any, database: Any) -> float | None:
+    """Build and time a kernel's default schedule with the tuner's own builder and runner, and commit
+    it to the database as an ordinary tuning record; its latency in ms, or None when the kernel
+    has no default schedule (GraphpruneError when it fails to build or run).
+
+    Committed first, it is the record every tuned candidate has to beat (the database's best
+    record is what `compile_tuned` uses), and the evolutionary search, which seeds each population
+    from the database's best records, starts from it.
+    """
+    import shutil
+
+    from tvm.s_tir import Schedule
+    from tvm.s_tir import meta_schedule as ms
+
+    mod = task.dispatched[0]
+    trace = default_trace(mod, target)
+    if trace is None:
+        return None
+    sch = Schedule(mod)
+    trace.apply_to_schedule(sch, remove_postproc=False)
+    args_info = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
+    (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
+    if built.error_msg is not None or built.artifact_path is None:
+        raise GraphpruneError(f"build failed: {built.error_msg}")
+    device = "cuda" if target.kind.name == "cuda" else "cpu"
+    try:
+        (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args_info)])
+        result = future.result()
+    finally:
+        shutil.rmtree(os.path.dirname(built.artifact_path), ignore_errors=True)
+    if result.error_msg is not None or not result.run_secs:
+        raise GraphpruneError(f"run failed: {result.error_msg}")
+    workload = database.commit_workload(mod)
+    database.commit_tuning_record(ms.database.TuningRecord(trace, workload, list(result.run_secs), target,
+                                                           args_info))
+    return float(sum(float(x) for x in result.run_secs) / len(result.run_secs)) * 1e3
 
 
 def _safe_default_tiles(trace: Any, lanes: int) -> Any:
@@ -302,7 +369,8 @@ class TuneResult:
 
     `tuned_tasks` were tuned (or resumed) in this session, `reused_tasks` were complete in the database
     already; `stopped` says why tuning ended early ("time budget", or None when every task got its
-    trials); `best_ms` holds the fastest measured run of each kernel that has records.
+    trials); `best_ms` holds the fastest measured run of each kernel that has records, `default_ms`
+    the measured default schedule of each kernel that started its search in this session.
     """
 
     tasks: list[str]
@@ -314,6 +382,7 @@ class TuneResult:
     seconds: float
     per_task_trials: dict[str, int] = field(default_factory=dict)
     best_ms: dict[str, float] = field(default_factory=dict)
+    default_ms: dict[str, float] = field(default_factory=dict)
     stopped: str | None = None
 
     def to_dict(self) -> dict:
@@ -445,7 +514,9 @@ def tune(
     and commits each batch of candidates as soon as it is measured (with many tasks it only joins
     after dispatching every task once, so an early stop lost everything). A run that is stopped
     (Ctrl-C, SIGTERM, `time_budget_s`) keeps all but the batch in flight, and the next run resumes
-    from the per-kernel counts in `graphprune_tuning_state.json`. With a time budget each kernel
+    from the per-kernel counts in `graphprune_tuning_state.json`. A kernel without records starts with
+    its default schedule (`default_trace`) as its first measured candidate, so its best record is
+    never slower than the untuned default. With a time budget each kernel
     gets the share of the remaining time that its FLOPs have of the remaining work. Kernels already
     complete in the database are skipped (unless `retune`): a second run costs zero trials, and a
     pruned variant only tunes the kernels whose shapes changed.
@@ -480,6 +551,7 @@ def tune(
         on_start([t.task_name for t, _ in todo], min(trials, sum(remaining.values())))
     counts: dict[str, int] = {}
     best: dict[str, float] = {}
+    defaults: dict[str, float] = {}
     current: dict[str, str] = {}
 
     def _on_batch(name: str, n: int, best_ms: float | None, scheduler: Any = None, task_id: int = 0) -> None:
@@ -516,6 +588,9 @@ def tune(
         # the budget is for measuring; task extraction and search set-up above are not counted
         deadline = None if time_budget_s is None else time.perf_counter() + float(time_budget_s)
         work = [_task_flops(t) * t.weight for t, _ in todo]
+        # kernels without any record yet: their default schedule is measured before the search
+        fresh = {key for _, key in todo if not state.get(key, {}).get("measured")} if target.kind.name == "llvm" \
+            else set()
         try:
             for i, ((task, key), ctx, weight) in enumerate(zip(todo, contexts, weights)):
                 want = min(remaining[key], budget_left)
@@ -530,12 +605,30 @@ def tune(
                 current.update(key=key, deadline=None if deadline is None else now + (deadline - now) * share,
                                terminated=False)
                 got_before = counts.get(task.task_name, 0)
-                ms.tune.tune_tasks(
-                    tasks=[ctx], task_weights=[weight], work_dir=str(db_path), max_trials_global=want,
-                    max_trials_per_task=want, num_trials_per_iter=min(trials_per_iter, want), builder=builder,
-                    runner=runner, database=database, cost_model=cost_model_kind, measure_callbacks=callbacks,
-                    task_scheduler="round-robin",
-                )
+                if key in fresh:
+                    # the default schedule is the kernel's first measured candidate: tuning can only improve
+                    # on it, and the search starts from it. Its state is saved with the next batch or at the
+                    # kernel's end (a run stopped before then recounts it from the database on resume).
+                    default_ms = _try_measure_default(task, target, builder, runner, database)
+                    if default_ms is not None:
+                        name = task.task_name
+                        counts[name] = counts.get(name, 0) + 1
+                        best[name] = min(best.get(name, default_ms), default_ms)
+                        entry = state.setdefault(key, {"task": name, "measured": 0, "complete": False})
+                        entry["measured"] = int(entry.get("measured", 0)) + 1
+                        entry["default_ms"] = defaults[name] = default_ms
+                        if on_trials:
+                            on_trials(name, 1, best[name])
+                        if current["deadline"] is not None and time.perf_counter() >= current["deadline"]:
+                            current["terminated"] = True
+                searched = want - (counts.get(task.task_name, 0) - got_before)
+                if searched > 0 and not current["terminated"]:
+                    ms.tune.tune_tasks(
+                        tasks=[ctx], task_weights=[weight], work_dir=str(db_path), max_trials_global=searched,
+                        max_trials_per_task=searched, num_trials_per_iter=min(trials_per_iter, searched),
+                        builder=builder, runner=runner, database=database, cost_model=cost_model_kind,
+                        measure_callbacks=callbacks, task_scheduler="round-robin",
+                    )
                 got = counts.get(task.task_name, 0) - got_before
                 remaining[key] -= got
                 budget_left -= got
@@ -543,9 +636,10 @@ def tune(
                     remaining[key] = 0
                 if remaining[key] <= 0:
                     state.setdefault(key, {"task": task.task_name, "measured": 0})["complete"] = True
-                    _save_state(db_path, state)
                 elif current["terminated"]:
                     stopped = "time budget"
+                if got:
+                    _save_state(db_path, state)
         except Exception as exc:
             raise GraphpruneError(f"tuning failed: {str(exc).strip().splitlines()[-1]}") from exc
     for (task, key) in todo:
@@ -564,6 +658,7 @@ def tune(
         seconds=time.perf_counter() - t0,
         per_task_trials=counts,
         best_ms=best,
+        default_ms=defaults,
         stopped=stopped,
     )
 

@@ -407,12 +407,61 @@ def trainable_names(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     return weights, sorted(s for s in stats if s in inits)
 
 
+# Weighted ops whose initializer inputs become the parameters of a per-node layer module, by input slot:
+# what an nn.Module would hold as a Conv2d/Linear/BatchNorm2d (the training-based methods hook those)
+LAYER_SLOTS: dict[str, dict[int, str]] = {
+    "Conv": {1: "weight", 2: "bias"}, "ConvTranspose": {1: "weight", 2: "bias"}, "Gemm": {1: "weight", 2: "bias"},
+    "MatMul": {1: "weight"}, "BatchNormalization": {1: "weight", 2: "bias"},
+    "InstanceNormalization": {1: "weight", 2: "bias"}, "LayerNormalization": {1: "weight", 2: "bias"},
+}
+
+
+def _out_axis(node: onnx.NodeProto, ndim: int) -> int:
+    """The axis of a layer's weight that indexes its output channels (what a gate folds into)."""
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "MatMul":
+        return ndim - 1
+    if node.op_type == "Gemm":
+        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+        return 0 if trans_b else ndim - 1
+    return 0
+
+
+class NodeLayer(nn.Module):
+    """One weighted ONNX node as a module, so forward hooks and parameter-owning layers exist as in an
+    nn.Module: `weight` (input 1) and `bias` (input 2) when they are initializers this node owns;
+    `out_axis` says which axis of `weight` holds the output channels (0 for Conv, the last for MatMul)."""
+
+    def __init__(self, node: onnx.NodeProto, ctx: _Ctx, onnx_names: dict[str, str]) -> None:
+        super().__init__()
+        self.node, self.ctx = node, ctx
+        self.onnx_names = onnx_names  # attribute -> initializer name
+        self.out_axis = 0
+
+    def forward(self, *ins: Any) -> Any:
+        return OPS[self.node.op_type](self.ctx, self.node, list(ins))
+
+
+def _layer_key(node: onnx.NodeProto, k: int, used: set[str]) -> str:
+    base = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in (node.name or f"{node.op_type}_{k}")) or f"n{k}"
+    key, i = base, 1
+    while key in used:
+        key, i = f"{base}_{i}", i + 1
+    used.add(key)
+    return key
+
+
 class OnnxModule(nn.Module):
     """Runs an ONNX graph with torch ops; float weights are parameters named after their initializers.
 
-    `taps` names intermediate tensors to keep from the last forward (feature matching, logits
-    before a final Softmax) in `captured`. `train_bn=False` (default) keeps BatchNorm on its
-    running statistics in training too (a short distillation on few samples should not re-estimate them).
+    Every weighted node (LAYER_SLOTS) is a `NodeLayer` submodule in `layers` that owns its weight and
+    bias, so hooks on layer outputs and per-layer parameters work as on an nn.Module;
+    `weights_by_name()` maps the ONNX initializer names (what graphprune's analysis binds) to the
+    parameters and `module_of(name)` names the layer owning one. `taps` names intermediate tensors to
+    keep from the last forward (feature matching, logits before a final Softmax) in `captured`.
+    `train_bn=False` (default) keeps BatchNorm on its running statistics in training too (a short
+    distillation on few samples should not re-estimate them).
     """
 
     def __init__(self, model: onnx.ModelProto, train_bn: bool = False) -> None:
@@ -426,25 +475,49 @@ class OnnxModule(nn.Module):
         weights, stats = trainable_names(model)
         self.weight_names = weights
         self.stat_names = stats
+        wanted = set(weights)
+        values = {name: _init(model, name) for name in weights}
+        self.layers = nn.ModuleDict()
         self.params = nn.ParameterList()
-        self._slot: dict[str, tuple[str, int]] = {}
+        self._slot: dict[str, tuple[str, Any]] = {}
+        self._owner: dict[str, str] = {}  # initializer -> layer key
+        self._layer_of: dict[int, str] = {}  # node index -> layer key
+        self._nodes: list[tuple[onnx.NodeProto, _Ctx]] = []
+        used: set[str] = set()
+        for k, node in enumerate(model.graph.node):
+            ctx = _Ctx(opset)
+            ctx.attrs = _attrs(node)
+            if node.op_type == "Constant":
+                arr = _constant_value(node)
+                self.register_buffer(f"k{k}", torch.from_numpy(np.asarray(arr).copy()))
+            self._nodes.append((node, ctx))
+            slots = LAYER_SLOTS.get(node.op_type)
+            if not slots:
+                continue
+            if len(node.input) < 2 or node.input[1] not in wanted:
+                continue  # e.g. a MatMul of two activations: no layer weight to own or hook
+            # a weight shared with an earlier node stays that node's (one parameter per initializer)
+            mine = {attr: node.input[i] for i, attr in slots.items()
+                    if i < len(node.input) and node.input[i] in wanted and node.input[i] not in self._slot}
+            key = _layer_key(node, k, used)
+            layer = NodeLayer(node, ctx, mine)
+            for attr, name in mine.items():
+                setattr(layer, attr, _parameter(values[name]))
+                self._slot[name] = ("m", (key, attr))
+                self._owner[name] = key
+            if "weight" in mine:
+                layer.out_axis = _out_axis(node, getattr(layer, "weight").dim())
+            self.layers[key] = layer
+            self._layer_of[k] = key
         for name in weights:
-            t = torch.from_numpy(numpy_helper.to_array(_init(model, name)).copy())
-            self._slot[name] = ("p", len(self.params))
-            self.params.append(nn.Parameter(t.float() if t.dtype != torch.float64 else t))
+            if name not in self._slot:
+                self._slot[name] = ("p", len(self.params))
+                self.params.append(_parameter(values[name]))
         consts = [t.name for t in model.graph.initializer if t.name not in self._slot]
         for i, name in enumerate(consts):
             arr = numpy_helper.to_array(_init(model, name)).copy()
             self.register_buffer(f"c{i}", torch.from_numpy(np.asarray(arr)) if arr.dtype != object else torch.zeros(0))
             self._slot[name] = ("b", i)
-        self._nodes: list[tuple[onnx.NodeProto, _Ctx]] = []
-        for node in model.graph.node:
-            ctx = _Ctx(opset)
-            ctx.attrs = _attrs(node)
-            if node.op_type == "Constant":
-                arr = _constant_value(node)
-                self.register_buffer(f"k{len(self._nodes)}", torch.from_numpy(np.asarray(arr).copy()))
-            self._nodes.append((node, ctx))
         self.input_names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
         self.output_names = [o.name for o in model.graph.output]
         self.train_bn = train_bn
@@ -452,8 +525,20 @@ class OnnxModule(nn.Module):
         self.captured: dict[str, torch.Tensor] = {}
 
     def tensor(self, name: str) -> torch.Tensor:
-        kind, i = self._slot[name]
-        return self.params[i] if kind == "p" else getattr(self, f"c{i}")
+        kind, where = self._slot[name]
+        if kind == "m":
+            key, attr = where
+            return getattr(self.layers[key], attr)
+        return self.params[where] if kind == "p" else getattr(self, f"c{where}")
+
+    def weights_by_name(self) -> dict[str, torch.Tensor]:
+        """Trained weights under their ONNX initializer names (the names graphprune's analysis binds)."""
+        return {name: self.tensor(name) for name in self.weight_names}
+
+    def module_of(self, name: str) -> str | None:
+        """Qualified name of the layer module owning initializer `name` (None: not a layer's weight)."""
+        key = self._owner.get(name)
+        return f"layers.{key}" if key is not None else None
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         env: Env = dict(zip(self.input_names, inputs))
@@ -465,7 +550,8 @@ class OnnxModule(nn.Module):
                 continue
             ins = [None if not name else (env[name] if name in env else self.tensor(name)) for name in node.input]
             ctx.train_bn = train_bn  # type: ignore[attr-defined]
-            out = OPS[node.op_type](ctx, node, ins)
+            key = self._layer_of.get(k)
+            out = self.layers[key](*ins) if key is not None else OPS[node.op_type](ctx, node, ins)
             outs = out if isinstance(out, tuple) else (out,)
             for name, value in zip(node.output, outs):
                 if name:
@@ -473,6 +559,11 @@ class OnnxModule(nn.Module):
                     if name in self.taps:
                         self.captured[name] = value
         return tuple(env[name] for name in self.output_names)
+
+
+def _parameter(t: onnx.TensorProto) -> nn.Parameter:
+    v = torch.from_numpy(numpy_helper.to_array(t).copy())
+    return nn.Parameter(v.float() if v.dtype != torch.float64 else v)
 
 
 def _init(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
