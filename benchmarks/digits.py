@@ -29,3 +29,23 @@ def load_digits_split(size: int = 32, test_fraction: float = 0.25, seed: int = 0
     mean, std = x[idx_tr].mean(), x[idx_tr].std()
     x = (x - mean) / std
     return Split(x[idx_tr], y[idx_tr]), Split(x[idx_te], y[idx_te])
+
+
+def trained_resnet20(epochs: int, size: int = 16):
+    """ResNet-20 (benchmarks/cifar_resnet.py) trained from seed 0 on the digits split, in eval mode.
+
+    Returns (model, train split, test split, test accuracy, training seconds): the small task the
+    accuracy benchmarks prune.
+    """
+    import time
+
+    from cifar_resnet import resnet20
+    from graphprune.passes.training import TrainConfig, evaluate, train
+
+    torch.manual_seed(0)
+    tr, te = load_digits_split(size)
+    model = resnet20()
+    t = time.perf_counter()
+    train(model, tr.x, tr.y, TrainConfig(epochs=epochs, lr=0.1, progress=False), seed=0)
+    model.eval()
+    return model, tr, te, evaluate(model, te.x, te.y, "cpu"), time.perf_counter() - t

@@ -390,19 +390,12 @@ def digits_table(a) -> dict:
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import graphprune
-    from cifar_resnet import resnet20
-    from digits import load_digits_split
+    from digits import trained_resnet20
 
-    from graphprune.passes.training import TrainConfig, evaluate, train
+    from graphprune.passes.training import evaluate
 
-    torch.manual_seed(0)
-    tr, te = load_digits_split(16)
-    model = resnet20()
-    t = time.perf_counter()
-    train(model, tr.x, tr.y, TrainConfig(epochs=a.digits_epochs, lr=0.1, progress=False), seed=0)
-    model.eval()
-    base = evaluate(model, te.x, te.y, "cpu")
-    print(f"ResNet-20 digits 16x16: trained {a.digits_epochs} epochs in {time.perf_counter() - t:.0f}s, "
+    model, tr, te, base, train_s = trained_resnet20(a.digits_epochs)
+    print(f"ResNet-20 digits 16x16: trained {a.digits_epochs} epochs in {train_s:.0f}s, "
           f"accuracy {100 * base:.2f}%")
     calib = tr.x[torch.randperm(len(tr.x), generator=torch.Generator().manual_seed(1))[: a.calib]]
     rows = []

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -26,19 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import graphprune
-    from cifar_resnet import resnet20
-    from digits import load_digits_split
-    from graphprune.passes.training import TrainConfig, evaluate, train
+    from digits import trained_resnet20
+    from graphprune.passes.training import evaluate
 
-    torch.manual_seed(0)
     torch.set_num_threads(1)
-    tr, te = load_digits_split(16)
-    model = resnet20()
-    t = time.perf_counter()
-    train(model, tr.x, tr.y, TrainConfig(epochs=args.epochs, lr=0.1, progress=False), seed=0)
-    model.eval()
-    base = evaluate(model, te.x, te.y, "cpu")
-    report = {"model": "ResNet-20, sklearn digits 16x16", "epochs": args.epochs, "train_s": round(time.perf_counter() - t, 1),
+    model, tr, te, base, train_s = trained_resnet20(args.epochs)
+    report = {"model": "ResNet-20, sklearn digits 16x16", "epochs": args.epochs, "train_s": round(train_s, 1),
               "accuracy": base, "rows": []}
     calib = tr.x[torch.randperm(len(tr.x), generator=torch.Generator().manual_seed(1))[:256]]
     for target in args.targets:

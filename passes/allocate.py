@@ -401,19 +401,33 @@ def _uniform(analysis: Analysis, chunks: dict[int, list[list[int]]], cost: Incre
     apply(hi)
 
 
+# Backends where `--round-to auto` keeps every group at the full multiple (auto_multiples): onnxruntime's
+# NCHWc kernels pad a narrow group back up to the block, so pruning inside it buys nothing. On cuda-fp16
+# narrow groups get the halved multiple (group_multiples(halve=True)): a regnet_y_800mf grouped conv kept
+# whole at 16 channels per group by the strict rule measured slower on the GPU than the halved plan
+# (benchmarks/results/rule_sweep_gpu_s3.json: regnet_y_800mf 1.38x vs 1.17x at batch 128).
+STRICT_HARDWARE = ("ort-cpu",)
+
+
 def resolve_round_to(analysis: Analysis, round_to: int | str, hardware: str, kind: str = "macs",
                      target: float | None = None, protected: set[int] | None = None) -> tuple[int | dict[int, int], dict]:
     """`round_to` as allocate() takes it, plus what the report says about it.
 
     "auto" looks the channel multiple for `hardware` up in the measured table
-    (graphprune.backends.channel_table) and keeps every group at multiples of it; only when that
-    cannot reach `target` are finer multiples used (auto_multiples).
+    (graphprune.backends.channel_table) and, on STRICT_HARDWARE, keeps every group at multiples of it;
+    only when that cannot reach `target` are finer multiples used (auto_multiples). Elsewhere narrow
+    groups get the halved multiple (group_multiples(halve=True)), 1 when even that cannot reach it.
     """
     if round_to == "auto":
         from graphprune.backends.channel_table import channel_multiple
 
         multiple = channel_multiple(hardware)
-        multiples, fallback = auto_multiples(analysis, multiple, kind, target, protected)
+        if hardware in STRICT_HARDWARE:
+            multiples, fallback = auto_multiples(analysis, multiple, kind, target, protected)
+        else:
+            multiples, fallback = group_multiples(analysis, multiple, halve=True), "halved for narrow groups"
+            if target is not None and floor_fraction(analysis, kind, multiples, protected) > target:
+                multiples, fallback = {g.id: 1 for g in analysis.groups}, "1: the table's multiples cannot reach the target"
         source = f"auto ({hardware} table{'; ' + fallback if fallback else ''})"
         return multiples, {"round_to": multiple, "round_to_source": source}
     try:

@@ -190,9 +190,9 @@ def next_model_target(target: float, tries: list[tuple[float, float]]) -> float:
     if below:
         (t0, m0), (t1, m1) = max(below, key=lambda p: p[1]), min(above, key=lambda p: p[1])
         t = t0 + (target - m0) * (t1 - t0) / (m1 - m0) if m1 > m0 else 0.5 * (t0 + t1)
-    else:
+    else:  # at most halve per step: one measurement spoiled by a busy machine must not empty the model
         t_last, m_last = tries[-1]
-        t = t_last * target / max(m_last, 1e-6)
+        t = t_last * max(0.5, target / max(m_last, 1e-6))
     return min(1.0, max(0.02, round(t, 3)))
 
 

@@ -145,3 +145,17 @@ def test_a_calibrated_table_rate_takes_precedence(tmp_path, monkeypatch):
                               channel_table.user_table_path())
     assert channel_table.channel_multiple("ort-cpu") == 8
     assert channel_table.elem_macs("ort-cpu") == shipped != 7.5
+
+
+def test_round_to_auto_is_strict_on_cpu_and_halves_narrow_groups_on_gpu():
+    from graphprune.examples import example_cnn
+    from graphprune.passes.allocate import group_multiples, resolve_round_to
+
+    analysis = graphprune.analyze(example_cnn())
+    for hw, halve in (("ort-cpu", False), ("cuda-fp16", True)):
+        multiple = channel_table.channel_multiple(hw)
+        multiples, info = resolve_round_to(analysis, "auto", hw, "macs", 0.6)
+        assert multiples == group_multiples(analysis, multiple, halve=halve), hw
+        assert ("halved" in info["round_to_source"]) == halve
+    # the two rules differ on this model (groups narrower than twice the GPU multiple exist)
+    assert group_multiples(analysis, 32, halve=True) != group_multiples(analysis, 32, halve=False)
