@@ -27,6 +27,11 @@ FRACTIONS = (1.0, 0.625, 0.25)
 TOLERANCE = 0.03  # a measured latency ratio within 3% (relative) of the target meets it
 
 
+def meets_latency_target(measured: float, target: float, tolerance: float = TOLERANCE) -> bool:
+    """A measured latency ratio meets its target when it is at most target * (1 + tolerance)."""
+    return measured <= target * (1 + tolerance)
+
+
 @dataclass
 class LayerLatency:
     node: str
@@ -233,7 +238,7 @@ def fit_to_measured(target: float, allocate_at: Callable[[float], Any], rewrite:
         if abs(lat["ratio"] - target) <= tolerance * target:
             break
         internal = next_model_target(target, points)
-    fitting = [t for t in tries if t[2]["ratio"] <= target * (1 + tolerance)]
+    fitting = [t for t in tries if meets_latency_target(t[2]["ratio"], target, tolerance)]
     plan, slim, lat = (max(fitting, key=lambda t: t[2]["ratio"]) if fitting
                        else min(tries, key=lambda t: t[2]["ratio"]))
     return plan, slim, lat, history

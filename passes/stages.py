@@ -236,11 +236,11 @@ def _check_latency_fit(state: PruneState) -> None:
     is TargetNotMet (exit 3, nothing written) unless --allow-floor, and a plan much faster than asked
     (it pruned more than needed) is a warning."""
     from graphprune.errors import TargetNotMet
-    from graphprune.passes.latency_cost import TOLERANCE
+    from graphprune.passes.latency_cost import TOLERANCE, meets_latency_target
 
     target, measured = state.options.target, state.latency["ratio"]
     tries = len(state.latency.get("calibration", []))
-    if measured > target * (1 + TOLERANCE):
+    if not meets_latency_target(measured, target):
         if not state.options.allow_floor:
             raise TargetNotMet(f"--target-latency {target:g}: the closest plan of {tries} measured tries runs at "
                                f"{measured:.3f} of the original latency; nothing written (--allow-floor accepts it)")
@@ -380,11 +380,11 @@ class Report(Pass):
         if state.latency is not None:
             report["latency"] = state.latency
             if state.plan.kind == "latency":  # the measured ratio is what was achieved
-                from graphprune.passes.latency_cost import TOLERANCE
+                from graphprune.passes.latency_cost import meets_latency_target
 
                 report["achieved"] = state.latency["ratio"]
                 report["target_error"] = abs(state.latency["ratio"] - state.plan.target)
-                report["target_met"] = state.latency["ratio"] <= state.plan.target * (1 + TOLERANCE)
+                report["target_met"] = meets_latency_target(state.latency["ratio"], state.plan.target)
         state.report = report
         return state
 
