@@ -9,7 +9,7 @@ import click
 
 from graphprune.cli_backend import bench, tune
 from graphprune.cli_common import (EXIT_USAGE, _calibration_options, _said_dry_run, _terminate_as_interrupt, fail,
-                                   parse_shape, parse_values, run_guarded)
+                                   image_folder_options, parse_shape, parse_values, run_guarded)
 from graphprune.cli_finetune import finetune
 from graphprune.cli_inspect import inspect
 
@@ -74,13 +74,7 @@ def _progress_printer(enabled: bool):
 @click.option("--calib", type=click.Path(), help="Unlabeled calibration inputs: .npz (one array per input, samples on "
               "axis 0) or a folder of images (with --calib-size). For --method di: .npz with x, y.")
 @click.option("--calib-samples", type=int, help="Use the first N calibration samples (error if fewer exist).")
-@click.option("--calib-size", help="Image folder: resize to H,W.")
-@click.option("--calib-mean", help="Image folder: per-channel mean after scaling pixels to [0, 1], e.g. 0.5 or 0.485,0.456,0.406.")
-@click.option("--calib-std", help="Image folder: per-channel std, e.g. 0.5 or 0.229,0.224,0.225.")
-@click.option("--calib-bgr", is_flag=True, help="Image folder: feed channels in BGR order (default RGB).")
-@click.option("--calib-gray", is_flag=True, help="Image folder: one grayscale channel.")
-@click.option("--calib-layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True,
-              help="Image folder: tensor layout.")
+@image_folder_options("calib")
 @click.option("--recover", type=click.Choice(["none", "bias", "lsq"]),
               help="Accuracy recovery from calibration data [default: lsq with --calib]: bias compensation "
                    "(bias), then layer-wise least-squares reconstruction (lsq).")

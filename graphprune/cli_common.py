@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import click
 
@@ -76,6 +76,30 @@ def parse_values(items: tuple[str, ...]) -> dict[str, float]:
         if not sep or not name:
             raise GraphpruneError(f"bad --input-value {item!r}: expected NAME=NUMBER, e.g. sr=16000")
     return out
+
+
+def image_folder_options(prefix: str) -> Callable[[Any], Any]:
+    """--PREFIX-size/-mean/-std/-bgr/-gray/-layout: how a folder of images becomes input tensors.
+
+    Declared once for prune's --calib and finetune's --data, so both read a folder the same way.
+    """
+    options = [
+        click.option(f"--{prefix}-size", help="Image folder: resize to H,W."),
+        click.option(f"--{prefix}-mean", help="Image folder: per-channel mean after scaling pixels to [0, 1], "
+                     "e.g. 0.5 or 0.485,0.456,0.406."),
+        click.option(f"--{prefix}-std", help="Image folder: per-channel std, e.g. 0.5 or 0.229,0.224,0.225."),
+        click.option(f"--{prefix}-bgr", is_flag=True, help="Image folder: feed channels in BGR order (default RGB)."),
+        click.option(f"--{prefix}-gray", is_flag=True, help="Image folder: one grayscale channel."),
+        click.option(f"--{prefix}-layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True,
+                     help="Image folder: tensor layout."),
+    ]
+
+    def apply(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
 
 
 def _calibration_options(calib: str | None, samples: int | None, size: str | None, mean: str | None,

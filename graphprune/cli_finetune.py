@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from graphprune.cli_common import image_folder_options
 from graphprune.errors import GraphpruneError
 
 
@@ -53,12 +54,7 @@ def _relaunch(nproc: int) -> None:
               help="Unlabeled inputs: .npz (one array per input, samples on axis 0) or an image folder (with --data-size).")
 @click.option("-o", "--output", type=click.Path(), help="Where to write the fine-tuned ONNX model.")
 @click.option("--data-samples", type=int, help="Use the first N samples (error if fewer exist).")
-@click.option("--data-size", help="Image folder: resize to H,W.")
-@click.option("--data-mean", help="Image folder: per-channel mean after scaling pixels to [0, 1].")
-@click.option("--data-std", help="Image folder: per-channel std.")
-@click.option("--data-bgr", is_flag=True, help="Image folder: BGR channel order.")
-@click.option("--data-gray", is_flag=True, help="Image folder: one grayscale channel.")
-@click.option("--data-layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True)
+@image_folder_options("data")
 @click.option("--steps", type=int, default=500, show_default=True, help="Optimiser steps.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per step (over all processes).")
 @click.option("--lr", type=float, default=5e-4, show_default=True, help="Peak learning rate (cosine decay).")
