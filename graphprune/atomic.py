@@ -45,27 +45,39 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_temps(directory: str) -> list[str]:
-    """Remove temp files of killed graphprune runs in `directory`; return the names removed.
-
-    Only files matching our exact naming, written on this host by a process that no longer exists,
-    owned by the current user and regular (not symlinks) are removed, so nothing else can be hit.
-    """
-    removed = []
+def stale_entries(directory: str, pattern: re.Pattern[str]) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(name, path, lstat) of each entry in `directory` that a killed graphprune run left: named by
+    `pattern` (with host and pid groups), written on this host by a process that no longer exists,
+    and owned by the current user. lstat, so a link is seen as a link, never followed."""
     host = _host_tag()
     try:
         names = os.listdir(directory)
     except OSError:
-        return removed
+        return
     for name in names:
-        m = _TEMP_RE.match(name)
+        m = pattern.match(name)
         if not m or m.group("host") != host or int(m.group("pid")) == os.getpid() or _pid_alive(int(m.group("pid"))):
             continue
         path = os.path.join(directory, name)
         try:
             st = os.lstat(path)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
-                continue
+        except OSError:
+            continue
+        if st.st_uid == os.getuid():
+            yield name, path, st
+
+
+def clean_stale_temps(directory: str) -> list[str]:
+    """Remove temp files of killed graphprune runs in `directory`; return the names removed.
+
+    Only regular files (not symlinks) of our exact naming that stale_entries finds are removed, so
+    nothing else can be hit.
+    """
+    removed = []
+    for name, path, st in stale_entries(directory, _TEMP_RE):
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        try:
             os.unlink(path)
             removed.append(name)
         except OSError:

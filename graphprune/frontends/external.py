@@ -261,23 +261,15 @@ _SPILL_RE = re.compile(r"^\.graphprune-(?P<host>[A-Za-z0-9]{1,16})-(?P<pid>\d{1,
 
 def clean_stale_spills(directory: str) -> list[str]:
     """Remove spill folders of killed runs (same host, process gone, a real folder of ours)."""
-    from graphprune.atomic import _host_tag, _pid_alive
+    from graphprune.atomic import stale_entries
 
     removed = []
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return removed
-    for name in names:
-        m = _SPILL_RE.match(name)
-        if not m or m.group("host") != _host_tag() or int(m.group("pid")) == os.getpid() or _pid_alive(int(m.group("pid"))):
+    for name, path, st in stale_entries(directory, _SPILL_RE):
+        if not stat.S_ISDIR(st.st_mode):
             continue
-        path = os.path.join(directory, name)
         try:
-            st = os.lstat(path)
-            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
-                shutil.rmtree(path)
-                removed.append(name)
+            shutil.rmtree(path)
+            removed.append(name)
         except OSError:
             continue
     return removed
