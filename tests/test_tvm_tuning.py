@@ -147,7 +147,9 @@ def test_interrupted_run_keeps_what_it_measured_and_resumes(conv_model, tmp_path
     deadline = time.monotonic() + 600
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if state_file.exists() and json.loads(state_file.read_text() or "{}"):
+            # past the default schedule (saved on its own) and into the search's first batch
+            if state_file.exists() and any(e.get("measured", 0) > 1
+                                           for e in json.loads(state_file.read_text() or "{}").values()):
                 break
             time.sleep(0.5)
         assert proc.poll() is None, "tuning ended before it could be interrupted"
@@ -207,6 +209,23 @@ def test_time_budget_ends_a_kernel_after_its_batch(conv_model, tmp_path):
     assert result.stopped == "time budget" and 0 < result.new_trials < 1000
     (entry,) = json.loads((db / tb.STATE_FILE).read_text()).values()
     assert entry["complete"] is False and entry["measured"] == result.new_trials == _records(db)
+
+
+def test_time_budget_ending_in_a_calls_last_batch(conv_model, tmp_path):
+    """The budget runs out while the batch that uses up the kernel's trials is measured: MetaSchedule then
+    ends the task itself, and ending it from the budget as well was its InternalError "TerminateTask ...
+    is_terminated" (the session-3 device run, and the device script's smoke test). The run keeps the
+    default and the whole batch, says the kernel is complete, and a deeper call resumes it."""
+    db = tmp_path / "db"
+    target = tb.make_target("llvm", num_cores=2)
+    result = tb.tune(tb.import_onnx(conv_model), target, db, trials=1000, trials_per_task=17, time_budget_s=4.0)
+    assert result.new_trials == 17 == _records(db), result  # the default, then one batch of 16
+    (entry,) = json.loads((db / tb.STATE_FILE).read_text()).values()
+    assert entry["complete"] is True and entry["measured"] == 17
+    again = tb.tune(tb.import_onnx(conv_model), target, db, trials=1000, trials_per_task=17)
+    assert again.new_trials == 0 and again.reused_tasks  # the same depth: nothing to do
+    deeper = tb.tune(tb.import_onnx(conv_model), target, db, trials=1000, trials_per_task=33, time_budget_s=2.0)
+    assert deeper.tuned_tasks and deeper.new_trials >= 16 and _records(db) == 17 + deeper.new_trials
 
 
 def test_default_schedule_vectorises_and_blocks(conv_model, target, monkeypatch):
