@@ -118,39 +118,64 @@ def stage_prepare(work: Path, size: int, target_flops: float, round_to: int, ext
 
 
 def stage_tune(work: Path, name: str, budgets: list[float], target, trials_per_task: int, log) -> None:
-    """Tune one model into work/db_<name> for cumulative time budgets, snapshotting the database after
-    each (work/db_<name>@<seconds>) so that latency against budget is measured afterwards, quietly.
+    """Tune one model into work/db_<name> for the largest of the cumulative `budgets`, snapshotting the
+    database when each budget is reached (work/db_<name>@<seconds>, taken after the batch that crosses
+    it) so that latency against budget is measured afterwards, quietly.
 
-    The trials a kernel may get double with every budget step, starting at `trials_per_task`: the first step
+    Tuning runs in passes whose trials per kernel double, starting at `trials_per_task`: the first pass
     gives every kernel its default schedule (all measured as one batch) and one batch of search, later
-    steps deepen the search, heaviest kernels first. One deep search per kernel (session 3: 48 trials)
-    reached only the 6-7 heaviest of ~20 kernels in 150 s."""
+    passes deepen the search, heaviest kernels first. Session 3's one deep search per kernel (48 trials,
+    a new tuning call per budget) reached only the 6-7 heaviest of ~20 kernels in 150 s; each call also
+    pays for new builder/runner worker pools and the task extraction, so budgets are snapshots of one
+    run, not separate calls."""
     import shutil
 
     from graphprune.backends import tvm_backend as tb
 
     mod = tb.import_onnx(work / f"{name}.onnx")
     db = work / f"db_{name}"
-    spent, steps = 0.0, []
-    for i, budget in enumerate(budgets):
-        per_task = trials_per_task * 2 ** i
-        result = tb.tune(mod, target, db, trials=1 << 30, trials_per_task=per_task, time_budget_s=budget - spent)
-        spent = budget
+    start = time.perf_counter()
+    steps: list[dict] = []
+    trials = {"total": 0, "at_last_snapshot": 0}
+
+    def snapshot(budget: float, per_task: int, stopped: str | None = None) -> None:
         snap = work / f"db_{name}@{budget:.0f}"
         shutil.rmtree(snap, ignore_errors=True)
         shutil.copytree(db, snap, ignore=shutil.ignore_patterns("logs"))
         state = json.loads((db / tb.STATE_FILE).read_text()) if (db / tb.STATE_FILE).exists() else {}
-        searched = [e for e in state.values() if int(e.get("measured", 0)) > 1]
-        steps.append({"budget_s": budget, "trials_per_task": per_task, "tune_s": result.seconds,
-                      "new_trials": result.new_trials, "kernels": len(result.tasks),
+        steps.append({"budget_s": budget, "elapsed_s": time.perf_counter() - start, "trials_per_task": per_task,
+                      "new_trials": trials["total"] - trials["at_last_snapshot"],
                       "kernels_with_default": sum(1 for e in state.values() if "default_ms" in e),
-                      "kernels_searched": len(searched), "stopped": result.stopped, "db": snap.name,
-                      # the tuner's own kernel timings (run during tuning): where search beat the rules
-                      "kernels_beating_default": sum(1 for n, ms in result.best_ms.items()
-                                                     if n in result.default_ms and ms < 0.97 * result.default_ms[n])})
-        log(f"{name}: budget {budget:.0f} s ({per_task} trials per kernel): {result.new_trials} trials in "
-            f"{result.seconds:.0f} s, {len(searched)}/{len(result.tasks)} kernels searched")
+                      "kernels_searched": sum(1 for e in state.values() if int(e.get("measured", 0)) > 1),
+                      "stopped": stopped, "db": snap.name})
+        trials["at_last_snapshot"] = trials["total"]
+        log(f"{name}: budget {budget:.0f} s at {steps[-1]['elapsed_s']:.0f} s: {trials['total']} trials, "
+            f"{steps[-1]['kernels_searched']} kernels searched")
         (work / f"tune_{name}.json").write_text(json.dumps(steps, indent=1))
+
+    marks = sorted(budgets)
+    per_task = trials_per_task
+
+    def on_trials(kernel: str, n: int, best_ms: float | None) -> None:
+        trials["total"] += n
+        if n == 1:  # the default schedules, reported one by one before the state is saved: snapshot later
+            return
+        while len(steps) < len(marks) and time.perf_counter() - start >= marks[len(steps)]:
+            snapshot(marks[len(steps)], per_task)
+
+    result = None
+    while len(steps) < len(marks):
+        left = marks[-1] - (time.perf_counter() - start)
+        if left <= 0:
+            break
+        result = tb.tune(mod, target, db, trials=1 << 30, trials_per_task=per_task, time_budget_s=left,
+                         on_trials=on_trials)
+        if result.stopped is None and result.new_trials == 0:
+            break  # every kernel's search space is exhausted
+        if result.stopped is None:
+            per_task *= 2
+    while len(steps) < len(marks):  # budgets not reached: the database as the run left it
+        snapshot(marks[len(steps)], per_task, result.stopped if result else None)
 
 
 def _ort_rounds(path: Path, feeds: dict, threads: int, runs: int, rounds: int) -> list[float]:
@@ -170,6 +195,30 @@ def _compile_variant(tb, mod, target, env: dict):
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def _time_builds(tb, row: dict, builds: list, target, feeds: dict, order: list[str], runs: int, rounds: int) -> None:
+    """Every build of one model timed in `rounds` interleaved rounds (each the median of `runs` inferences);
+    the row keeps each build's per-round medians and their median."""
+    timers = []
+    for build, ex in builds:
+        vm, dev, args = tb._vm_on_device(ex, target, feeds, order, None)
+        vm["main"](*args)
+        timers.append((build, vm.time_evaluator("main", dev, number=1, repeat=runs, min_repeat_ms=0), args))
+    per_round: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for build, timer, args in timers:
+            per_round.setdefault(build, []).append(float(np.median(timer(*args).results)) * 1e3)
+    row["tvm_rounds_ms"] = per_round
+    row["tvm_default_schedule_ms"] = float(np.median(per_round["default"]))
+    row["default_over_ort"] = row["tvm_default_schedule_ms"] / row["ort_ms"]
+    for variant in VARIANTS:
+        if variant in per_round:
+            row[f"tvm_{variant}_ms"] = float(np.median(per_round[variant]))
+    for step in row["tuning"]:
+        step["tvm_ms"] = float(np.median(per_round[f"tuned@{step['budget_s']:.0f}"]))
+        step["tvm_over_ort"] = step["tvm_ms"] / row["ort_ms"]
+    row["tvm_best_ms"] = min(float(np.median(v)) for v in per_round.values())
 
 
 def stage_measure(work: Path, target, threads: int, runs: int, log, out: Path | None = None,
@@ -198,13 +247,11 @@ def stage_measure(work: Path, target, threads: int, runs: int, log, out: Path | 
     names = [n for n in (*MODELS, *sorted(p.stem for p in work.glob("resnet18_slim_*.onnx")))
              if (work / f"{n}.onnx").exists()]
     builds: list[tuple[dict, str, Any]] = []  # (model row, build name, executable)
-    inputs: dict[str, tuple] = {}
     for name in names:
         path = work / f"{name}.onnx"
         mod = tb.import_onnx(path)
         feeds = random_inputs(str(path))
         order = tb.graph_input_names(str(path))
-        inputs[name] = (feeds, order)
         ort = _ort_rounds(path, feeds, threads, runs, rounds)
         gc.collect()
         row: dict = {"model": name, "threads": threads, "ort_ms": float(np.median(ort)), "ort_rounds_ms": ort}
@@ -235,36 +282,18 @@ def stage_measure(work: Path, target, threads: int, runs: int, log, out: Path | 
             except GraphpruneError as exc:
                 row["check_failed"] = str(exc)
         row["tuning"] = steps
-        log(f"{name}: onnxruntime {row['ort_ms']:.2f} ms; {sum(1 for b in builds if b[0] is row)} TVM builds "
-            f"({time.perf_counter() - t:.0f} s)")
+        _time_builds(tb, row, [(b, ex) for r, b, ex in builds if r is row], target, feeds, order, runs, rounds)
+        log(f"{name}: onnxruntime {row['ort_ms']:.2f} ms, TVM default {row['tvm_default_schedule_ms']:.2f} ms, "
+            + ", ".join(f"{b} {np.median(v):.2f}" for b, v in row["tvm_rounds_ms"].items() if b != "default")
+            + f" ({time.perf_counter() - t:.0f} s)")
         report["models"].append(row)
         save()
-    # interleaved rounds over every build of every model
-    timers = []
-    for row, build, ex in builds:
-        feeds, order = inputs[row["model"]]
-        vm, dev, args = tb._vm_on_device(ex, target, feeds, order, None)
-        vm["main"](*args)
-        timers.append((row, build, vm.time_evaluator("main", dev, number=1, repeat=runs, min_repeat_ms=0), args))
-    per_round: dict[tuple[str, str], list[float]] = {}
-    for _ in range(rounds):
-        for row, build, timer, args in timers:
-            per_round.setdefault((row["model"], build), []).append(float(np.median(timer(*args).results)) * 1e3)
-    for row in report["models"]:
-        tvm_rounds = {b: v for (m, b), v in per_round.items() if m == row["model"]}
-        row["tvm_rounds_ms"] = tvm_rounds
-        row["tvm_default_schedule_ms"] = float(np.median(tvm_rounds["default"]))
-        row["default_over_ort"] = row["tvm_default_schedule_ms"] / row["ort_ms"]
-        for variant in VARIANTS:
-            if variant in tvm_rounds:
-                row[f"tvm_{variant}_ms"] = float(np.median(tvm_rounds[variant]))
-        for step in row["tuning"]:
-            step["tvm_ms"] = float(np.median(tvm_rounds[f"tuned@{step['budget_s']:.0f}"]))
-            step["tvm_over_ort"] = step["tvm_ms"] / row["ort_ms"]
-        row["tvm_best_ms"] = min(float(np.median(v)) for v in tvm_rounds.values())
-        log(f"{row['model']}: onnxruntime {row['ort_ms']:.2f} ms, TVM default {row['tvm_default_schedule_ms']:.2f} ms, "
-            + ", ".join(f"{b} {np.median(v):.2f}" for b, v in tvm_rounds.items() if b != "default"))
-    save()
+        # where the time goes, per kernel, on this many threads: the default and the last snapshot
+        for build, ex in [(b, ex) for r, b, ex in builds if r is row]:
+            if build == "default" or (steps and build == f"tuned@{steps[-1]['budget_s']:.0f}"):
+                row.setdefault("kernel_ms", {})[build] = tb.profile_kernels(ex, target, feeds, order, runs=runs)
+        save()
+        builds = []  # the executables of this model are not needed any more
     orig = report["models"][0]
     for row in report["models"][1:]:
         last = row["tuning"][-1]["tvm_ms"] if row["tuning"] else row["tvm_default_schedule_ms"]
@@ -283,13 +312,6 @@ def stage_measure(work: Path, target, threads: int, runs: int, log, out: Path | 
         report["slim_kernels"] = shared["kernels"]
         report["slim_kernels_shared_with_original"] = shared["kernels_tuned"]
     save()
-    # where the time goes, per kernel, on this many threads
-    for row in report["models"]:
-        feeds, order = inputs[row["model"]]
-        for row_, build, ex in builds:
-            if row_ is row and (build == "default" or (row["tuning"] and build == f"tuned@{row['tuning'][-1]['budget_s']:.0f}")):
-                row.setdefault("kernel_ms", {})[build] = tb.profile_kernels(ex, target, feeds, order, runs=runs)
-        save()
     return report
 
 

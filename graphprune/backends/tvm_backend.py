@@ -575,14 +575,16 @@ def _progress_callback(on_batch: Callable[..., None]) -> Any:
 
 def _search_strategy(per_task: int) -> Any:
     """Evolutionary search sized to the budget: the default population (512, 50 random samples)
-    costs ~30-60 s of search per kernel on 2 cores, which dominates small-budget tuning."""
+    costs ~30-60 s of search per kernel on 2 cores, which dominates small-budget tuning; with 16-32
+    trials per kernel a population of 4x the trials generated a batch in 8-19 s per kernel on one core
+    (the smoke test of benchmarks/tvm_device.sh), most of a batch's time."""
     from tvm.s_tir import meta_schedule as ms
 
-    population = max(32, min(512, 8 * per_task))
+    population = max(32, min(512, 4 * per_task))
     return ms.search_strategy.EvolutionarySearch(
         population_size=population,
-        init_min_unmeasured=max(8, min(50, 2 * per_task)),
-        genetic_num_iters=2 if per_task < 64 else 4,
+        init_min_unmeasured=max(8, min(50, per_task)),
+        genetic_num_iters=1 if per_task <= 32 else 2 if per_task < 64 else 4,
     )
 
 
