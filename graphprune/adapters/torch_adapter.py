@@ -72,7 +72,7 @@ class TorchAdapter:
         state.source_label = f"torch:{type(model).__name__}"
 
     def analyze(self, state: PruneState) -> Analysis:
-        return analyze_traced(state.lowered)
+        return analyze_traced(state.lowered, state.options.norm_channels)
 
     # -- what the planning passes need ---------------------------------------------------------------
     def methods(self) -> list[str]:

@@ -169,6 +169,7 @@ def _used_tensors(graph: Graph) -> set[str]:
     return used
 
 
-def analyze_graph(graph: Graph) -> Analysis:
-    """Pure analysis: IR graph in, groups and cost model out."""
-    return Analysis(graph, run_rules(graph))
+def analyze_graph(graph: Graph, norm_channels: str = "freeze") -> Analysis:
+    """Pure analysis: IR graph in, groups and cost model out. `norm_channels="prune"` makes channels
+    a LayerNorm normalises over prunable, its statistics then taken over the kept channels."""
+    return Analysis(graph, run_rules(graph, norm_channels))

@@ -757,8 +757,12 @@ def trace_module(model: nn.Module, example_inputs: Any) -> TracedModule:
     return TracedModule(model, gm, graph, low.origin, inputs, tensor_fx, frontend, reason)
 
 
-def analyze_traced(traced: TracedModule) -> Analysis:
-    analysis = analyze_graph(traced.graph)
+def analyze_traced(traced: TracedModule, norm_channels: str = "freeze") -> Analysis:
+    if norm_channels != "freeze" and traced.frontend != FX:
+        # the masked reference re-traces the module with torch.fx to route LayerNorms through kept statistics
+        raise GraphpruneError(f"norm_channels={norm_channels!r} needs a module torch.fx can trace; this one fell back "
+                              f"to torch.export ({traced.fallback_reason})")
+    analysis = analyze_graph(traced.graph, norm_channels)
     analysis.traced = traced  # the rewriter and gradient criteria need the module behind the IR
     return analysis
 
