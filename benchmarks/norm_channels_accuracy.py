@@ -59,19 +59,19 @@ def tiny_convnext(widths: tuple[int, ...] = (32, 64, 128), depths: tuple[int, ..
     return nn.Sequential(*layers)
 
 
-def trained_model(epochs: int, size: int = 32):
-    """(model, train split, test split, training seconds): AdamW from seed 0, in eval mode."""
+def trained_model(epochs: int, seed: int = 0, size: int = 32):
+    """(model, train split, test split, training seconds): AdamW from `seed`, in eval mode."""
     import torch
 
     from digits import load_digits_split
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     tr, te = load_digits_split(size)
     model = tiny_convnext()
     opt = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=0.05)
     steps = epochs * ((len(tr.x) + 63) // 64)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=4e-3, total_steps=steps)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     t = time.perf_counter()
     model.train()
     for _ in range(epochs):
@@ -112,7 +112,8 @@ def accuracy(model, x, y) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", type=float, nargs="+", default=[0.6, 0.4])
+    ap.add_argument("--targets", type=float, nargs="+", default=[0.6, 0.4, 0.3, 0.2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="Training seeds (one model each).")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -121,28 +122,30 @@ def main(argv: list[str] | None = None) -> int:
     import graphprune
 
     torch.set_num_threads(1)
-    model, tr, te, train_s = trained_model(args.epochs)
-    work = Path(tempfile.mkdtemp(prefix="gp_normacc_"))
-    path = export(model, tr.x[:1], work / "tiny_convnext.onnx")
-    base = accuracy(str(path), te.x, te.y)
     report = {"model": "tiny ConvNeXt (32/64/128, depths 1/2/1), sklearn digits 32x32", "epochs": args.epochs,
-              "train_s": round(train_s, 1), "accuracy": base, "rows": []}
-    print(json.dumps({"accuracy": base, "train_s": report["train_s"]}), flush=True)
-    calib = tr.x[torch.randperm(len(tr.x), generator=torch.Generator().manual_seed(1))[:256]].numpy()
-    for target in args.targets:
-        for norm in ("freeze", "prune"):
-            for label, kw in (("l1", {}), ("act + lsq", {"calib": calib, "recover": "lsq"})):
-                try:
-                    res = graphprune.prune(str(path), target_flops=target, norm_channels=norm, measure=False,
-                                           input_shape={"input": (1, 1, 32, 32)}, **kw)
-                except graphprune.GraphpruneError as exc:
-                    row = {"target": target, "norm_channels": norm, "pipeline": label, "error": str(exc)}
-                else:
-                    row = {"target": target, "norm_channels": norm, "pipeline": label, "flops": res.plan.achieved,
-                           "prunable_groups": len(res.analysis.prunable_groups),
-                           "rel_acc": accuracy(res.model, te.x, te.y) / base}
-                print(json.dumps(row), flush=True)
-                report["rows"].append(row)
+              "seeds": {}, "rows": []}
+    for seed in args.seeds:
+        model, tr, te, train_s = trained_model(args.epochs, seed)
+        work = Path(tempfile.mkdtemp(prefix="gp_normacc_"))
+        path = export(model, tr.x[:1], work / "tiny_convnext.onnx")
+        base = accuracy(str(path), te.x, te.y)
+        report["seeds"][str(seed)] = {"accuracy": base, "train_s": round(train_s, 1)}
+        print(json.dumps({"seed": seed, "accuracy": base, "train_s": round(train_s, 1)}), flush=True)
+        calib = tr.x[torch.randperm(len(tr.x), generator=torch.Generator().manual_seed(1))[:256]].numpy()
+        for target in args.targets:
+            for norm in ("freeze", "prune"):
+                for label, kw in (("l1", {}), ("act + lsq", {"calib": calib, "recover": "lsq"})):
+                    row = {"seed": seed, "target": target, "norm_channels": norm, "pipeline": label}
+                    try:
+                        res = graphprune.prune(str(path), target_flops=target, norm_channels=norm, measure=False,
+                                               input_shape={"input": (1, 1, 32, 32)}, **kw)
+                    except graphprune.GraphpruneError as exc:
+                        row["error"] = str(exc)
+                    else:
+                        row.update(flops=res.plan.achieved, prunable_groups=len(res.analysis.prunable_groups),
+                                   rel_acc=accuracy(res.model, te.x, te.y) / base)
+                    print(json.dumps(row), flush=True)
+                    report["rows"].append(row)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(markdown(report))
@@ -150,21 +153,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(report: dict) -> str:
-    """Relative test accuracy per target and pipeline, freeze vs prune (benchmarks/render_docs.py)."""
+    """Relative test accuracy per target and pipeline, freeze vs prune, one value per seed
+    (benchmarks/render_docs.py)."""
     from mdtable import md_table
 
     keys = sorted({(r["target"], r["pipeline"]) for r in report["rows"]}, key=lambda k: (-k[0], k[1]))
-    cell = {(r["target"], r["pipeline"], r["norm_channels"]): r for r in report["rows"]}
+    seeds = sorted({r["seed"] for r in report["rows"]})
+    cell = {(r["target"], r["pipeline"], r["norm_channels"], r["seed"]): r for r in report["rows"]}
 
-    def show(r: dict | None) -> str:
-        if r is None:
-            return "-"
-        if "error" in r:
-            return "not reachable"
-        return f"{100 * r['rel_acc']:.1f}% ({r['flops']:.3f})"
+    def show(t: float, p: str, n: str) -> str:
+        vals = []
+        for s in seeds:
+            r = cell.get((t, p, n, s))
+            vals.append("-" if r is None else "n/r" if "error" in r else f"{100 * r['rel_acc']:.1f}%")
+        flops = [cell[(t, p, n, s)]["flops"] for s in seeds if "flops" in cell.get((t, p, n, s), {})]
+        return " / ".join(vals) + (f" ({max(flops):.3f})" if flops else "")
 
-    rows = [[f"{t:.2f}", p, *(show(cell.get((t, p, n))) for n in ("freeze", "prune"))] for t, p in keys]
-    return md_table(["FLOPs target", "pipeline", "freeze: rel. accuracy (FLOPs)", "prune: rel. accuracy (FLOPs)"], rows)
+    rows = [[f"{t:.2f}", p, *(show(t, p, n) for n in ("freeze", "prune"))] for t, p in keys]
+    head = "seed " + " / ".join(str(s) for s in seeds)
+    return md_table(["FLOPs target", "pipeline", f"freeze: rel. accuracy, {head} (max FLOPs)",
+                     f"prune: rel. accuracy, {head} (max FLOPs)"], rows)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from graphprune.adapters import adapter_for, is_torch_module
-from graphprune.analysis.context import NORM_CHANNELS
+from graphprune.analysis.context import DEFAULT_NORM_CHANNELS, NORM_CHANNELS
 from graphprune.analysis.groups import Analysis
 from graphprune.analysis.plan import Plan
 from graphprune.calib import CalibrationSplit, prepare_calibration
@@ -62,10 +62,15 @@ def _state(model: Any, example_inputs: Any, options: PruneOptions, progress: Pro
     return state
 
 
-def analyze(model: Any, example_inputs: Any = None, *, input_shape: dict[str, tuple[int, ...]] | None = None) -> Analysis:
-    """Dependency analysis of an ONNX model (path or ModelProto) or an nn.Module (with example inputs)."""
+def analyze(model: Any, example_inputs: Any = None, *, input_shape: dict[str, tuple[int, ...]] | None = None,
+            norm_channels: str = DEFAULT_NORM_CHANNELS) -> Analysis:
+    """Dependency analysis of an ONNX model (path or ModelProto) or an nn.Module (with example inputs).
+    `norm_channels` as in prune(): a plan (removed=) built on this analysis needs the same value there."""
+    if norm_channels not in NORM_CHANNELS:
+        raise GraphpruneError(f"norm_channels must be one of {', '.join(NORM_CHANNELS)}, not {norm_channels!r}")
     # the module itself is captured (no copy): the analysis refers to the caller's parameters
-    state = _state(model, example_inputs, PruneOptions(input_shape=input_shape), None, adapter_for(model, inplace=True))
+    state = _state(model, example_inputs, PruneOptions(input_shape=input_shape, norm_channels=norm_channels), None,
+                   adapter_for(model, inplace=True))
     return PassManager(analysis_passes(), instruments=[]).run(state).analysis
 
 
@@ -112,7 +117,7 @@ def prune(
     round_to: int | str = "auto",
     hardware: str | None = None,
     ignore: tuple[str, ...] | list[str] = (),
-    norm_channels: str = "freeze",
+    norm_channels: str = DEFAULT_NORM_CHANNELS,
     seed: int = 0,
     input_shape: dict[str, tuple[int, ...]] | None = None,
     scores: dict[int, float] | None = None,
@@ -151,10 +156,11 @@ def prune(
     `calib` is (inputs, labels) or an .npz with x, y. Without `calib` method defaults to "l1" and no
     recovery runs.
 
-    norm_channels="prune" (ONNX models) also prunes channels a LayerNorm normalises over (ConvNeXt's
-    residual stream); the norm's statistics are then taken over the kept channels, which changes
-    what the kept channels compute - the masked reference the result is validated against does the
-    same (docs/methods.md). The default "freeze" keeps those channels.
+    norm_channels="prune" (the default) also prunes channels a LayerNorm normalises over (ConvNeXt's
+    residual stream); such a LayerNorm then takes its statistics over the kept channels, and the
+    masked reference the result is validated against does the same (docs/methods.md, "LayerNorm-coupled
+    channels"). "freeze" keeps those channels whole: the pruned model then equals the original with
+    the removed channels' consumers zeroed, LayerNorms untouched.
 
     round_to="auto" keeps channel counts at the multiples measured fast on `hardware` ("ort-cpu",
     the default for ONNX; "cuda-fp16", the default for nn.Modules when CUDA is available).

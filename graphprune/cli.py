@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from graphprune.analysis.context import DEFAULT_NORM_CHANNELS, NORM_CHANNELS
 from graphprune.cli_backend import bench, tune
 from graphprune.cli_common import (EXIT_USAGE, _calibration_options, _said_dry_run, _terminate_as_interrupt, fail,
                                    image_folder_options, parse_shape, parse_values, run_guarded)
@@ -66,7 +67,7 @@ def _progress_printer(enabled: bool):
               help="Keep channel counts multiples of N; auto: the multiple measured fast on --hardware.")
 @click.option("--hardware", type=click.Choice(["ort-cpu", "cuda-fp16"]), default="ort-cpu", show_default=True,
               help="Whose channel table --round-to auto uses.")
-@click.option("--norm-channels", type=click.Choice(["freeze", "prune"]), default="freeze", show_default=True,
+@click.option("--norm-channels", type=click.Choice(list(NORM_CHANNELS)), default=DEFAULT_NORM_CHANNELS, show_default=True,
               help="Channels a LayerNorm normalises over (e.g. ConvNeXt's residual stream): keep them (freeze), or "
                    "prune them too, the LayerNorm then taking its statistics over the kept channels (prune; "
                    "docs/methods.md).")

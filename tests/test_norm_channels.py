@@ -1,4 +1,4 @@
-"""Channels a LayerNorm normalises over (norm_channels): frozen by default, prunable with "prune".
+"""Channels a LayerNorm normalises over (norm_channels): prunable by default ("prune"), kept whole with "freeze".
 
 Under "prune" the stated semantics is: masking a channel excludes it from the LayerNorm's statistics.
 The pruned model must then equal the original with the removed channels' consumers zeroed AND its
@@ -58,19 +58,24 @@ def _stream_removal(analysis, fraction: float = 0.25) -> frozenset[int]:
     return frozenset(out)
 
 
-def test_default_freezes_layernorm_channels_and_reports_it(tiny_onnx):
+def test_default_prunes_layernorm_channels_and_freeze_is_reported(tiny_onnx):
     graph = load_onnx(tiny_onnx).graph
-    frozen = analyze_graph(graph)
-    prunable = analyze_graph(graph, "prune")
+    frozen = analyze_graph(graph, "freeze")
+    prunable = analyze_graph(graph)
+    assert prunable.ctx.norm_channels == "prune"
     assert len(prunable.prunable_groups) > len(frozen.prunable_groups)
     held = [g for g in frozen.groups if g.frozen and g.reason and "normalises across channels" in g.reason]
     assert held, "the residual streams should be frozen by the LayerNorms under the default"
-    res = graphprune.prune(tiny_onnx, target_flops=0.6, measure=False)
+    res = graphprune.prune(tiny_onnx, target_flops=0.6, measure=False, norm_channels="freeze")
     assert res.report["norm_channels"]["mode"] == "freeze"
     assert res.report["norm_channels"]["frozen_groups"] == len(held)
-    res = graphprune.prune(tiny_onnx, target_flops=0.6, measure=False, norm_channels="prune")
+    res = graphprune.prune(tiny_onnx, target_flops=0.6, measure=False)
     assert res.report["norm_channels"]["mode"] == "prune"
     assert res.report["norm_channels"]["norm_ops"] >= 4
+    # a plan from analyze() applies to prune() with the same setting (class ids differ between modes)
+    a = graphprune.analyze(tiny_onnx, norm_channels="freeze")
+    assert len(a.prunable_groups) == len(frozen.prunable_groups)
+    assert len(graphprune.analyze(tiny_onnx).prunable_groups) == len(prunable.prunable_groups)
 
 
 def test_pruned_onnx_equals_masked_reference_with_kept_statistics(tiny_onnx):
@@ -147,8 +152,8 @@ def test_torch_module_prunes_layernorm_channels_and_equals_its_reference():
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
         before = model(x)
-    analysis = graphprune.analyze(model, x[:1])
-    first = graphprune.prune(model, x[:1], target_flops=0.5, norm_channels="prune", hardware="ort-cpu")
+    analysis = graphprune.analyze(model, x[:1], norm_channels="freeze")
+    first = graphprune.prune(model, x[:1], target_flops=0.5, hardware="ort-cpu")
     assert len(first.analysis.prunable_groups) > len(analysis.prunable_groups)
     res = graphprune.prune(model, x[:1], removed=_stream_removal(first.analysis), norm_channels="prune")
     assert res.report["norm_channels"]["stats_over_kept"]
@@ -189,9 +194,12 @@ def test_cli_norm_channels_flag(tiny_onnx, tmp_path):
 
     out = tmp_path / "p.onnx"
     r = CliRunner().invoke(main, ["prune", tiny_onnx, "--target-flops", "0.5", "--no-measure", "--norm-channels",
-                                  "prune", "-o", str(out), "--json"])
+                                  "freeze", "-o", str(out), "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["norm_channels"]["mode"] == "prune" and out.exists()
+    assert json.loads(r.stdout)["norm_channels"]["mode"] == "freeze" and out.exists()
+    r = CliRunner().invoke(main, ["prune", tiny_onnx, "--target-flops", "0.5", "--no-measure", "--json", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["norm_channels"]["mode"] == "prune"
     r = CliRunner().invoke(main, ["prune", tiny_onnx, "--target-flops", "0.5", "--no-measure", "--norm-channels", "all"])
     assert r.exit_code == 2
     with pytest.raises(graphprune.GraphpruneError, match="norm_channels"):

@@ -10,6 +10,9 @@ from graphprune.ir.graph import Graph, Node
 
 
 NORM_CHANNELS = ("freeze", "prune")
+# the one default of every entry point (analysis, API, CLI): class ids differ between the two modes,
+# so analyze() and prune() must agree for a plan from one to apply to the other
+DEFAULT_NORM_CHANNELS = "prune"
 
 
 class Unresolved(Exception):
@@ -43,7 +46,7 @@ class MacTerm:
 
 
 class Ctx:
-    def __init__(self, graph: Graph, body_macs: Any = None, norm_channels: str = "freeze") -> None:
+    def __init__(self, graph: Graph, body_macs: Any = None, norm_channels: str = DEFAULT_NORM_CHANNELS) -> None:
         self.graph = graph
         # channels an op takes statistics over (LayerNorm over channels): "freeze" keeps them all;
         # "prune" makes them prunable, the statistics then taken over the kept channels only

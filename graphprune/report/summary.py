@@ -213,6 +213,12 @@ def render_tables(report: dict[str, Any], console: Any, max_groups: int | None =
         console.print(f"... {len(rows) - len(shown)} more groups (--groups N or --all to list them, --json for everything)")
     if report.get("recovery"):
         render_recovery(report, console)
+    elif report.get("channels", {}).get("removed") and report.get("target", {}).get("kind") is not None:
+        # no calibration data: nothing repairs the pruned layers, and the default speed order spends the
+        # budget where time is, not where importance is lowest (docs/methods.md measures what that costs)
+        console.print("recovery: none (no calibration data). Without --calib the pruned layers are not repaired and "
+                      "accuracy can drop sharply; pass --calib DATA (activation-aware importance + least-squares "
+                      "recovery), or --strategy global to rank by importance alone (docs/methods.md).")
 
     cm = report.get("cost_model") or {}
     if cm.get("uncounted_ops"):
