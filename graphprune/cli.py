@@ -4,13 +4,15 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Any
 
 import click
 
 from graphprune.analysis.context import DEFAULT_NORM_CHANNELS, NORM_CHANNELS
 from graphprune.cli_backend import bench, tune
-from graphprune.cli_common import (EXIT_USAGE, _calibration_options, _said_dry_run, _terminate_as_interrupt, fail,
-                                   image_folder_options, parse_shape, parse_values, run_guarded)
+from graphprune.cli_common import (EXIT_USAGE, _calibration_options, _said_dry_run, _terminate_as_interrupt,
+                                   exit_interrupted, fail, image_folder_options, parse_shape, parse_values,
+                                   restore_interrupt_handlers, run_guarded)
 from graphprune.cli_finetune import finetune
 from graphprune.cli_inspect import inspect
 
@@ -22,6 +24,34 @@ class _DefaultToPrune(click.Group):
         if args and args[0] not in self.commands and not args[0].startswith("-"):
             args = ["prune", *args]
         return super().parse_args(ctx, args)
+
+    # An interrupt anywhere, not only inside run_guarded (argument parsing, a command's own lines
+    # between its guarded calls), ends like one inside it: one line, exit 130. Click's own handling
+    # would print "Aborted!" and exit 1.
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt:
+            exit_interrupted()
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            exit_interrupted()
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """In-process use (click's CliRunner, an application catching SystemExit): the interrupt
+        signals an interrupt exit ignored are given back when it returns."""
+        try:
+            return super().main(*args, **kwargs)
+        finally:
+            restore_interrupt_handlers()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The program's entry (the `graphprune` script, `python -m graphprune.cli`): the process ends
+        with this call, so signals ignored by an interrupt exit stay ignored until it has."""
+        return super().main(*args, **kwargs)
 
 
 @click.group(cls=_DefaultToPrune, context_settings={"help_option_names": ["-h", "--help"]})
