@@ -190,14 +190,17 @@ def atomic_write(path: str, fill: Callable[[Any], None] | None = None, *,
             raise GraphpruneError(os_error_line(exc, shown)) from None
         _fsync_dir(directory)
     except BaseException:
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        if tmp:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        # a second Ctrl-C/SIGTERM here would skip the unlink and leave the temp file: held until it is
+        # gone, then raised (as KeyboardInterrupt, in place of what was unwinding)
+        with _signals_deferred():
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            if tmp:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
         raise

@@ -6,14 +6,22 @@ the commands): the CLI's modules form a tree, not a cycle.
 from __future__ import annotations
 
 import os
+import signal
 import sys
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, NoReturn
 
 import click
 
 from graphprune.errors import GraphpruneError, first_line
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+# the interrupt signals: Ctrl-C, a pipeline's timeout or `kill`, a closed terminal
+_INTERRUPTS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+# while an interrupt exit is under way: the handlers it replaced by SIG_IGN (None otherwise)
+_held: dict[int, Any] | None = None
 
 
 def fail(message: str) -> None:
@@ -40,10 +48,51 @@ def run_guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         fail(f"{exc.strerror or type(exc).__name__}{where}")
     except KeyboardInterrupt:
-        click.echo("graphprune: interrupted; no output written", err=True)
-        sys.exit(130)
+        exit_interrupted()
     except Exception as exc:  # noqa: BLE001 - a bug inside analysis or rewrite is still one line, exit 2
         fail(f"internal error ({type(exc).__name__}): {first_line(exc, 300)}")
+
+
+def exit_interrupted() -> NoReturn:
+    """The one way a run ends on Ctrl-C, SIGTERM or SIGHUP: one line on stderr, exit 130, nothing written.
+
+    By the time a KeyboardInterrupt is caught the temp files are already removed, so from here on
+    further interrupt signals are ignored: another KeyboardInterrupt raised while the exit unwinds
+    (a second Ctrl-C, a supervisor's repeated SIGTERM) would turn exit 130 into a traceback or a
+    death by SIGINT. They stay ignored until the process ends; an in-process caller gets its
+    handlers back from restore_interrupt_handlers() (the CLI group's main() does that).
+
+    The empty exec() is not decoration: CPython remembers a KeyboardInterrupt that escaped code
+    compiled from a string (exec/eval of a str: dataclasses and namedtuple build their methods that
+    way, and torch imports modules lazily during the first training steps) and, when run as
+    `python -m`, ends the process by SIGINT after a clean exit 130 (Py_RunMain checks the flag).
+    Running any string through exec() resets that flag.
+    """
+    _ignore_interrupts()
+    exec("")  # noqa: S102 - resets CPython's "unhandled KeyboardInterrupt" flag, see above
+    click.echo("graphprune: interrupted; no output written", err=True)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+def _ignore_interrupts() -> None:
+    global _held
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set handlers (embedded use): the host handles signals
+    held = {}
+    for sig in _INTERRUPTS:
+        previous = signal.signal(sig, signal.SIG_IGN)
+        held[sig] = signal.SIG_DFL if previous is None else previous  # None: set outside Python
+    if _held is None:  # a second exit (nested run_guarded) keeps the first one's originals
+        _held = held
+
+
+def restore_interrupt_handlers() -> None:
+    """Give back the handlers an interrupt exit ignored: for in-process callers that catch SystemExit
+    (click's CliRunner, an embedding application) and keep running."""
+    global _held
+    held, _held = _held, None
+    for sig, handler in (held or {}).items():
+        signal.signal(sig, handler)
 
 
 def parse_shape(value: str | None) -> dict[str, tuple[int, ...]] | None:
@@ -137,19 +186,26 @@ def _calibration_options(calib: str | None, samples: int | None, size: str | Non
 def _terminate_as_interrupt() -> None:
     """SIGTERM (a pipeline's timeout, `kill`) and SIGHUP (terminal closed) unwind like Ctrl-C, so a
     half-written temp file is removed."""
-    import signal
 
     def handler(_signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
 
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is None:
+    def restore(sig: int, previous: Any) -> None:
+        if previous is None:  # a handler set outside Python: nothing Python can put back
+            return
+        if _held is not None and sig in _held:  # an interrupt exit is under way: stay ignored until it ends
+            _held[sig] = previous
+        else:
+            signal.signal(sig, previous)
+
+    for sig in _INTERRUPTS:
+        if sig == signal.SIGINT:  # Python's own handler already raises KeyboardInterrupt
             continue
         try:
             previous = signal.signal(sig, handler)
         except ValueError:  # not the main thread (embedded use): leave signal handling to the host
             return
-        click.get_current_context().call_on_close(lambda s=sig, p=previous: signal.signal(s, p))
+        click.get_current_context().call_on_close(lambda s=sig, p=previous: restore(s, p))
 
 
 def _said_dry_run(gate: Any) -> None:

@@ -25,7 +25,7 @@ def _parse_losses(items: tuple[str, ...]) -> dict[str, str]:
 
 def _relaunch(nproc: int) -> None:
     """Run this same command under torchrun with `nproc` processes; rank 0 writes the output."""
-    from graphprune.cli_common import fail
+    from graphprune.cli_common import EXIT_INTERRUPTED, exit_interrupted, fail
 
     args, skip = [], False
     for a in sys.argv[1:]:  # the workers see WORLD_SIZE; --nproc would also confuse torchrun's own parser
@@ -38,10 +38,9 @@ def _relaunch(nproc: int) -> None:
     try:
         rc = subprocess.call(cmd)
     except KeyboardInterrupt:
-        click.echo("graphprune: interrupted; no output written", err=True)
-        sys.exit(130)
-    if rc == 130:
-        sys.exit(130)
+        exit_interrupted()
+    if rc == EXIT_INTERRUPTED:
+        sys.exit(EXIT_INTERRUPTED)
     if rc != 0:
         fail(f"distributed fine-tuning failed in a worker (torchrun exit {rc}); no output written")
     sys.exit(0)
