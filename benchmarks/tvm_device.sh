@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Issue 17 on the GPU machine's CPU, in one run of ~8 minutes: TVM tuned against onnxruntime, same thread
+# Issue 17 on the GPU machine's CPU, in one run of about 8 minutes: TVM tuned against onnxruntime, same thread
 # count, for resnet18 and its 40%-FLOPs slim (benchmarks/tvm_tuning.py, staged):
 #   1. prepare: export resnet18 (random weights, 1x3x224x224), prune the slim (default strategy, --round-to 16)
 #      and a second slim with --strategy global (measured untuned);
 #   2. tune the original and the slim at the same time, each on its own half of the cores (taskset), in one
-#      run of 225 s each (passes of 16, 32, 64... trials per kernel), snapshotting each database when it
-#      reaches 75, 150 and 225 s;
+#      run of 210 s each (passes of 16, 32, 64... trials per kernel), snapshotting each database when it
+#      reaches 70, 140 and 210 s;
 #   3. measure on 16 cores: onnxruntime, TVM's default schedule (and its pad-in-task variant) and TVM with each
 #      snapshot (latency against tuning budget), in interleaved rounds; which of the slim's kernels the
 #      original's records cover; the time of every kernel (default and tuned builds).
@@ -21,8 +21,8 @@ OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
 WORK="${WORK:-$(mktemp -d)}"
 THREADS="${THREADS:-16}"
-BUDGETS="${BUDGETS:-75,150,225}"
-TUNE_LIMIT="${TUNE_LIMIT:-255}"   # hard stop for each tuning process (s); what it measured by then is kept
+BUDGETS="${BUDGETS:-70,140,210}"
+TUNE_LIMIT="${TUNE_LIMIT:-250}"   # hard stop for each tuning process (s); what it measured by then is kept
 SIZE=224
 RUNS=30
 ROUNDS=5
