@@ -777,6 +777,8 @@ def tune(
                         entry["default_ms"] = defaults[name] = default_ms
                         remaining[key] = max(0, remaining[key] - 1)
                         budget_left -= 1
+                        if remaining[key] == 0:  # its one trial was the default
+                            entry["complete"] = True
                         if on_trials:
                             on_trials(name, 1, best[name])
                 _save_state(db_path, state)
