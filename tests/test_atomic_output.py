@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphprune
 import graphprune.io as gio
+from child_process import wait_for_stderr
 from graphprune.cli import main
 from graphprune.examples import example_cnn
 
@@ -132,11 +133,7 @@ CHILD = textwrap.dedent("""
 def signal_mid_write(proc: subprocess.Popen, sig: int, directory) -> str:
     """Wait until the child is inside its write (its temp file in `directory`), send `sig`, return the
     child's stderr from then on."""
-    for line in proc.stderr:  # the child writes nothing more until it is signalled
-        if MID_WRITE in line:
-            break
-    else:
-        raise AssertionError(f"the write never started (exit {proc.wait()})")
+    wait_for_stderr(proc, MID_WRITE, timeout=240)
     assert leftovers(directory), "no temp file while writing"
     proc.send_signal(sig)
     return proc.communicate(timeout=120)[1]
