@@ -3,6 +3,8 @@
 #   benchmarks/peer_latency.py  -> $OUT/peer_latency.json   (ORT 1/8 threads, GPU fp16 batch 1/32/128,
 #                                   Torch-Pruning at equal FLOPs, --target-latency vs --target-flops)
 #   benchmarks/round_to_rule.py -> $OUT/round_to_rule.json  (strict vs halved channel multiples, ORT CPU time)
+#   benchmarks/norm_channels_speed.py -> $OUT/norm_channels_speed.json (convnext_tiny: --norm-channels freeze vs
+#                                   prune vs Torch-Pruning, ORT 1 thread and GPU fp16 batch 128)
 #
 #   benchmarks/device_speed.sh --prepare   # here, once: puts the Torch-Pruning wheel in .whl/ (gitignored)
 #   OUT=$OUT benchmarks/device_speed.sh    # there, with carry [".whl"]; nothing else may run meanwhile (it times)
@@ -53,4 +55,6 @@ python3 benchmarks/peer_latency.py --out "$OUT/peer_latency.json" "$@"  # extra 
 echo "peer_latency: $(( $(date +%s) - start )) s"
 # secondary (not an issue-14 figure): a failure here keeps peer_latency.json
 python3 benchmarks/round_to_rule.py --out "$OUT/round_to_rule.json" || echo "round_to_rule.py failed (peer_latency.json is complete)"
+echo "round_to_rule: $(( $(date +%s) - start )) s"
+python3 benchmarks/norm_channels_speed.py --out "$OUT/norm_channels_speed.json" "$@" || echo "norm_channels_speed.py failed (peer_latency.json is complete)"
 echo "total: $(( $(date +%s) - start )) s"

@@ -293,6 +293,14 @@ def _speed_order_accuracy(files: list[Path]) -> str:
     return _script("speed_order_accuracy").markdown(_load(files[0]))
 
 
+def _norm_channels_accuracy(files: list[Path]) -> str:
+    return _script("norm_channels_accuracy").markdown(_load(files[0]))
+
+
+def _norm_channels_speed(files: list[Path]) -> str:
+    return _script("norm_channels_speed").markdown(_load(files[0]))
+
+
 def _big_model_memory(files: list[Path]) -> str:
     def mb(r: dict, key: str) -> str:
         return f"{r[key + '_mb']:.1f}" + (" (over 2^31 bytes)" if r["over_2gb"][key] else "")
@@ -329,6 +337,8 @@ RENDERERS: list[Renderer] = [
     Renderer("big_model_memory*.json", _big_model_memory, "benchmarks/render_docs.py: _big_model_memory"),
     Renderer("rule_sweep*.json", _rule_sweep, "benchmarks/rule_sweep.py: markdown"),
     Renderer("speed_order_accuracy*.json", _speed_order_accuracy, "benchmarks/speed_order_accuracy.py: markdown"),
+    Renderer("norm_channels_accuracy*.json", _norm_channels_accuracy, "benchmarks/norm_channels_accuracy.py: markdown"),
+    Renderer("norm_channels_speed*.json", _norm_channels_speed, "benchmarks/norm_channels_speed.py: markdown"),
 ]
 
 # Results files whose documented tables are still typed by hand. Only ever shrinks: a new table

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from graphprune.adapters import adapter_for, is_torch_module
+from graphprune.analysis.context import DEFAULT_NORM_CHANNELS, NORM_CHANNELS
 from graphprune.analysis.groups import Analysis
 from graphprune.analysis.plan import Plan
 from graphprune.calib import CalibrationSplit, prepare_calibration
@@ -61,10 +62,15 @@ def _state(model: Any, example_inputs: Any, options: PruneOptions, progress: Pro
     return state
 
 
-def analyze(model: Any, example_inputs: Any = None, *, input_shape: dict[str, tuple[int, ...]] | None = None) -> Analysis:
-    """Dependency analysis of an ONNX model (path or ModelProto) or an nn.Module (with example inputs)."""
+def analyze(model: Any, example_inputs: Any = None, *, input_shape: dict[str, tuple[int, ...]] | None = None,
+            norm_channels: str = DEFAULT_NORM_CHANNELS) -> Analysis:
+    """Dependency analysis of an ONNX model (path or ModelProto) or an nn.Module (with example inputs).
+    `norm_channels` as in prune(): a plan (removed=) built on this analysis needs the same value there."""
+    if norm_channels not in NORM_CHANNELS:
+        raise GraphpruneError(f"norm_channels must be one of {', '.join(NORM_CHANNELS)}, not {norm_channels!r}")
     # the module itself is captured (no copy): the analysis refers to the caller's parameters
-    state = _state(model, example_inputs, PruneOptions(input_shape=input_shape), None, adapter_for(model, inplace=True))
+    state = _state(model, example_inputs, PruneOptions(input_shape=input_shape, norm_channels=norm_channels), None,
+                   adapter_for(model, inplace=True))
     return PassManager(analysis_passes(), instruments=[]).run(state).analysis
 
 
@@ -111,6 +117,7 @@ def prune(
     round_to: int | str = "auto",
     hardware: str | None = None,
     ignore: tuple[str, ...] | list[str] = (),
+    norm_channels: str = DEFAULT_NORM_CHANNELS,
     seed: int = 0,
     input_shape: dict[str, tuple[int, ...]] | None = None,
     scores: dict[int, float] | None = None,
@@ -149,6 +156,12 @@ def prune(
     `calib` is (inputs, labels) or an .npz with x, y. Without `calib` method defaults to "l1" and no
     recovery runs.
 
+    norm_channels="prune" (the default) also prunes channels a LayerNorm normalises over (ConvNeXt's
+    residual stream); such a LayerNorm then takes its statistics over the kept channels, and the
+    masked reference the result is validated against does the same (docs/methods.md, "LayerNorm-coupled
+    channels"). "freeze" keeps those channels whole: the pruned model then equals the original with
+    the removed channels' consumers zeroed, LayerNorms untouched.
+
     round_to="auto" keeps channel counts at the multiples measured fast on `hardware` ("ort-cpu",
     the default for ONNX; "cuda-fp16", the default for nn.Modules when CUDA is available).
     ONNX results are timed against the original on onnxruntime (measure=False skips it);
@@ -177,6 +190,8 @@ def prune(
         raise GraphpruneError("ignore patterns have no effect on an explicit plan (removed=): leave those classes out of it")
     if ignore and scores is None and method in PLAN_METHODS:
         raise GraphpruneError(f"method {method} searches the whole structure and cannot honour ignore patterns yet")
+    if norm_channels not in NORM_CHANNELS:
+        raise GraphpruneError(f"norm_channels must be one of {', '.join(NORM_CHANNELS)}, not {norm_channels!r}")
     adapter = adapter_for(model, inplace=inplace)
     if adapter.kind == "torch":
         if min_speedup is not None:
@@ -199,7 +214,7 @@ def prune(
             check_method(method, adapter.kind)
     options = PruneOptions(
         target_kind=kind, target=target, method=method, strategy=strategy, round_to=round_to, hardware=hardware,
-        measure=measure, min_speedup=min_speedup, ignore=tuple(ignore),
+        measure=measure, min_speedup=min_speedup, ignore=tuple(ignore), norm_channels=norm_channels,
         seed=seed, input_shape=input_shape, scores=scores, removed=frozenset(removed) if removed is not None else None,
         allow_floor=allow_floor, strict_method=strict_method, input_values=input_values, calibration=calib,
         calib_samples=calib_samples, calib_preprocess=calib_preprocess, recover=recover,

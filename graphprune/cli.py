@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from graphprune.analysis.context import DEFAULT_NORM_CHANNELS, NORM_CHANNELS
 from graphprune.cli_backend import bench, tune
 from graphprune.cli_common import (EXIT_USAGE, _calibration_options, _said_dry_run, _terminate_as_interrupt,
                                    exit_interrupted, fail, image_folder_options, parse_shape, parse_values,
@@ -96,6 +97,10 @@ def _progress_printer(enabled: bool):
               help="Keep channel counts multiples of N; auto: the multiple measured fast on --hardware.")
 @click.option("--hardware", type=click.Choice(["ort-cpu", "cuda-fp16"]), default="ort-cpu", show_default=True,
               help="Whose channel table --round-to auto uses.")
+@click.option("--norm-channels", type=click.Choice(list(NORM_CHANNELS)), default=DEFAULT_NORM_CHANNELS, show_default=True,
+              help="Channels a LayerNorm normalises over (e.g. ConvNeXt's residual stream): keep them (freeze), or "
+                   "prune them too, the LayerNorm then taking its statistics over the kept channels (prune; "
+                   "docs/methods.md).")
 @click.option("--no-measure", is_flag=True, help="Skip timing original vs pruned on onnxruntime.")
 @click.option("--min-speedup", type=float, help="Fail (exit 3, nothing written) if the measured speed-up is below X.")
 @click.option("--ignore", multiple=True, help="Node or parameter name (glob) whose channels are never pruned.")
@@ -126,7 +131,7 @@ def _progress_printer(enabled: bool):
 @click.option("--all", "all_groups", is_flag=True, help="List every group in the table.")
 def prune(model: str, output: str | None, target_flops: float | None, target_params: float | None,
           target_latency: float | None, method: str | None, strategy: str, round_to: str, hardware: str,
-          no_measure: bool, min_speedup: float | None, ignore: tuple[str, ...],
+          norm_channels: str, no_measure: bool, min_speedup: float | None, ignore: tuple[str, ...],
           input_shape: str | None, seed: int, calib: str | None, calib_samples: int | None, calib_size: str | None,
           calib_mean: str | None, calib_std: str | None, calib_bgr: bool, calib_gray: bool, calib_layout: str,
           recover: str | None, as_json: bool, report_html: str | None, overwrite: bool, dry_run: bool,
@@ -170,7 +175,7 @@ def prune(model: str, output: str | None, target_flops: float | None, target_par
         result = run_guarded(
             api.prune, model, target_flops=target_flops, target_params=target_params,
             target_latency=target_latency, method=method, strategy=strategy, round_to=round_to,
-            hardware=hardware, measure=not no_measure, min_speedup=min_speedup,
+            hardware=hardware, norm_channels=norm_channels, measure=not no_measure, min_speedup=min_speedup,
             ignore=ignore, seed=seed, input_shape=shapes, progress=say, allow_floor=allow_floor,
             input_values=values or None, strict_method=strict_method, **calib_kw,
             **({"finetune_steps": finetune_steps,

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from graphprune.analysis.context import DEFAULT_NORM_CHANNELS
 from graphprune.analysis.groups import Analysis
 from graphprune.analysis.plan import Plan
 from graphprune.errors import GraphpruneError, first_line
@@ -41,6 +42,9 @@ class PruneOptions:
     measure: bool = True  # time original vs pruned (ONNX: onnxruntime) and report the speed-up
     min_speedup: float | None = None  # a measured speed-up below this is SpeedupNotMet
     ignore: tuple[str, ...] = ()
+    # "freeze": channels a LayerNorm normalises over are kept; "prune": prunable, the norm's statistics
+    # then taken over the kept channels (ONNX models; the masked reference does the same)
+    norm_channels: str = DEFAULT_NORM_CHANNELS
     seed: int = 0
     input_shape: dict[str, tuple[int, ...]] | None = None
     scores: dict[int, float] | None = None  # the user's own importance (skips scoring)

@@ -36,8 +36,8 @@ def _sha(data: bytes) -> str:
 
 
 # report entries added after the digests were recorded (every entry recorded before is still compared):
-# the pass list (issue 10), warnings and the ignored state of groups (issue 15)
-ADDED_KEYS = ("passes", "warnings")
+# the pass list (issue 10), warnings and the ignored state of groups (issue 15), norm_channels (issue 14)
+ADDED_KEYS = ("passes", "warnings", "norm_channels")
 ADDED_GROUP_KEYS = ("ignored", "ignored_channels", "state")
 
 

@@ -118,6 +118,28 @@ def test_cli_accepts_both_orders(tmp_path):
         assert out.exists()
 
 
+def test_cli_says_that_nothing_repairs_the_layers_without_calibration(tmp_path):
+    """The default speed order costs accuracy when nothing repairs the pruned layers (docs/methods.md):
+    a run without --calib says so and names the two remedies; a run with calibration data does not."""
+    from click.testing import CliRunner
+
+    from graphprune.cli import main
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_two_stage_model(), path)
+    r = CliRunner().invoke(main, [str(path), "--target-flops", "0.5", "--round-to", "2", "--no-measure", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "recovery: none (no calibration data)" in text and "--calib" in text and "--strategy global" in text
+    calib = tmp_path / "c.npz"
+    np.savez(calib, **{_two_stage_model().graph.input[0].name: np.random.default_rng(0).standard_normal(
+        (8, *[d.dim_value for d in _two_stage_model().graph.input[0].type.tensor_type.shape.dim][1:])).astype(np.float32)})
+    r = CliRunner().invoke(main, [str(path), "--target-flops", "0.5", "--round-to", "2", "--no-measure", "--dry-run",
+                                  "--calib", str(calib)])
+    assert r.exit_code == 0, r.output
+    assert "no calibration data" not in " ".join(r.output.split())
+
+
 def test_exchange_rate_is_fitted_from_the_curves():
     a, b = 2e-8, 5e-7  # ms per MAC, ms per element moved: b / a = 25 MACs per element
     curves = {}

@@ -33,7 +33,7 @@ class OnnxAdapter:
         state.original = loaded.proto
 
     def analyze(self, state: PruneState) -> Analysis:
-        return analyze_graph(state.graph)
+        return analyze_graph(state.graph, state.options.norm_channels)
 
     def check_target(self, kind: str) -> None:
         return None

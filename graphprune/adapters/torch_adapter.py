@@ -11,7 +11,7 @@ from torch import nn
 
 from graphprune.analysis.groups import Analysis
 from graphprune.errors import GraphpruneError
-from graphprune.frontends.fx_frontend import TracedModule, analyze_traced, run_module, trace_module
+from graphprune.frontends.fx_frontend import FX, TracedModule, analyze_traced, run_module, trace_module
 from graphprune.passes.magnitude import CRITERIA
 from graphprune.passes.methods import method_coverage, methods_for
 from graphprune.pipeline import PruneState
@@ -72,7 +72,14 @@ class TorchAdapter:
         state.source_label = f"torch:{type(model).__name__}"
 
     def analyze(self, state: PruneState) -> Analysis:
-        return analyze_traced(state.lowered)
+        mode = state.options.norm_channels
+        if mode == "prune" and state.lowered.frontend != FX:
+            # the kept-statistics reference re-traces the module with torch.fx, which failed here
+            if any(n.op_type == "LayerNormalization" for n in state.graph.nodes):
+                state.warnings.append("LayerNorm channels stay frozen (norm_channels 'freeze'): the module needed the "
+                                      "torch.export fallback, and the masked reference of a pruned LayerNorm needs torch.fx")
+            mode = "freeze"
+        return analyze_traced(state.lowered, mode)
 
     # -- what the planning passes need ---------------------------------------------------------------
     def methods(self) -> list[str]:

@@ -9,6 +9,12 @@ from graphprune.analysis.spaces import Space, UnionFind, broadcastable, dense_la
 from graphprune.ir.graph import Graph, Node
 
 
+NORM_CHANNELS = ("freeze", "prune")
+# the one default of every entry point (analysis, API, CLI): class ids differ between the two modes,
+# so analyze() and prune() must agree for a plan from one to apply to the other
+DEFAULT_NORM_CHANNELS = "prune"
+
+
 class Unresolved(Exception):
     """Raised inside a rule when it cannot prove how channels map; the engine then freezes the op."""
 
@@ -40,8 +46,15 @@ class MacTerm:
 
 
 class Ctx:
-    def __init__(self, graph: Graph, body_macs: Any = None) -> None:
+    def __init__(self, graph: Graph, body_macs: Any = None, norm_channels: str = DEFAULT_NORM_CHANNELS) -> None:
         self.graph = graph
+        # channels an op takes statistics over (LayerNorm over channels): "freeze" keeps them all;
+        # "prune" makes them prunable, the statistics then taken over the kept channels only
+        if norm_channels not in NORM_CHANNELS:
+            raise ValueError(f"norm_channels must be one of {NORM_CHANNELS}, not {norm_channels!r}")
+        self.norm_channels = norm_channels
+        # nodes whose statistics run over kept channels (node -> its data input), for the reference
+        self.norm_stats_nodes: dict[str, str] = {}
         # MACs of a subgraph body (If/Loop/Scan): the engine passes its own walker here, so the rule
         # table can cost bodies with itself without importing the engine (which imports the table)
         self.body_macs = body_macs

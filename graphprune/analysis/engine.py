@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from math import prod
 
-from graphprune.analysis.context import Ctx, Unresolved
+from graphprune.analysis.context import DEFAULT_NORM_CHANNELS, Ctx, Unresolved
 from graphprune.analysis.rules import NO_MAC_OPS, RULES
 from graphprune.ir.graph import Graph, Node
 
@@ -67,8 +67,9 @@ def freeze_op(ctx: Ctx, node: Node, reason: str) -> None:
             ctx.new(t, 1 if len(shape) >= 2 else 0, frozen=reason)
 
 
-def run_rules(graph: Graph) -> Ctx:
-    ctx = Ctx(graph, body_macs=graph_macs)
+def run_rules(graph: Graph, norm_channels: str = DEFAULT_NORM_CHANNELS) -> Ctx:
+    """`norm_channels`: see Ctx ("freeze": channels a LayerNorm takes statistics over are kept)."""
+    ctx = Ctx(graph, body_macs=graph_macs, norm_channels=norm_channels)
     for t in graph.inputs:
         shape = graph.shape(t)
         if shape:

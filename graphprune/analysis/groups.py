@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from graphprune.analysis.context import Binding, Ctx, MacTerm
+from graphprune.analysis.context import DEFAULT_NORM_CHANNELS, Binding, Ctx, MacTerm
 from graphprune.analysis.engine import run_rules
 from graphprune.ir.graph import Graph
 
@@ -169,6 +169,7 @@ def _used_tensors(graph: Graph) -> set[str]:
     return used
 
 
-def analyze_graph(graph: Graph) -> Analysis:
-    """Pure analysis: IR graph in, groups and cost model out."""
-    return Analysis(graph, run_rules(graph))
+def analyze_graph(graph: Graph, norm_channels: str = DEFAULT_NORM_CHANNELS) -> Analysis:
+    """Pure analysis: IR graph in, groups and cost model out. `norm_channels="prune"` makes channels
+    a LayerNorm normalises over prunable, its statistics then taken over the kept channels."""
+    return Analysis(graph, run_rules(graph, norm_channels))

@@ -31,6 +31,9 @@ class NodeEdit:
 
 
 Fix = Callable[[Ctx, Node, "dict[str, np.ndarray]"], NodeEdit | None]
+# the masked reference of an op whose statistics exclude removed channels: (node, keep mask of its
+# channel axis, input shape) -> replacement nodes and the constants they add
+Reference = Callable[[Node, np.ndarray, "tuple[int, ...]"], "tuple[list[Node], dict[str, np.ndarray]]"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,9 @@ class OpRule:
     # base multiply-accumulates of the unpruned op; the rule scales them by kept channels, and the
     # engine counts them unscaled when it freezes the op (one formula per op type, used both ways)
     cost: "Cost | None" = None
+    # how the masked reference computes this op when a rule let removed channels into its statistics
+    # (only under ctx.norm_channels == "prune"); None: consumer masking alone is the reference
+    reference: "Reference | None" = None
 
 
 def _ints(ctx: Ctx, node: Node, attr: str, index: int) -> list[int] | None:
@@ -201,7 +207,10 @@ def normalization(ctx: Ctx, node: Node) -> None:
     """LayerNorm/GroupNorm: statistics over the channel axis tie every channel to every other.
 
     Removing a channel changes the mean/variance the others see, so the result would no longer
-    equal consumer-side masking: such channels are frozen. Normalising other axes only is fine.
+    equal consumer-side masking: by default such channels are frozen. With ctx.norm_channels ==
+    "prune" a LayerNormalization over the channel axis alone is prunable under a stated semantics:
+    masking a channel excludes it from the statistics (the masked reference computes them over the
+    kept channels, see `reference_layer_norm`). Normalising other axes only is always fine.
     """
     x = node.inputs[0]
     sp = _data_space(ctx, x, "normalisation of a reshaped layout")
@@ -213,11 +222,71 @@ def normalization(ctx: Ctx, node: Node) -> None:
     else:
         normalized = set(range(int(node.attrs.get("axis", -1)) % r, r))
     if sp.axis in normalized and ctx.shape(x)[sp.axis] > 1:
+        if ctx.norm_channels == "prune" and node.op_type == "LayerNormalization" and normalized == {sp.axis}:
+            _stats_over_kept(ctx, node, sp)
+            return
         raise Unresolved(f"{node.op_type} normalises across channels (pruning would change its statistics)")
     passthrough(ctx, node)
     for p in node.inputs[1:]:
         if p and ctx.is_const(p) and ctx.const(p).size > 1:
             raise Unresolved("per-element affine parameters over a non-channel axis")
+
+
+def _stats_over_kept(ctx: Ctx, node: Node, sp: Space) -> None:
+    """A LayerNormalization over the channel axis only, its statistics taken over the kept channels:
+    channels pass through, scale and bias are sliced with them, and the node is recorded so the
+    masked reference computes its statistics over the kept channels too (RULES[op].reference)."""
+    if any(o for o in node.outputs[1:]):
+        raise Unresolved("LayerNormalization's mean/inv-std-dev outputs are used")
+    out = node.outputs[0]
+    ctx.set_axis(out, sp.axis, sp.ids)
+    for p in node.inputs[1:3]:
+        if not p:
+            continue
+        if not ctx.is_const(p):
+            raise Unresolved("LayerNormalization scale/bias is not a constant")
+        if ctx.const(p).ndim != 1:
+            raise Unresolved("LayerNormalization scale/bias is not a vector over the channels")
+        ctx.bind(p, 0, out, "coupled", node)
+    ctx.norm_stats_nodes[node.name] = node.inputs[0]
+
+
+def reference_layer_norm(node: Node, keep: np.ndarray, shape: tuple[int, ...]) -> tuple[list[Node], dict[str, np.ndarray]]:
+    """The masked reference of a LayerNormalization whose statistics exclude removed channels.
+
+    Written with plain reductions over the full-width tensor (not by slicing, so it does not repeat
+    the rewrite it checks): with m the keep mask (1 kept, 0 removed) and k = sum(m),
+    mean = sum(x * m) / k, var = sum(((x - mean) * m)^2) / k, y = (x - mean) / sqrt(var + eps) * scale + bias.
+    Removed positions of y are only read by consumers whose weights the reference zeroes.
+    Returns the replacement nodes (IR form, same output name) and the constants they add.
+    """
+    x, out = node.inputs[0], node.outputs[0]
+    axis = len(shape) - 1
+    eps = float(node.attrs.get("epsilon", 1e-5))
+    p = f"{node.name}__gp_ref"
+    m = np.asarray(keep, dtype=np.float32)
+    consts = {f"{p}_m": m, f"{p}_k": np.array(1.0 / max(float(m.sum()), 1.0), dtype=np.float32),
+              f"{p}_eps": np.array(eps, dtype=np.float32), f"{p}_axes": np.array([axis], dtype=np.int64)}
+    nodes = [
+        Node(f"{p}_xm", "Mul", [x, f"{p}_m"], [f"{p}_xm"]),
+        Node(f"{p}_sum", "ReduceSum", [f"{p}_xm", f"{p}_axes"], [f"{p}_sum"], {"keepdims": 1}),
+        Node(f"{p}_mean", "Mul", [f"{p}_sum", f"{p}_k"], [f"{p}_mean"]),
+        Node(f"{p}_d", "Sub", [x, f"{p}_mean"], [f"{p}_d"]),
+        Node(f"{p}_dm", "Mul", [f"{p}_d", f"{p}_m"], [f"{p}_dm"]),
+        Node(f"{p}_sq", "Mul", [f"{p}_dm", f"{p}_dm"], [f"{p}_sq"]),
+        Node(f"{p}_ssq", "ReduceSum", [f"{p}_sq", f"{p}_axes"], [f"{p}_ssq"], {"keepdims": 1}),
+        Node(f"{p}_var", "Mul", [f"{p}_ssq", f"{p}_k"], [f"{p}_var"]),
+        Node(f"{p}_ve", "Add", [f"{p}_var", f"{p}_eps"], [f"{p}_ve"]),
+        Node(f"{p}_std", "Sqrt", [f"{p}_ve"], [f"{p}_std"]),
+        Node(f"{p}_norm", "Div", [f"{p}_d", f"{p}_std"], [f"{p}_norm" if len(node.inputs) > 1 and node.inputs[1] else out]),
+    ]
+    last = nodes[-1].outputs[0]
+    if len(node.inputs) > 1 and node.inputs[1]:
+        has_bias = len(node.inputs) > 2 and bool(node.inputs[2])
+        nodes.append(Node(f"{p}_scale", "Mul", [last, node.inputs[1]], [f"{p}_scaled" if has_bias else out]))
+        if has_bias:
+            nodes.append(Node(f"{p}_bias", "Add", [f"{p}_scaled", node.inputs[2]], [out]))
+    return nodes, consts
 
 
 def reduce(ctx: Ctx, node: Node) -> None:
@@ -1092,7 +1161,18 @@ _ANALYZE: dict[str, Rule] = {
     "MultiheadAttention": multihead_attention,
 }
 
+def fix_layer_norm(ctx: Ctx, node: Node, masks: dict[str, np.ndarray]) -> NodeEdit | None:
+    """A LayerNormalization whose channels are pruned (norm_channels "prune"): ONNX infers the
+    normalised size from its input; torch's F.layer_norm spells it out (normalized_shape), so the
+    torch rewriter gets the kept count. Modules (nn.LayerNorm) follow their sliced weight instead."""
+    x = node.inputs[0]
+    if node.name not in ctx.norm_stats_nodes or x not in masks or masks[x].all() or ctx.graph.frontend != "torch":
+        return None
+    return NodeEdit(attrs={"normalized_shape": [_kept(masks, x)]})
+
+
 _FIXES: dict[str, Fix] = {
+    "LayerNormalization": fix_layer_norm,
     "Conv": fix_conv,
     "ConvInteger": fix_conv,
     "QLinearConv": fix_conv,
@@ -1102,8 +1182,13 @@ _FIXES: dict[str, Fix] = {
     "Resize": fix_resize,
 }
 
+_REFERENCES: dict[str, Reference] = {
+    "LayerNormalization": reference_layer_norm,
+}
+
 # the single op table both frontends and every rewriter read
 RULES: dict[str, OpRule] = {
-    op: OpRule(fn, _FIXES.get(op), "all" if fn in (elementwise, concat) or op == "MatMul" else "first", COSTS.get(op))
+    op: OpRule(fn, _FIXES.get(op), "all" if fn in (elementwise, concat) or op == "MatMul" else "first", COSTS.get(op),
+               _REFERENCES.get(op))
     for op, fn in _ANALYZE.items()
 }

@@ -29,6 +29,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from graphprune.analysis.context import DEFAULT_NORM_CHANNELS
 from graphprune.analysis.groups import Analysis, analyze_graph
 from graphprune.errors import GraphpruneError
 from graphprune.ir.graph import Graph, Node
@@ -757,8 +758,12 @@ def trace_module(model: nn.Module, example_inputs: Any) -> TracedModule:
     return TracedModule(model, gm, graph, low.origin, inputs, tensor_fx, frontend, reason)
 
 
-def analyze_traced(traced: TracedModule) -> Analysis:
-    analysis = analyze_graph(traced.graph)
+def analyze_traced(traced: TracedModule, norm_channels: str = DEFAULT_NORM_CHANNELS) -> Analysis:
+    if norm_channels == "prune" and traced.frontend != FX:
+        # the masked reference re-traces the module with torch.fx to route LayerNorms through kept statistics
+        raise GraphpruneError(f"norm_channels={norm_channels!r} needs a module torch.fx can trace; this one fell back "
+                              f"to torch.export ({traced.fallback_reason})")
+    analysis = analyze_graph(traced.graph, norm_channels)
     analysis.traced = traced  # the rewriter and gradient criteria need the module behind the IR
     return analysis
 

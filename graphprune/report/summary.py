@@ -110,6 +110,7 @@ def build_report(analysis: Analysis, plan: Plan, *, method: str, strategy: str, 
             "total": sum(g.size for g in analysis.groups),
         },
         "frozen_ops": dict(analysis.ctx.frozen_nodes),
+        "norm_channels": norm_note(analysis, plan.removed),
         "cost_model": cost_note(analysis),
         "target_met": bool((achieved[target_kind] if plan.kind in achieved else plan.achieved) <= plan.target + 1e-9),
         "method_coverage": coverage,
@@ -117,6 +118,24 @@ def build_report(analysis: Analysis, plan: Plan, *, method: str, strategy: str, 
         "warnings": list(warnings or []),
         "time": {k: round(v, 4) for k, v in times.items()},
     }
+
+
+# the reason normalization() gives when it freezes channels a norm takes statistics over
+NORM_FREEZE_REASON = "normalises across channels"
+
+
+def norm_note(analysis: Analysis, removed: frozenset[int]) -> dict[str, Any]:
+    """What happened to channels a LayerNorm normalises over: with "freeze", how many groups stayed
+    whole for that reason (the first reason recorded); with "prune", which norms now take their
+    statistics over the kept channels only (the semantics the masked reference checks)."""
+    mode = analysis.ctx.norm_channels
+    if mode == "freeze":
+        held = [g for g in analysis.groups if g.frozen and g.reason and NORM_FREEZE_REASON in g.reason]
+        return {"mode": mode, "frozen_groups": len(held), "frozen_channels": sum(g.size for g in held)}
+    masks = analysis.keep_masks(removed)
+    stats = analysis.ctx.norm_stats_nodes
+    return {"mode": mode, "norm_ops": len(stats),
+            "stats_over_kept": sorted(n for n, x in stats.items() if not masks[x].all())}
 
 
 def cost_note(analysis: Analysis) -> dict[str, Any]:
@@ -194,6 +213,12 @@ def render_tables(report: dict[str, Any], console: Any, max_groups: int | None =
         console.print(f"... {len(rows) - len(shown)} more groups (--groups N or --all to list them, --json for everything)")
     if report.get("recovery"):
         render_recovery(report, console)
+    elif report.get("channels", {}).get("removed") and report.get("target", {}).get("kind") is not None:
+        # no calibration data: nothing repairs the pruned layers, and the default speed order spends the
+        # budget where time is, not where importance is lowest (docs/methods.md measures what that costs)
+        console.print("recovery: none (no calibration data). Without --calib the pruned layers are not repaired and "
+                      "accuracy can drop sharply; pass --calib DATA (activation-aware importance + least-squares "
+                      "recovery), or --strategy global to rank by importance alone (docs/methods.md).")
 
     cm = report.get("cost_model") or {}
     if cm.get("uncounted_ops"):
@@ -231,6 +256,13 @@ def render_tables(report: dict[str, Any], console: Any, max_groups: int | None =
                       f"{lat['rounds']} interleaved rounds{', ' + lat['clock'] if lat.get('clock') else ''})  vs  FLOPs reduction {lat['flops_speedup']:.2f}x")
     if report.get("target_met") is False:
         console.print("[yellow]target not met: this is the floor (--allow-floor)[/yellow]")
+    norm = report.get("norm_channels") or {}
+    if norm.get("frozen_groups"):
+        console.print(f"{norm['frozen_groups']} channel group(s) ({norm['frozen_channels']} channels) kept whole: a "
+                      "LayerNorm normalises over them (--norm-channels prune makes them prunable)")
+    elif norm.get("stats_over_kept"):
+        console.print(f"{len(norm['stats_over_kept'])} LayerNorm op(s) now take their statistics over the kept "
+                      "channels only (--norm-channels prune)")
 
 
 def render_recovery(report: dict[str, Any], console: Any, max_layers: int = 40) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from graphprune.analysis.groups import Analysis
 
@@ -54,4 +54,36 @@ def mask_consumers_onnx(proto: onnx.ModelProto, analysis: Analysis, removed: fro
         model.graph.initializer[k].CopyFrom(new)
         del arr
     external.drop_pages()
+    _reference_statistics(model, analysis, removed)
     return model
+
+
+def _reference_statistics(model: onnx.ModelProto, analysis: Analysis, removed: frozenset[int] | set[int]) -> None:
+    """Ops whose statistics exclude removed channels (ctx.norm_channels == "prune") are replaced by
+    their rule's reference form, which takes the statistics over the kept channels of the full-width
+    tensor; ops that lose no channel stay as they are."""
+    from graphprune.analysis.rules import RULES
+
+    stats = analysis.ctx.norm_stats_nodes
+    if not stats or not removed:
+        return
+    masks = analysis.keep_masks(removed)
+    index = {n.name: i for i, n in enumerate(analysis.graph.nodes)}
+    replace: dict[int, list[onnx.NodeProto]] = {}
+    for name, x in stats.items():
+        keep = masks[x]
+        if keep.all():
+            continue
+        node = analysis.graph.node_by_name[name]
+        new_nodes, consts = RULES[node.op_type].reference(node, keep, analysis.graph.shape(x))
+        for cname, value in consts.items():
+            model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), cname))
+        replace[index[name]] = [helper.make_node(n.op_type, n.inputs, n.outputs, name=n.name, **n.attrs)
+                                for n in new_nodes]
+    if not replace:
+        return
+    nodes = []
+    for i, n in enumerate(model.graph.node):
+        nodes.extend(replace.get(i, [n]))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)

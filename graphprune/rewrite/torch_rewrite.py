@@ -115,6 +115,12 @@ def _apply_fx_edit(fx: torch.fx.Node, op: str, edit: NodeEdit, analysis: Analysi
         args = list(fx.args) + [None] * (5 - len(fx.args))
         args[2], args[3] = int(edit.attrs["starts"][0]), int(edit.attrs["ends"][0])
         fx.args = tuple(args[:4]) + ((args[4],) if args[4] is not None else ())
+    elif op == "LayerNormalization":  # F.layer_norm / aten.layer_norm: normalized_shape is argument 1
+        shape = tuple(int(v) for v in edit.attrs["normalized_shape"])
+        if len(fx.args) > 1:
+            fx.args = (fx.args[0], shape) + tuple(fx.args[2:])
+        else:
+            fx.kwargs = {**fx.kwargs, "normalized_shape": shape}
     elif op == "Conv" and "group" in edit.attrs:  # F.conv2d / aten.conv2d: groups is argument 6
         if len(fx.args) > 6:
             fx.args = fx.args[:6] + (int(edit.attrs["group"]),) + fx.args[7:]
@@ -185,7 +191,11 @@ def _replace_permutes(analysis: Analysis, masks: dict[str, np.ndarray]) -> bool:
 
 
 def mask_consumers_module(model: nn.Module, analysis: Analysis, removed: frozenset[int] | set[int]) -> nn.Module:
-    """Deep copy of `model` with every consumer weight that reads a removed channel zeroed (the reference)."""
+    """Deep copy of `model` with every consumer weight that reads a removed channel zeroed (the reference).
+
+    Under norm_channels "prune" a LayerNorm that lost channels takes its statistics over the kept
+    ones: the copy is then traced again and those calls run `kept_stats_layer_norm` (a GraphModule
+    that computes what the original does under that semantics, on full-width tensors)."""
     masked = copy.deepcopy(model)
     tensors = dict(masked.named_parameters())
     tensors.update(dict(masked.named_buffers()))
@@ -194,4 +204,48 @@ def mask_consumers_module(model: nn.Module, analysis: Analysis, removed: frozens
             t = tensors[name]
             for axis, idx in cuts:
                 t.index_fill_(axis, torch.as_tensor(idx, dtype=torch.long), 0.0)
-    return masked
+    masks = analysis.keep_masks(removed)
+    keeps = {name: masks[x] for name, x in analysis.ctx.norm_stats_nodes.items() if not masks[x].all()}
+    return _kept_stats_reference(masked, analysis, keeps) if keeps else masked
+
+
+def kept_stats_layer_norm(x: torch.Tensor, keep: tuple[bool, ...], weight: torch.Tensor | None,
+                          bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """LayerNorm over the last axis with its statistics taken over the `keep` positions only (the
+    masked reference of a pruned LayerNorm; removed positions are only read by zeroed consumers)."""
+    m = torch.tensor(keep, dtype=x.dtype, device=x.device)
+    k = m.sum()
+    d = x - (x * m).sum(-1, keepdim=True) / k
+    y = d / torch.sqrt(((d * m) ** 2).sum(-1, keepdim=True) / k + eps)
+    if weight is not None:
+        y = y * weight
+    return y + bias if bias is not None else y
+
+
+def _kept_stats_reference(masked: nn.Module, analysis: Analysis, keeps: dict[str, np.ndarray]) -> nn.Module:
+    """Trace the masked copy again (fx names its nodes as in the analysed trace) and route every
+    LayerNorm in `keeps` (IR node -> keep mask of its input) through kept_stats_layer_norm."""
+    traced = analysis.traced
+    gm = torch.fx.symbolic_trace(masked)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for ir_name, keep in keeps.items():
+        node = by_name.get(traced.origin[ir_name].name)
+        if node is None:
+            raise RuntimeError(f"cannot find LayerNorm '{ir_name}' in the re-traced reference")
+        flags = tuple(bool(v) for v in keep)
+        with gm.graph.inserting_before(node):
+            if node.op == "call_module":
+                mod = gm.get_submodule(str(node.target))
+                w = gm.graph.get_attr(f"{node.target}.weight") if mod.weight is not None else None
+                b = gm.graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
+                args = (node.args[0], flags, w, b, float(mod.eps))
+            else:
+                a = list(node.args) + [None] * (5 - len(node.args))
+                w, b = a[2] if a[2] is not None else node.kwargs.get("weight"), a[3] if a[3] is not None else node.kwargs.get("bias")
+                eps = a[4] if a[4] is not None else node.kwargs.get("eps", 1e-5)
+                args = (a[0], flags, w, b, float(eps))
+            new = gm.graph.call_function(kept_stats_layer_norm, args)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
