@@ -15,6 +15,15 @@ def md_table(header: Sequence[object], rows: Iterable[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
+def write_results(path, report: dict, markdown) -> None:
+    """Write a benchmark's results file (JSON) and print its table (`markdown(report)`)."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(markdown(report))
+
+
 def replace_block(page: str, src: str, block: str, heading: str = "") -> str:
     """`page` with the results block of results file `src` replaced by `block` (which opens with its
     own `<!-- results: src ... -->` line and ends with `<!-- /results -->`), or with `heading` and the

@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import graphprune
+    from mdtable import write_results
 
     torch.set_num_threads(1)
     report = {"model": "tiny ConvNeXt (32/64/128, depths 1/2/1), sklearn digits 32x32", "epochs": args.epochs,
@@ -146,9 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                                    rel_acc=accuracy(res.model, te.x, te.y) / base)
                     print(json.dumps(row), flush=True)
                     report["rows"].append(row)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(markdown(report))
+    write_results(args.out, report, markdown)
     return 0
 
 

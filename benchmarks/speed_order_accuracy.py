@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import graphprune
+    from mdtable import write_results
     from digits import trained_resnet20
     from graphprune.passes.training import evaluate
 
@@ -41,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                        "rel_acc": evaluate(res.model, te.x, te.y, "cpu") / base}
                 print(json.dumps(row), flush=True)
                 report["rows"].append(row)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(markdown(report))
+    write_results(args.out, report, markdown)
     return 0
 
 

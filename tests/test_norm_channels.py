@@ -204,3 +204,20 @@ def test_cli_norm_channels_flag(tiny_onnx, tmp_path):
     assert r.exit_code == 2
     with pytest.raises(graphprune.GraphpruneError, match="norm_channels"):
         graphprune.prune(tiny_onnx, target_flops=0.5, norm_channels="kept")
+
+
+def test_a_reference_that_cannot_run_fails_validation_instead_of_skipping_it(tiny_onnx, monkeypatch):
+    """The kept-statistics reference is built by us: if it breaks, the equivalence check must not be
+    skipped silently (a reference of a model that cannot run at all is left to the plain validation)."""
+    import dataclasses
+
+    from graphprune.ir.graph import Node
+
+    def broken(node, keep, shape):
+        return [Node(f"{node.name}_bad", "Relu", [node.inputs[0], node.inputs[0]], [node.outputs[0]])], {}
+
+    first = graphprune.prune(tiny_onnx, target_flops=0.5, measure=False)
+    removed = _stream_removal(first.analysis)
+    monkeypatch.setitem(RULES, "LayerNormalization", dataclasses.replace(RULES["LayerNormalization"], reference=broken))
+    with pytest.raises(graphprune.GraphpruneError, match="masked reference"):
+        graphprune.prune(tiny_onnx, removed=removed, measure=False)

@@ -231,7 +231,12 @@ def masked_reference(original: onnx.ModelProto, analysis, removed,
     spill = SpillFile() if has_mapped(original) else None
     try:
         return run_onnx(mask_consumers_onnx(original, analysis, removed, spill=spill), feed, optimize=spill is None)
-    except Exception:
+    except Exception as exc:
+        masks = analysis.keep_masks(removed)
+        if any(not masks[x].all() for x in analysis.ctx.norm_stats_nodes.values()):
+            # the reference form of a pruned LayerNorm is ours: its failure must not skip the check
+            raise GraphpruneError("internal error: the masked reference (LayerNorm statistics over the kept "
+                                  f"channels) failed to run: {str(exc).splitlines()[0][:200]}") from None
         return None
     finally:
         if spill is not None:
