@@ -124,6 +124,26 @@ def print_report(report: dict, cores: int) -> None:
               f"({report['predicted_no_fork_join_ms']:.3f} ms without fork-join costs)")
 
 
+def markdown(report: dict) -> str:
+    """The docs table: per model, one-thread time, predicted C-core time and the kernels that leave cores idle."""
+    from mdtable import md_table
+
+    cores = report["cores"]
+    base = report["models"][0]
+    rows = []
+    for m in report["models"]:
+        idle = sorted((r for r in m["kernels"] if r.get("core_use", 1.0) < 0.95 and r.get("t1_ms")),
+                      key=lambda r: -r["t1_ms"])
+        rows.append([m["model"], str(len(m["kernels"])), str(m["fork_joins"]), f"{m['t1_ms']:.2f} ms",
+                     f"{base['t1_ms'] / m['t1_ms']:.2f}x", f"{m['predicted_ms']:.3f} ms",
+                     f"{m['predicted_no_fork_join_ms']:.3f} ms", f"{base['predicted_ms'] / m['predicted_ms']:.2f}x",
+                     ", ".join(f"{r['tasks']} tasks ({r['core_use']:.2f}, {r['t1_ms']:.2f} ms)" for r in idle[:3])
+                     or "none"])
+    return md_table(["model", "kernels", "fork-joins", "1 thread", "speed-up (1 thread)",
+                     f"predicted {cores} cores", "without fork-joins", f"speed-up ({cores} cores, predicted)",
+                     "kernels using < 95% of the cores (tasks, core use, 1-thread time)"], rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cores", type=int, default=16, help="cores the schedule is built for")
