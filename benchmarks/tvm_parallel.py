@@ -73,6 +73,20 @@ def one_thread_ms(executable, target, feeds: dict, names: list[str], rounds: int
     return out
 
 
+def ort_one_thread_ms(path: Path, feeds: dict, rounds: int) -> float:
+    """onnxruntime with one intra-op thread: thread CPU time of one inference, min over rounds of 3."""
+    from graphprune.backends.ort_backend import make_session
+
+    sess = make_session(str(path), 1)
+    sess.run(None, feeds)
+    best = float("inf")
+    for _ in range(rounds * 3):
+        t = time.thread_time()
+        sess.run(None, feeds)
+        best = min(best, time.thread_time() - t)
+    return best * 1e3
+
+
 def analyse(name: str, path: Path, cores: int, rounds: int, profile_threads: int | None, mcpu: str) -> dict:
     from graphprune.backends import tvm_backend as tb
     from graphprune.backends.ort_backend import random_inputs
@@ -89,6 +103,18 @@ def analyse(name: str, path: Path, cores: int, rounds: int, profile_threads: int
     else:
         measured = {}
     t1 = one_thread_ms(ex, target, feeds, names, rounds) if not profile_threads else {}
+    extra: dict = {}
+    if not profile_threads:
+        # the pad-in-task variant (one fork-join per conv) and onnxruntime, on one thread
+        saved = os.environ.get("GRAPHPRUNE_TVM_PAD")
+        os.environ["GRAPHPRUNE_TVM_PAD"] = "task"
+        try:
+            padded = tb.compile_untuned(mod, target)
+        finally:
+            os.environ.pop("GRAPHPRUNE_TVM_PAD") if saved is None else os.environ.__setitem__("GRAPHPRUNE_TVM_PAD", saved)
+        tb.check_against_ort(padded, target, str(path), rtol=1e-3, atol=1e-3)
+        extra["t1_pad_in_task_ms"] = sum(one_thread_ms(padded, target, feeds, names, rounds).values())
+        extra["ort_t1_ms"] = ort_one_thread_ms(path, feeds, rounds)
     for row in rows:
         row["t1_ms"] = t1.get(row["kernel"])
         if row["parallel"]:
@@ -98,7 +124,7 @@ def analyse(name: str, path: Path, cores: int, rounds: int, profile_threads: int
             row["core_use"] = tasks / (cores * math.ceil(tasks / cores))
         if row["kernel"] in measured:
             row["measured_ms"] = measured[row["kernel"]]
-    report = {"model": name, "kernels": rows,
+    report = {"model": name, "kernels": rows, **extra,
               "fork_joins": sum(len(r["parallel"]) * r["calls"] for r in rows)}
     if t1:
         report["t1_ms"] = sum(v for v in t1.values())
@@ -134,14 +160,18 @@ def markdown(report: dict) -> str:
     for m in report["models"]:
         idle = sorted((r for r in m["kernels"] if r.get("core_use", 1.0) < 0.95 and r.get("t1_ms")),
                       key=lambda r: -r["t1_ms"])
-        rows.append([m["model"], str(len(m["kernels"])), str(m["fork_joins"]), f"{m['t1_ms']:.2f} ms",
+        rows.append([m["model"], f"{m['ort_t1_ms']:.2f} ms", str(len(m["kernels"])), str(m["fork_joins"]),
+                     f"{m['t1_ms']:.2f} ms", f"{m['t1_pad_in_task_ms']:.2f} ms",
                      f"{base['t1_ms'] / m['t1_ms']:.2f}x", f"{m['predicted_ms']:.3f} ms",
                      f"{m['predicted_no_fork_join_ms']:.3f} ms", f"{base['predicted_ms'] / m['predicted_ms']:.2f}x",
                      ", ".join(f"{r['tasks']} tasks ({r['core_use']:.2f}, {r['t1_ms']:.2f} ms)" for r in idle[:3])
-                     or "none"])
-    return md_table(["model", "kernels", "fork-joins", "1 thread", "speed-up (1 thread)",
+                     or "none",
+                     "-" if m is base else f"{m['kernels_shared_with_original']} ({m['shared_t1_ms']:.2f} ms)"])
+    return md_table(["model", "onnxruntime, 1 thread", "kernels", "fork-joins", "TVM, 1 thread",
+                     "TVM pad in task, 1 thread", "TVM speed-up (1 thread)",
                      f"predicted {cores} cores", "without fork-joins", f"speed-up ({cores} cores, predicted)",
-                     "kernels using < 95% of the cores (tasks, core use, 1-thread time)"], rows)
+                     "kernels using < 95% of the cores (tasks, core use, 1-thread time)",
+                     "kernels shared with the original (their 1-thread time)"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,8 +212,15 @@ def main(argv: list[str] | None = None) -> int:
             print_report(row, args.cores)
             report["models"].append(row)
     base = report["models"][0]
+    original_keys = {k["key"] for k in base["kernels"]}
     for row in report["models"][1:]:
-        for key in ("t1_ms", "predicted_ms", "measured_kernels_ms"):
+        # record transfer: the slim's kernels with the original's structure and shapes reuse its records as they are
+        shared = [k for k in row["kernels"] if k["key"] in original_keys]
+        row["kernels_shared_with_original"] = len(shared)
+        row["shared_t1_ms"] = sum(k.get("t1_ms") or 0.0 for k in shared)
+        print(f"{row['model']}: {len(shared)}/{len(row['kernels'])} kernels shared with the original "
+              f"({row['shared_t1_ms']:.2f} of {row.get('t1_ms', 0):.2f} ms on one thread)")
+        for key in ("t1_ms", "predicted_ms", "predicted_no_fork_join_ms", "measured_kernels_ms", "ort_t1_ms"):
             if key in row:
                 row[f"{key}_speedup_vs_original"] = base[key] / row[key]
                 print(f"{row['model']}: {key} speed-up over the original {base[key] / row[key]:.2f}x")

@@ -945,8 +945,8 @@ def parallel_extents(func: Any) -> list[int]:
 
 
 def kernel_parallelism(mod: Any, target: Any) -> list[dict[str, Any]]:
-    """For every fused kernel of `mod` (as compiled, default schedule): its calls per inference, FLOPs and
-    the extents of its parallel loops; a loop of extent T on C cores runs ceil(T / C) rounds of
+    """For every fused kernel of `mod` (as compiled, default schedule): its calls per inference, FLOPs, the
+    extents of its parallel loops and its database key (equal keys share tuning records); a loop of extent T on C cores runs ceil(T / C) rounds of
     iterations, so T / (C * ceil(T / C)) of the cores' time is useful."""
     from tvm.s_tir import Schedule
     from tvm.s_tir import meta_schedule as ms
@@ -961,7 +961,7 @@ def kernel_parallelism(mod: Any, target: Any) -> list[dict[str, Any]]:
             trace.apply_to_schedule(sch, remove_postproc=False)
             extents = parallel_extents(sch.mod["main"])
         rows.append({"kernel": task.task_name, "calls": int(task.weight), "flops": _task_flops(task),
-                     "parallel": extents})
+                     "parallel": extents, "key": _workload_key(task)})
     return rows
 
 
