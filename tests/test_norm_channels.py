@@ -221,3 +221,18 @@ def test_a_reference_that_cannot_run_fails_validation_instead_of_skipping_it(tin
     monkeypatch.setitem(RULES, "LayerNormalization", dataclasses.replace(RULES["LayerNormalization"], reference=broken))
     with pytest.raises(graphprune.GraphpruneError, match="masked reference"):
         graphprune.prune(tiny_onnx, removed=removed, measure=False)
+
+
+def test_inspect_shows_either_view(tiny_onnx):
+    from click.testing import CliRunner
+
+    from graphprune.cli import main
+
+    counts = {}
+    for mode in ("prune", "freeze"):
+        r = CliRunner().invoke(main, ["inspect", tiny_onnx, "--json", "--norm-channels", mode])
+        assert r.exit_code == 0, r.output
+        view = json.loads(r.stdout)
+        counts[mode] = sum(1 for g in view["groups"] if not g["frozen"])
+    assert counts["prune"] > counts["freeze"]
+    assert CliRunner().invoke(main, ["inspect", tiny_onnx, "--norm-channels", "x"]).exit_code == 2
