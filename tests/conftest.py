@@ -1,4 +1,5 @@
 import os
+import random
 import sys
 
 import pytest
@@ -6,6 +7,23 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 # every prune times original vs pruned; in tests the minimum (5 interleaved rounds) is enough
 os.environ.setdefault("GRAPHPRUNE_MEASURE_S", "0")
+
+
+@pytest.fixture(autouse=True)
+def _same_random_state_in_any_order():
+    """Each test starts from the same global RNG state, whichever tests ran before it on its worker.
+
+    Many tests build torch models with default (random) initialisation or draw torch.randn without
+    a generator; under pytest-xdist the tests a worker runs first differ from run to run, so those
+    weights and inputs did too: a CI failure could not be reproduced by running the test alone.
+    numpy and torch are only seeded when something already imported them.
+    """
+    random.seed(0)
+    numpy, torch = sys.modules.get("numpy"), sys.modules.get("torch")
+    if numpy is not None:
+        numpy.random.seed(0)
+    if torch is not None:
+        torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")

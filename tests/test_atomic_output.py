@@ -9,7 +9,6 @@ import stat
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import onnx
@@ -19,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphprune
 import graphprune.io as gio
+from child_process import wait_for_stderr
 from graphprune.cli import main
 from graphprune.examples import example_cnn
 
@@ -104,24 +104,39 @@ def _big_model(path, mib: int = 256) -> None:
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
-# A child that slows the write down (so the kill lands mid-write) and otherwise runs the real CLI.
+# A child that runs the real CLI but stops inside the output write, after the first chunk has reached the
+# temp file, and says so on stderr: the parent's signal then lands mid-write however loaded the machine
+# is (a sleep-paced write raced the parent's polling: on a busy 2-core machine the write could finish
+# first and the test fail with exit 0).
+MID_WRITE = "test child: inside the output write"
 CHILD = textwrap.dedent("""
     import os, sys, time
     import graphprune.io as gio
     real_fdopen = os.fdopen
-    class Slow:
+    class Stalled:
         def __init__(self, fh): self.fh = fh
         def __enter__(self): return self
         def __exit__(self, *a): self.fh.close()
         def write(self, data):
-            for i in range(0, len(data), 1 << 20):
-                self.fh.write(data[i:i + (1 << 20)]); time.sleep(0.02)
+            self.fh.write(data[:1 << 16]); self.fh.flush()
+            sys.stderr.write("%s\\n" % MID_WRITE); sys.stderr.flush()
+            time.sleep(300)  # ended by the parent's signal (its handler raises KeyboardInterrupt)
+            self.fh.write(data[1 << 16:])
         def __getattr__(self, n): return getattr(self.fh, n)
-    gio.os.fdopen = lambda fd, mode: Slow(real_fdopen(fd, mode))
+    gio.os.fdopen = lambda fd, mode: Stalled(real_fdopen(fd, mode))
     from graphprune.cli import main
     sys.argv = ["graphprune", *sys.argv[1:]]
     main()
-""")
+""").replace("MID_WRITE", repr(MID_WRITE))
+
+
+def signal_mid_write(proc: subprocess.Popen, sig: int, directory) -> str:
+    """Wait until the child is inside its write (its temp file in `directory`), send `sig`, return the
+    child's stderr from then on."""
+    wait_for_stderr(proc, MID_WRITE, timeout=240)
+    assert leftovers(directory), "no temp file while writing"
+    proc.send_signal(sig)
+    return proc.communicate(timeout=120)[1]
 
 
 @pytest.mark.parametrize("previous", [False, True])
@@ -134,13 +149,7 @@ def test_sigterm_while_writing_a_big_model(tmp_path, previous):
         out.write_bytes(b"previous output")
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(src), "--target-flops", "0.5", "-o", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not leftovers(tmp_path) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    assert leftovers(tmp_path), "the write never started"
-    time.sleep(0.2)  # well inside the (slowed) write
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    err = signal_mid_write(proc, signal.SIGTERM, tmp_path)
     assert proc.returncode == 130, err
     assert "no output written" in err
     assert (out.read_bytes() == b"previous output") if previous else not out.exists()

@@ -1,6 +1,5 @@
 """CLI contract: prune end to end, JSON report, and one-line errors with exit code 2 for bad input."""
 import json
-import os
 import subprocess
 import sys
 
@@ -64,7 +63,7 @@ def _no_prunable_model(path):
 BAD_INPUTS = {
     "missing": lambda p: None,
     "empty": lambda p: p.write_bytes(b""),
-    "random_bytes": lambda p: p.write_bytes(os.urandom(4096)),
+    "random_bytes": lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)),  # reproducible: a failure reruns
     "text_file": lambda p: p.write_text("this is not a model\n" * 50),
     "truncated": lambda p: p.write_bytes(example_cnn().SerializeToString()[:3000]),
     "no_prunable": _no_prunable_model,

@@ -17,6 +17,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import graphprune
+from child_process import wait_for_stderr
 from graphprune.frontends.onnx_torch import OnnxModule, export_onnx
 from graphprune.rewrite.validate import run_onnx
 
@@ -238,10 +239,7 @@ def test_interrupted_run_leaves_no_output(pruned, tmp_path):
                                   str(pruned / "d.npz"), "-o", str(out), "--steps", "100000", "--patience", "0",
                                   "-v"], stderr=subprocess.PIPE, text=True, env=ENV)
     try:
-        deadline = time.time() + 240
-        for line in proc.stderr:  # wait until training is under way
-            if "distilling" in line or time.time() > deadline:
-                break
+        wait_for_stderr(proc, "distilling", timeout=240)  # training is under way
         time.sleep(1.0)
         proc.send_signal(signal.SIGTERM)  # SIGINT may be ignored in a background test run
         try:

@@ -10,7 +10,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 
 import numpy as np
 import onnx
@@ -22,7 +21,7 @@ import graphprune.outputs as outputs
 from graphprune.cli import main
 from graphprune.examples import example_cnn
 from hostile_models import ir3_model
-from test_atomic_output import CHILD as SLOW_CHILD
+from test_atomic_output import CHILD, signal_mid_write
 
 PRUNE = ["--target-flops", "0.5"]
 
@@ -273,24 +272,14 @@ def test_stale_temps_of_killed_runs_are_cleaned(model, tmp_path):
     assert alive.exists() and other_host.exists() and lookalike.exists()
 
 
-# the SIGTERM test's slowed-down child, in 64 KiB steps so that a small model's write is caught too
-CHILD = SLOW_CHILD.replace("1 << 20", "1 << 16").replace("time.sleep(0.02)", "time.sleep(0.05)")
-
-
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
 def test_hangup_mid_write_leaves_nothing(model, tmp_path, sig):
     out = tmp_path / "slim.onnx"
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(model), *PRUNE, "-o", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    temps = lambda: [f for f in os.listdir(tmp_path) if f.startswith(".graphprune-")]  # noqa: E731
-    deadline = time.time() + 240
-    while not temps() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    assert temps(), "the write never started"
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    err = signal_mid_write(proc, sig, tmp_path)
     assert proc.returncode == 130, err
-    assert temps() == [] and not out.exists()
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".graphprune-")] and not out.exists()
 
 
 # -- old models, bench inputs -------------------------------------------------------------------

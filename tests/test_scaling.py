@@ -1,6 +1,7 @@
 """The dependency analysis is linear in graph size (a superlinear step would hang on big models)."""
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -16,10 +17,19 @@ from graphprune.frontends.onnx_frontend import load_onnx  # noqa: E402
 def _analysis_seconds(n: int) -> tuple[float, int]:
     graph = load_onnx(synthetic_cnn(n)).graph
     best = float("inf")
-    for _ in range(3):  # best of three: the machine is shared (xdist, other jobs)
-        t = time.perf_counter()
-        analysis = analyze_graph(graph)
-        best = min(best, time.perf_counter() - t)
+    for _ in range(3):
+        # CPU time, not wall time: on the shared 2-core CI machine a run waits for a core, and that
+        # wait made the ratio below swing 14-19 against its bound of 20 (CPU time: 11 +- 0.2).
+        # The collector is off while timing: its full collections scale with all live objects, not
+        # with the graph being analysed.
+        gc.collect()
+        gc.disable()
+        try:
+            t = time.process_time()
+            analysis = analyze_graph(graph)
+            best = min(best, time.process_time() - t)
+        finally:
+            gc.enable()
     assert analysis.prunable_groups
     return best, len(graph.nodes)
 
@@ -38,9 +48,9 @@ def test_misordered_big_graph_loads_in_linear_time():
     nodes = list(model.graph.node)[::-1]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    t = time.perf_counter()
     from graphprune.frontends.onnx_frontend import _check_structure
 
+    t = time.process_time()  # CPU time: a wait for a core on a loaded machine is not the algorithm's
     _check_structure(model)
-    assert time.perf_counter() - t < 5
+    assert time.process_time() - t < 5
     assert model.graph.node[0].input[0] == "input"
