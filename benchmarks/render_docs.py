@@ -200,6 +200,10 @@ def _tvm_tuning(files: list[Path]) -> str:
     return "\n\n".join(out)
 
 
+def _tvm_parallel(files: list[Path]) -> str:
+    return _script("tvm_parallel").markdown(_load(files[0]))
+
+
 def _tvm_schedules(files: list[Path]) -> str:
     """tvm_schedules.py: untuned TVM in three default-schedule variants against onnxruntime (ms, and x ORT)."""
     rep = _load(files[0])
@@ -330,6 +334,7 @@ RENDERERS: list[Renderer] = [
     Renderer("distill*.json", _distill, "benchmarks/distill_ocr.py: markdown"),
     Renderer("tvm_tuning*.json", _tvm_tuning, "benchmarks/render_docs.py: _tvm_tuning"),
     Renderer("tvm_schedules*.json", _tvm_schedules, "benchmarks/render_docs.py: _tvm_schedules"),
+    Renderer("tvm_parallel*.json", _tvm_parallel, "benchmarks/tvm_parallel.py: markdown"),
     Renderer("di_scale*.json", _di_scale, "benchmarks/render_docs.py: _di_scale"),
     Renderer("real_models*.json", _real_models, "benchmarks/real_models.py: markdown"),
     Renderer("channel_multiples*.json", _channel_multiples, "benchmarks/render_docs.py: _channel_multiples"),

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Issue 17 on the GPU machine's CPU, in one run of ~7.5 minutes: TVM tuned against onnxruntime, same thread
+# Issue 17 on the GPU machine's CPU, in one run of about 8 minutes: TVM tuned against onnxruntime, same thread
 # count, for resnet18 and its 40%-FLOPs slim (benchmarks/tvm_tuning.py, staged):
-#   1. prepare: export resnet18 (random weights, 1x3x224x224) and prune the slim (--round-to 8);
-#   2. tune both models at the same time, each on its own half of the physical cores (taskset), for cumulative
-#      budgets (default 60,120,210 s), snapshotting each database after every budget;
-#   3. measure, alone, one model at a time on 16 cores: onnxruntime, TVM's default schedule and TVM with each
-#      snapshot (latency against tuning budget), and which of the slim's kernels the original's records cover.
+#   1. prepare: export resnet18 (random weights, 1x3x224x224), prune the slim (default strategy, --round-to 16)
+#      and a second slim with --strategy global (measured untuned);
+#   2. tune the original and the slim at the same time, each on its own half of the cores (taskset), in one
+#      run of 210 s each (passes of 16, 32, 64... trials per kernel), snapshotting each database when it
+#      reaches 70, 140 and 210 s;
+#   3. measure on 16 cores: onnxruntime, TVM's default schedule (and its pad-in-task variant) and TVM with each
+#      snapshot (latency against tuning budget), in interleaved rounds; which of the slim's kernels the
+#      original's records cover; the time of every kernel (default and tuned builds).
 # The apache-tvm wheel travels in two parts (../shared/tools/tvm-device-parts):
 #   run 1, carry [".tvm-part1"]:  mkdir -p /root/tvmp && cp .tvm-part1/* /root/tvmp/
 #   run 2, carry [".tvm-part2"]:  bash benchmarks/tvm_device.sh
-# Results: $OUT/tvm_tuning_16c_s3.json, $OUT/tvm_tuning_16c_s3.log, $OUT/tvm_device_logs.tar.gz.
+# Results: $OUT/tvm_tuning_16c_s4.json, $OUT/tvm_tuning_16c_s4.log, $OUT/tvm_device_logs.tar.gz.
 # Local smoke test (small): SMOKE=1 OUT=/tmp/o bash benchmarks/tvm_device.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -18,11 +21,12 @@ OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
 WORK="${WORK:-$(mktemp -d)}"
 THREADS="${THREADS:-16}"
-BUDGETS="${BUDGETS:-60,120,210}"
-TUNE_LIMIT="${TUNE_LIMIT:-270}"   # hard stop for each tuning process (s); what it measured by then is kept
+BUDGETS="${BUDGETS:-70,140,210}"
+TUNE_LIMIT="${TUNE_LIMIT:-250}"   # hard stop for each tuning process (s); what it measured by then is kept
 SIZE=224
-RUNS=50
-if [[ -n "${SMOKE:-}" ]]; then THREADS=1; BUDGETS="${BUDGETS_SMOKE:-20,40}"; TUNE_LIMIT=240; SIZE=64; RUNS=5; fi
+RUNS=30
+ROUNDS=5
+if [[ -n "${SMOKE:-}" ]]; then THREADS=1; BUDGETS="${BUDGETS_SMOKE:-20,40}"; TUNE_LIMIT=240; SIZE=64; RUNS=5; ROUNDS=2; fi
 
 if ! python3 -c "import tvm" 2>/dev/null; then
     [[ -f /root/tvmp/part_aa ]] || { echo "tvm_device.sh: TVM is not installed and /root/tvmp/part_aa is missing (run 1)" >&2; exit 2; }
@@ -64,15 +68,14 @@ fmt = lambda s: ",".join(map(str, s)) or "0"
 print(fmt(a), fmt(b), fmt(m))
 PY
 )
-LOG="$OUT/tvm_tuning_16c_s3.log"
+LOG="$OUT/tvm_tuning_16c_s4.log"
 {
     echo "cpus: $(nproc) online; tuning sets A=$SET_A B=$SET_B; measuring on $SET_M; budgets $BUDGETS s"
     lscpu | grep -E "Model name|^CPU\(s\)|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\)|L3" || true
 } | tee "$LOG"
 COMMON=(--threads "$THREADS" --size "$SIZE" --runs "$RUNS" --workdir "$WORK")
-# the slim keeps channel counts that are multiples of 16 (one AVX-512 register of float32); a slim rounded to 8
-# is measured untuned for comparison
-python3 benchmarks/tvm_tuning.py --stage prepare "${COMMON[@]}" --round-to 16 --extra-round-to 8 2>&1 \
+# the slims keep channel counts that are multiples of 16 (one AVX-512 register of float32)
+python3 benchmarks/tvm_tuning.py --stage prepare "${COMMON[@]}" --round-to 16 --extra-strategy global 2>&1 \
     | { grep -v "Warning\|torch.onnx.export" || true; } | tail -3 | tee -a "$LOG"
 # each tuner in its own session (process group), so that its builder/runner workers go with it
 setsid taskset -c "$SET_A" timeout "$TUNE_LIMIT" python3 benchmarks/tvm_tuning.py --stage tune --model resnet18 \
@@ -89,7 +92,7 @@ grep -h "budget" "$WORK"/tune_*.log | tee -a "$LOG" || true
 echo "tuning exit codes: resnet18 $RA, slim $RB" | tee -a "$LOG"
 set +e
 taskset -c "$SET_M" python3 benchmarks/tvm_tuning.py --stage measure "${COMMON[@]}" \
-    --out "$OUT/tvm_tuning_16c_s3.json" 2>&1 | { grep -v "Warning\|pool_max" || true; } | tee -a "$LOG"
+    --rounds "$ROUNDS" --out "$OUT/tvm_tuning_16c_s4.json" 2>&1 | { grep -v "Warning\|pool_max" || true; } | tee -a "$LOG"
 RM=${PIPESTATUS[0]}
 echo "measure exit code: $RM" | tee -a "$LOG"
 tar -C "$WORK" -czf "$OUT/tvm_device_logs.tar.gz" --exclude="*.onnx" --exclude="*/logs" --exclude="db_*@*" . || true

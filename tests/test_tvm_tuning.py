@@ -147,7 +147,9 @@ def test_interrupted_run_keeps_what_it_measured_and_resumes(conv_model, tmp_path
     deadline = time.monotonic() + 600
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if state_file.exists() and json.loads(state_file.read_text() or "{}"):
+            # past the default schedule (saved on its own) and into the search's first batch
+            if state_file.exists() and any(e.get("measured", 0) > 1
+                                           for e in json.loads(state_file.read_text() or "{}").values()):
                 break
             time.sleep(0.5)
         assert proc.poll() is None, "tuning ended before it could be interrupted"
@@ -209,6 +211,38 @@ def test_time_budget_ends_a_kernel_after_its_batch(conv_model, tmp_path):
     assert entry["complete"] is False and entry["measured"] == result.new_trials == _records(db)
 
 
+def test_time_budget_ending_in_a_calls_last_batch(conv_model, tmp_path, monkeypatch):
+    """The budget runs out while the batch that uses up the kernel's trials is measured: MetaSchedule then
+    ends the task itself, and ending it from the budget as well was its InternalError "TerminateTask ...
+    is_terminated" (the session-3 device run, and the device script's smoke test). The run keeps the
+    default and the whole batch, says the kernel is complete, and a deeper call resumes it. The tuner's clock
+    stands still until the search's batch reports, then jumps past the budget (on a loaded machine a real
+    budget may run out before the search starts)."""
+    import types
+
+    db = tmp_path / "db"
+    target = tb.make_target("llvm", num_cores=2)
+    jumped = []
+
+    def on_trials(name, n, best):
+        if n > 1:  # the search's batch (the default schedule reports alone)
+            jumped.append(True)
+
+    clock = types.SimpleNamespace(perf_counter=lambda: 1e9 if jumped else 0.0, monotonic=time.monotonic,
+                                  sleep=time.sleep)
+    monkeypatch.setattr(tb, "time", clock)
+    result = tb.tune(tb.import_onnx(conv_model), target, db, trials=1000, trials_per_task=17, time_budget_s=1.0,
+                     on_trials=on_trials)
+    monkeypatch.undo()
+    assert jumped and result.new_trials == 17 == _records(db), result  # the default, then one batch of 16
+    (entry,) = json.loads((db / tb.STATE_FILE).read_text()).values()
+    assert entry["complete"] is True and entry["measured"] == 17
+    again = tb.tune(tb.import_onnx(conv_model), target, db, trials=1000, trials_per_task=17)
+    assert again.new_trials == 0 and again.reused_tasks  # the same depth: nothing to do
+    deeper = tb.tune(tb.import_onnx(conv_model), target, db, trials=1000, trials_per_task=33, time_budget_s=2.0)
+    assert deeper.tuned_tasks and deeper.new_trials >= 16 and _records(db) == 17 + deeper.new_trials
+
+
 def test_default_schedule_vectorises_and_blocks(conv_model, target, monkeypatch):
     """The default schedule of a convolution: channels-last, output channels vectorised (a power of two of at
     most two registers), a register block of output pixels, the weights repacked in the order the loops
@@ -262,3 +296,49 @@ def test_channels_last_matches_onnxruntime(tmp_path, target, monkeypatch):
     assert tb.check_against_ort(ex, target, path) < 1e-4
 
 
+
+
+def test_pad_in_task_variant_matches_onnxruntime(tmp_path, target, monkeypatch):
+    """GRAPHPRUNE_TVM_PAD=task computes each conv's padded rows inside its parallel tasks: one parallel loop per
+    conv instead of two, and the same outputs as onnxruntime (strided, 1x1 and residual convs)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    monkeypatch.delenv("GRAPHPRUNE_TVM_LAYOUT")
+    torch.manual_seed(0)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+            self.b = torch.nn.Conv2d(16, 16, 3, padding=1)
+            self.down = torch.nn.Conv2d(8, 16, 1, stride=2)
+
+        def forward(self, x):
+            return torch.relu(self.b(torch.relu(self.a(x))) + self.down(x))
+
+    path = tmp_path / "block.onnx"
+    torch.onnx.export(Block().eval(), (torch.randn(1, 8, 20, 20),), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["output"])
+    mod = tb.import_onnx(path)
+    loops = {}
+    for pad in ("once", "task"):
+        monkeypatch.setenv("GRAPHPRUNE_TVM_PAD", pad)
+        rows = tb.kernel_parallelism(mod, target)
+        loops[pad] = {r["kernel"]: len(r["parallel"]) for r in rows if "conv2d" in r["kernel"]}
+        assert tb.check_against_ort(tb.compile_untuned(mod, target), target, path) < 1e-4
+    padded = [k for k, n in loops["once"].items() if n == 2]  # the 3x3 convs: a padding loop, then the conv's
+    assert padded and all(loops["task"][k] == 1 for k in padded), loops
+
+
+def test_profile_kernels_times_every_kernel(conv_model, target, monkeypatch):
+    """profile_kernels: one positive time per kernel of the model (not timed against anything), and the static
+    view (kernel_parallelism) names the same kernels with their calls, FLOPs and parallel loops."""
+    monkeypatch.delenv("GRAPHPRUNE_TVM_LAYOUT")
+    mod = tb.import_onnx(conv_model)
+    ex = tb.compile_untuned(mod, target)
+    feeds = random_inputs(str(conv_model))
+    times = tb.profile_kernels(ex, target, feeds, tb.graph_input_names(str(conv_model)), runs=3, warmup=1)
+    rows = tb.kernel_parallelism(mod, target)
+    assert {r["kernel"] for r in rows} <= set(times) and all(v > 0 for v in times.values())
+    conv = next(r for r in rows if "conv2d" in r["kernel"])
+    assert conv["calls"] == 1 and conv["flops"] > 0 and conv["parallel"] and min(conv["parallel"]) >= 2

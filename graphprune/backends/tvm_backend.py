@@ -203,9 +203,9 @@ def _default_tiles(trace: Any, lanes: int, cores: int = 1) -> Any:
     chosen: dict[Any, Any] = {}
     if _is_conv_nhwc(trace, spatial, reduce_):
         chosen = _conv_nhwc_tiles(spatial, reduce_, extent, lanes, cores)
-        for inst in trace.insts:  # the padded input once, in parallel, before the conv (not per tile)
+        for inst in trace.insts:
             if inst.kind.name == "SampleComputeLocation":
-                chosen[inst] = -1
+                chosen[inst] = _pad_location()
     else:
         block_axis = len(spatial) - 3 if len(spatial) >= 3 else 0
         for pos, inst in enumerate(spatial):
@@ -232,6 +232,14 @@ def _default_tiles(trace: Any, lanes: int, cores: int = 1) -> Any:
     for inst, decision in chosen.items():
         trace = trace.with_decision(inst, decision, True)
     return trace
+
+
+def _pad_location() -> int:
+    """Where a convolution computes its padded input: once for the whole input, in its own parallel loop
+    before the conv (-1, the default), or with GRAPHPRUNE_TVM_PAD=task inside each parallel task of the conv
+    (the rows that task reads; one fork-join per conv instead of two, at the price of copying rows shared
+    by neighbouring tasks more than once: 7-15% more one-thread time on resnet18 and its slims)."""
+    return 6 if os.environ.get("GRAPHPRUNE_TVM_PAD", "").lower() == "task" else -1
 
 
 def _is_conv_nhwc(trace: Any, spatial: list, reduce_: list) -> bool:
@@ -361,53 +369,67 @@ def default_schedule_database(target: Any) -> Any:
     return ms.database.ScheduleFnDatabase(schedule_fn, module_equality="structural")
 
 
-def _try_measure_default(task: Any, target: Any, builder: Any, runner: Any, database: Any) -> float | None:
-    """`_measure_default`, with any failure meaning "no default record" (the search still runs)."""
+def _complete(entry: dict | None, trials_per_task: int | None) -> bool:
+    """Whether a kernel's search is done: its space exhausted, or (when the caller sets a per-kernel trial
+    count) that many candidates measured, else as the run that tuned it recorded. A later call with a larger
+    `trials_per_task` resumes kernels that earlier, shorter calls finished: budgets can grow in steps."""
+    if not entry:
+        return False
+    if trials_per_task is not None and not entry.get("exhausted"):
+        return int(entry.get("measured", 0)) >= trials_per_task
+    return bool(entry.get("complete"))
+
+
+def _try_measure_defaults(tasks: list, target: Any, builder: Any, runner: Any, database: Any) -> dict[str, float]:
+    """`_measure_defaults`, with a failure meaning "no default records" (the search still runs)."""
     try:
-        return _measure_default(task, target, builder, runner, database)
+        return _measure_defaults(tasks, target, builder, runner, database)
     except Exception as exc:
-        logging.getLogger(__name__).warning("default schedule of %s not measured: %s", task.task_name,
+        logging.getLogger(__name__).warning("default schedules not measured: %s",
                                             str(exc).strip().splitlines()[-1] if str(exc).strip() else exc)
-        return None
+        return {}
 
 
-def _measure_default(task: Any, target: Any, builder: Any, runner: Any, database: Any) -> float | None:
-    """Build and time a kernel's default schedule with the tuner's own builder and runner, and commit
-    it to the database as an ordinary tuning record; its latency in ms, or None when the kernel
-    has no default schedule (GraphpruneError when it fails to build or run).
-
-    Committed first, it is the record every tuned candidate has to beat (the database's best
-    record is what `compile_tuned` uses), and the evolutionary search, which seeds each population
-    from the database's best records, starts from it.
-    """
+def _measure_defaults(tasks: list, target: Any, builder: Any, runner: Any, database: Any) -> dict[str, float]:
+    """Build and time the default schedules of many kernels as one batch (builds in parallel, runs one
+    after another, as MetaSchedule measures a batch of candidates) and commit each as an ordinary tuning
+    record; each kernel's latency in ms (kernels without a default schedule or whose build or run
+    failed are left out)."""
     import shutil
 
     from tvm.s_tir import Schedule
     from tvm.s_tir import meta_schedule as ms
 
-    mod = task.dispatched[0]
-    trace = default_trace(mod, target)
-    if trace is None:
-        return None
-    sch = Schedule(mod)
-    trace.apply_to_schedule(sch, remove_postproc=False)
-    # as the task scheduler does: the arguments the built kernel takes (a repacked weight in its new layout)
-    args_info = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
-    (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
-    if built.error_msg is not None or built.artifact_path is None:
-        raise GraphpruneError(f"build failed: {built.error_msg}")
+    items = []
+    for task in tasks:
+        mod = task.dispatched[0]
+        trace = default_trace(mod, target)
+        if trace is None:
+            continue
+        sch = Schedule(mod)
+        trace.apply_to_schedule(sch, remove_postproc=False)
+        # as the task scheduler does: the arguments the built kernel takes (a repacked weight in its new layout)
+        items.append((task, mod, trace, sch.mod, ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)))
+    if not items:
+        return {}
+    built = builder.build([ms.builder.BuilderInput(sch_mod, target) for _, _, _, sch_mod, _ in items])
     device = "cuda" if target.kind.name == "cuda" else "cpu"
+    ok = [(item, b) for item, b in zip(items, built) if b.error_msg is None and b.artifact_path is not None]
     try:
-        (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args_info)])
-        result = future.result()
+        futures = runner.run([ms.runner.RunnerInput(b.artifact_path, device, item[4]) for item, b in ok])
+        results = [f.result() for f in futures]
     finally:
-        shutil.rmtree(os.path.dirname(built.artifact_path), ignore_errors=True)
-    if result.error_msg is not None or not result.run_secs:
-        raise GraphpruneError(f"run failed: {result.error_msg}")
-    workload = database.commit_workload(mod)
-    database.commit_tuning_record(ms.database.TuningRecord(trace, workload, list(result.run_secs), target,
-                                                           args_info))
-    return float(sum(float(x) for x in result.run_secs) / len(result.run_secs)) * 1e3
+        for _, b in ok:
+            shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+    out = {}
+    for ((task, mod, trace, _, args_info), _), result in zip(ok, results):
+        if result.error_msg is not None or not result.run_secs:
+            continue
+        workload = database.commit_workload(mod)
+        database.commit_tuning_record(ms.database.TuningRecord(trace, workload, list(result.run_secs), target,
+                                                               args_info))
+        out[task.task_name] = float(sum(float(x) for x in result.run_secs) / len(result.run_secs)) * 1e3
+    return out
 
 
 def _is_conv_nhwc_space(trace: Any) -> bool:
@@ -553,14 +575,16 @@ def _progress_callback(on_batch: Callable[..., None]) -> Any:
 
 def _search_strategy(per_task: int) -> Any:
     """Evolutionary search sized to the budget: the default population (512, 50 random samples)
-    costs ~30-60 s of search per kernel on 2 cores, which dominates small-budget tuning."""
+    costs ~30-60 s of search per kernel on 2 cores, which dominates small-budget tuning; with 16-32
+    trials per kernel a population of 4x the trials generated a batch in 8-19 s per kernel on one core
+    (the smoke test of benchmarks/tvm_device.sh), most of a batch's time."""
     from tvm.s_tir import meta_schedule as ms
 
-    population = max(32, min(512, 8 * per_task))
+    population = max(32, min(512, 4 * per_task))
     return ms.search_strategy.EvolutionarySearch(
         population_size=population,
-        init_min_unmeasured=max(8, min(50, 2 * per_task)),
-        genetic_num_iters=2 if per_task < 64 else 4,
+        init_min_unmeasured=max(8, min(50, per_task)),
+        genetic_num_iters=1 if per_task <= 32 else 2 if per_task < 64 else 4,
     )
 
 
@@ -650,7 +674,8 @@ def tune(
     after dispatching every task once, so an early stop lost everything). A run that is stopped
     (Ctrl-C, SIGTERM, `time_budget_s`) keeps all but the batch in flight, and the next run resumes
     from the per-kernel counts in `graphprune_tuning_state.json`. A kernel without records starts with
-    its default schedule (`default_trace`) as its first measured candidate, so its best record is
+    its default schedule (`default_trace`) as its first measured candidate (the defaults of all new kernels
+    are built and timed as one batch), so its best record is
     never slower than the untuned default. With a time budget each kernel
     gets the share of the remaining time that its FLOPs have of the remaining work. Kernels already
     complete in the database are skipped (unless `retune`): a second run costs zero trials, and a
@@ -667,7 +692,7 @@ def tune(
     before = len(database)
     state = {} if retune else _load_state(db_path)
     keys = [_workload_key(t) for t in extracted]
-    open_tasks = [k for k in keys if not state.get(k, {}).get("complete")]
+    open_tasks = [k for k in keys if not _complete(state.get(k), trials_per_task)]
     per_task = trials_per_task or max(1, -(-trials // max(1, len(open_tasks))))
     todo, reused = [], []
     for task, key in zip(extracted, keys):
@@ -678,7 +703,7 @@ def tune(
             if records:
                 entry = state[key] = {"task": task.task_name, "measured": len(records),
                                       "complete": len(records) >= per_task}
-        (reused if entry and entry.get("complete") else todo).append((task, key))
+        (reused if _complete(entry, trials_per_task) else todo).append((task, key))
     names = [t.task_name for t in extracted]
     remaining = {key: max(0, per_task - int(state.get(key, {}).get("measured", 0))) for _, key in todo}
     todo.sort(key=lambda tk: -_task_flops(tk[0]) * tk[0].weight)
@@ -698,10 +723,13 @@ def tune(
         _save_state(db_path, state)  # the records of this batch are in the database already
         if on_trials:
             on_trials(name, n, best.get(name))
+        current["got"] = int(current.get("got", 0)) + n
         if current.get("deadline") is not None and time.perf_counter() >= current["deadline"] and scheduler \
-                and not current.get("terminated"):
-            # once: the batch in flight is joined after the termination and reports here again, and
-            # MetaSchedule refuses to end a task twice (InternalError, seen on the 16-core device run)
+                and not current.get("terminated") and current["got"] < int(current.get("allowed", 0)):
+            # once, and only while trials are left: the batch in flight is joined after the termination and
+            # reports here again, and a batch that uses up the call's trials is joined by MetaSchedule's final
+            # loop, which then ends the task itself; MetaSchedule refuses to end a task twice (InternalError,
+            # seen on the 16-core device run and in the device script's smoke test)
             current["terminated"] = True
             try:
                 scheduler.terminate_task(task_id)
@@ -733,6 +761,27 @@ def tune(
         fresh = {key for _, key in todo if not state.get(key, {}).get("measured")} if target.kind.name == "llvm" \
             else set()
         try:
+            if fresh and (deadline is None or time.perf_counter() < deadline):
+                # every kernel's default schedule first, as the first measured candidate of its search: one
+                # build batch (in parallel) and one run batch for all kernels, not one round-trip per kernel
+                # (state saved with the next batch; a run stopped before then recounts from the database)
+                measured = _try_measure_defaults([t for t, k in todo if k in fresh], target, builder, runner,
+                                                 database)
+                for task, key in todo:
+                    if key in fresh and measured.get(task.task_name) is not None:
+                        name, default_ms = task.task_name, measured[task.task_name]
+                        counts[name] = counts.get(name, 0) + 1
+                        best[name] = min(best.get(name, default_ms), default_ms)
+                        entry = state.setdefault(key, {"task": name, "measured": 0, "complete": False})
+                        entry["measured"] = int(entry.get("measured", 0)) + 1
+                        entry["default_ms"] = defaults[name] = default_ms
+                        remaining[key] = max(0, remaining[key] - 1)
+                        budget_left -= 1
+                        if remaining[key] == 0:  # its one trial was the default
+                            entry["complete"] = True
+                        if on_trials:
+                            on_trials(name, 1, best[name])
+                _save_state(db_path, state)
             for i, ((task, key), ctx, weight) in enumerate(zip(todo, contexts, weights)):
                 want = min(remaining[key], budget_left)
                 if want <= 0:
@@ -746,23 +795,8 @@ def tune(
                 current.update(key=key, deadline=None if deadline is None else now + (deadline - now) * share,
                                terminated=False)
                 got_before = counts.get(task.task_name, 0)
-                if key in fresh:
-                    # the default schedule is the kernel's first measured candidate: tuning can only improve
-                    # on it, and the search starts from it. Its state is saved with the next batch or at the
-                    # kernel's end (a run stopped before then recounts it from the database on resume).
-                    default_ms = _try_measure_default(task, target, builder, runner, database)
-                    if default_ms is not None:
-                        name = task.task_name
-                        counts[name] = counts.get(name, 0) + 1
-                        best[name] = min(best.get(name, default_ms), default_ms)
-                        entry = state.setdefault(key, {"task": name, "measured": 0, "complete": False})
-                        entry["measured"] = int(entry.get("measured", 0)) + 1
-                        entry["default_ms"] = defaults[name] = default_ms
-                        if on_trials:
-                            on_trials(name, 1, best[name])
-                        if current["deadline"] is not None and time.perf_counter() >= current["deadline"]:
-                            current["terminated"] = True
-                searched = want - (counts.get(task.task_name, 0) - got_before)
+                searched = want
+                current.update(got=0, allowed=searched)
                 if searched > 0 and not current["terminated"]:
                     ms.tune.tune_tasks(
                         tasks=[ctx], task_weights=[weight], work_dir=str(db_path), max_trials_global=searched,
@@ -775,6 +809,7 @@ def tune(
                 budget_left -= got
                 if got < want and not current["terminated"]:  # the search space is exhausted
                     remaining[key] = 0
+                    state.setdefault(key, {"task": task.task_name, "measured": 0})["exhausted"] = True
                 if remaining[key] <= 0:
                     state.setdefault(key, {"task": task.task_name, "measured": 0})["complete"] = True
                 elif current["terminated"]:
@@ -861,6 +896,73 @@ def run_tvm(executable: Any, target: Any, feeds: dict[str, np.ndarray], input_or
     dev = device_for(target)
     out = vm["main"](*[tvm.runtime.tensor(feeds[n], dev) for n in input_order])
     return [o.numpy() for o in _flatten(out)]
+
+
+def profile_kernels(executable: Any, target: Any, feeds: dict[str, np.ndarray], input_order: list[str],
+                    runs: int = 20, warmup: int = 3) -> dict[str, float]:
+    """Time of every kernel in one inference (ms, local device): the median over `runs` inferences of
+    the wall time of each call, summed over the kernel's calls in the inference.
+
+    Whole-model latency hides where a schedule loses; on a many-core CPU a kernel with too few
+    parallel tasks, or a fixed cost per kernel, stands out here. Timing uses the VM's instrument hook
+    (a Python call around every VM instruction), so per-kernel sums exceed the model's latency by a few
+    microseconds per kernel; the VM's own builtins (allocation, tuples) are left out.
+    """
+    tvm = require_tvm()
+    vm = _vm(executable, target)
+    dev = device_for(target)
+    args = [tvm.runtime.tensor(feeds[n], dev) for n in input_order]
+    samples: dict[str, list[float]] = {}
+    started: list[float] = [0.0]
+
+    def instrument(func: Any, symbol: str, before: bool, ret: Any, *call_args: Any) -> int:
+        if before:
+            started[0] = time.perf_counter()
+        elif not str(symbol).startswith("vm.builtin."):
+            samples.setdefault(str(symbol), []).append(time.perf_counter() - started[0])
+        return 0
+
+    for _ in range(warmup):
+        vm["main"](*args)
+    vm.set_instrument(instrument)
+    for _ in range(runs):
+        vm["main"](*args)
+    result = {}
+    for symbol, times in samples.items():
+        calls = len(times) // runs
+        per_run = [sum(times[r * calls:(r + 1) * calls]) for r in range(runs)]
+        result[symbol.removesuffix("_prepacked")] = float(np.median(per_run)) * 1e3
+    return result
+
+
+def parallel_extents(func: Any) -> list[int]:
+    """Extents of the parallel loops of a scheduled kernel, outermost first: each is a fork-join over the
+    thread pool whose iterations are split evenly (statically) among the threads."""
+    import re
+
+    text = re.sub(r"T\.int64\((\d+)\)", r"\1", func.script())
+    return [int(x) for x in re.findall(r"T\.parallel\((\d+)", text)]
+
+
+def kernel_parallelism(mod: Any, target: Any) -> list[dict[str, Any]]:
+    """For every fused kernel of `mod` (as compiled, default schedule): its calls per inference, FLOPs and
+    the extents of its parallel loops; a loop of extent T on C cores runs ceil(T / C) rounds of
+    iterations, so T / (C * ceil(T / C)) of the cores' time is useful."""
+    from tvm.s_tir import Schedule
+    from tvm.s_tir import meta_schedule as ms
+
+    rows = []
+    for task in ms.relax_integration.extract_tasks(_fuse_for_tuning(mod, target), target):
+        prim = task.dispatched[0]
+        trace = default_trace(prim, target)
+        extents: list[int] = []
+        if trace is not None:
+            sch = Schedule(prim)
+            trace.apply_to_schedule(sch, remove_postproc=False)
+            extents = parallel_extents(sch.mod["main"])
+        rows.append({"kernel": task.task_name, "calls": int(task.weight), "flops": _task_flops(task),
+                     "parallel": extents})
+    return rows
 
 
 def _flatten(out: Any) -> list[Any]:
