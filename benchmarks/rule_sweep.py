@@ -9,7 +9,8 @@ For each torchvision model (random weights as in tests/zoo.py) pruned to 40% FLO
     speed with the rate tripled, speed and global at multiples of 64; PyTorch fp16, channels-last,
     CUDA graphs, batch 128 (and 32), interleaved, next to the same Torch-Pruning model.
 The variants' names say what they are (e.g. "speed_k2" = speed, exchange rate x2; "global_r64" =
-global at round_to 64). Torch-Pruning's ratio is bisected as in benchmarks/peer_latency.py.
+global at round_to 64; "speed_w1" = speed with one read per weight element added to the time estimate,
+passes/time_proxy.py's weight_reads). Torch-Pruning's ratio is bisected as in benchmarks/peer_latency.py.
 
     python benchmarks/rule_sweep.py --out /tmp/sweep.json                        # GPU machine
     python benchmarks/rule_sweep.py --quick --models resnet18 --size 64 --out /tmp/s.json   # smoke run
@@ -30,9 +31,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from peer_latency import (MODELS, _time_gpu_batch, export, header, prepare_all, source_model,  # noqa: E402
                           time_cpu, tp_prune)
 
-# name -> (strategy, round_to, exchange-rate factor)
-CPU_VARIANTS = {"global": ("global", "auto", 1.0), "speed": ("speed", "auto", 1.0), "speed_k2": ("speed", "auto", 2.0)}
+# name -> (strategy, round_to, exchange-rate factor[, weight reads per inference in the time estimate])
+CPU_VARIANTS = {"global": ("global", "auto", 1.0), "speed": ("speed", "auto", 1.0), "speed_k2": ("speed", "auto", 2.0),
+                "speed_w1": ("speed", "auto", 1.0, 1.0)}
 GPU_VARIANTS = {"global": ("global", "auto", 1.0), "speed": ("speed", "auto", 1.0), "speed_k3": ("speed", "auto", 3.0),
+                "speed_w1": ("speed", "auto", 1.0, 1.0),
                 "speed_r64": ("speed", 64, 1.0), "global_r64": ("global", 64, 1.0),
                 # --round-to auto with the table's multiple halved for groups narrower than twice it
                 "speed_halved": ("speed", "halved", 1.0), "global_halved": ("global", "halved", 1.0)}
@@ -50,8 +53,9 @@ def _select() -> None:
 _select()
 
 
-def _prune(model, x, hardware: str, strategy: str, round_to, factor: float, target: float):
-    """graphprune.prune with the time estimate's exchange rate scaled by `factor` (a sweep knob)."""
+def _prune(model, x, hardware: str, strategy: str, round_to, factor: float, target: float, weight_reads: float = 0.0):
+    """graphprune.prune with the time estimate's exchange rate scaled by `factor` and `weight_reads`
+    weight reads counted per inference (sweep knobs)."""
     import graphprune
     from graphprune.backends import channel_table
     from graphprune.passes import stages
@@ -65,7 +69,9 @@ def _prune(model, x, hardware: str, strategy: str, round_to, factor: float, targ
 
     rate = channel_table.elem_macs(hardware) * factor
     kw = {"measure": False} if x is None else {}
+    register = stages.register_time_proxy
     with mock.patch.object(stages, "elem_macs", lambda _hw: rate), \
+            mock.patch.object(stages, "register_time_proxy", lambda a, k: register(a, k, weight_reads)), \
             mock.patch.object(allocate, "auto_multiples", halving if round_to == "halved" else allocate.auto_multiples):
         return graphprune.prune(model, x, target_flops=target, strategy=strategy,
                                 round_to="auto" if round_to == "halved" else round_to, hardware=hardware, **kw)
@@ -80,8 +86,8 @@ def prepare(name: str, size: int, target: float, workdir: str, tp_steps: int, gp
     work = Path(workdir)
     model, x, orig, base = source_model(name, size, work)
     row: dict = {"model": name, "macs": base, "files": {"original": str(orig)}, "macs_ratio": {}, "gpu_files": {}}
-    for key, (strategy, rt, factor) in CPU_VARIANTS.items():
-        res = _prune(str(orig), None, "ort-cpu", strategy, rt, factor, target)
+    for key, (strategy, rt, factor, *wr) in CPU_VARIANTS.items():
+        res = _prune(str(orig), None, "ort-cpu", strategy, rt, factor, target, *wr)
         res.save(work / f"{name}_{key}.onnx")
         row["files"][key] = str(work / f"{name}_{key}.onnx")
         row["macs_ratio"][key] = res.report["macs"]["ratio"]
@@ -93,9 +99,9 @@ def prepare(name: str, size: int, target: float, workdir: str, tp_steps: int, gp
     row["tp_pruning_ratio"] = ratio
     if gpu:
         row["gpu_files"]["torch_pruning"] = str(work / f"{name}_tp.pt")
-        for key, (strategy, rt, factor) in GPU_VARIANTS.items():
+        for key, (strategy, rt, factor, *wr) in GPU_VARIANTS.items():
             try:
-                res = _prune(model, x, "cuda-fp16", strategy, rt, factor, target)
+                res = _prune(model, x, "cuda-fp16", strategy, rt, factor, target, *wr)
             except graphprune.GraphpruneError as exc:  # e.g. round_to 64 cannot reach the target: a result
                 row.setdefault("variant_errors", {})[f"gpu_{key}"] = str(exc)
                 continue

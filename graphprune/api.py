@@ -74,7 +74,8 @@ def analyze(model: Any, example_inputs: Any = None, *, input_shape: dict[str, tu
     return PassManager(analysis_passes(), instruments=[]).run(state).analysis
 
 
-def inspect(model: Any, example_inputs: Any = None, *, input_shape: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
+def inspect(model: Any, example_inputs: Any = None, *, input_shape: dict[str, tuple[int, ...]] | None = None,
+            norm_channels: str = DEFAULT_NORM_CHANNELS) -> dict[str, Any]:
     """Inspect an ONNX model (path or ModelProto) or an nn.Module (with example inputs)."""
     from graphprune.report.inspect import inspect_analysis
 
@@ -84,7 +85,8 @@ def inspect(model: Any, example_inputs: Any = None, *, input_shape: dict[str, tu
         source = str(model)
     else:
         source = None
-    return inspect_analysis(analyze(model, example_inputs, input_shape=input_shape), source=source)
+    return inspect_analysis(analyze(model, example_inputs, input_shape=input_shape, norm_channels=norm_channels),
+                            source=source)
 
 
 def score_classes(analysis: Analysis, method: str, *, seed: int = 0, **options: Any) -> dict[int, float]:

@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from graphprune.analysis.context import DEFAULT_NORM_CHANNELS, NORM_CHANNELS
 from graphprune.cli_common import parse_shape, run_guarded
 
 
@@ -66,8 +67,10 @@ def render_inspect_table(view: dict[str, Any], console: Any, max_groups: int | N
 @click.option("--groups", "max_groups", type=click.IntRange(min=0), default=60, show_default=True,
               help="Rows of the group table.")
 @click.option("--all", "show_all", is_flag=True, help="List every group in the table.")
+@click.option("--norm-channels", type=click.Choice(list(NORM_CHANNELS)), default=DEFAULT_NORM_CHANNELS,
+              show_default=True, help="As for prune: whether channels a LayerNorm normalises over are prunable.")
 def inspect(model: str, input_shape: str | None, as_json: bool, dot_path: str | None, svg_path: str | None,
-            no_graphviz: bool, max_groups: int, show_all: bool) -> None:
+            no_graphviz: bool, max_groups: int, show_all: bool, norm_channels: str) -> None:
     """Show MODEL's channel groups: members, channels, FLOPs share, and what froze them."""
     from graphprune.api import inspect as inspect_model
     from graphprune.outputs import OutputGate
@@ -77,7 +80,7 @@ def inspect(model: str, input_shape: str | None, as_json: bool, dot_path: str | 
         if path:
             run_guarded(gate.claim, path, what)
     shapes = run_guarded(parse_shape, input_shape)
-    view = run_guarded(inspect_model, model, input_shape=shapes)
+    view = run_guarded(inspect_model, model, input_shape=shapes, norm_channels=norm_channels)
     if dot_path or svg_path:
         from graphprune.report.graph_svg import render_svg, to_dot
 

@@ -16,7 +16,7 @@ from graphprune.analysis.groups import Analysis
 TIME_PROXY = "time_proxy"
 
 
-def time_proxy_terms(analysis: Analysis, elem_macs: float) -> list[tuple[float, tuple[str, ...]]]:
+def time_proxy_terms(analysis: Analysis, elem_macs: float, weight_reads: float = 0.0) -> list[tuple[float, tuple[str, ...]]]:
     """A static estimate of time in MAC units, in the same term form as MACs: every MAC term, plus
     2 * elem_macs per element of every activation with a channel axis that some op writes (one write,
     one read: the traffic that a depthwise conv, an activation or an SE multiply costs beyond its
@@ -24,6 +24,11 @@ def time_proxy_terms(analysis: Analysis, elem_macs: float) -> list[tuple[float, 
 
     Deterministic (no timing), so a plan built on it is the same on every run; elem_macs comes
     from the hardware's measured channel table (channel_table.elem_macs).
+
+    `weight_reads` (default 0: not counted) adds that many element reads per weight per inference, a
+    candidate for layers at low resolution, where a GEMM reads each weight for few rows (ConvNeXt's
+    last stage). Not the default: measured only on the 2-core development machine so far
+    (benchmarks/rule_sweep.py variant speed_w1 measures it on the GPU machine).
     """
     g = analysis.graph
     terms: list[tuple[float, tuple[str, ...]]] = [(m.base, m.tensors) for m in analysis.mac_terms]
@@ -34,10 +39,12 @@ def time_proxy_terms(analysis: Analysis, elem_macs: float) -> list[tuple[float, 
             shape = g.shape(t) if t in analysis.roots else None
             if shape is not None:
                 terms.append((2.0 * elem_macs * float(np.prod(shape)), (t,)))
+    if weight_reads:
+        terms += [(weight_reads * elem_macs * base, tensors) for base, tensors in analysis.cost_terms("params")]
     return terms
 
 
-def register_time_proxy(analysis: Analysis, elem_macs: float) -> str:
+def register_time_proxy(analysis: Analysis, elem_macs: float, weight_reads: float = 0.0) -> str:
     """Register time_proxy_terms on `analysis` (cost kind TIME_PROXY) and return the kind."""
-    analysis.extra_costs[TIME_PROXY] = time_proxy_terms(analysis, elem_macs)
+    analysis.extra_costs[TIME_PROXY] = time_proxy_terms(analysis, elem_macs, weight_reads)
     return TIME_PROXY

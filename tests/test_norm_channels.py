@@ -111,9 +111,10 @@ def _zero_consumers_only(proto, analysis, removed):
         analysis.ctx.norm_stats_nodes = stats
 
 
-def test_reference_layer_norm_equals_layer_norm_of_kept_channels():
-    """The reference form, run by onnxruntime on the full tensor, equals F.layer_norm of the kept slice."""
-    import onnx
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_reference_layer_norm_equals_layer_norm_of_kept_channels(dtype):
+    """The reference form, run by onnxruntime on the full tensor, equals F.layer_norm of the kept slice
+    (a float16 model: computed in float32 and cast back, as LayerNormalization does)."""
     from onnx import helper, numpy_helper
 
     c = 12
@@ -125,16 +126,20 @@ def test_reference_layer_norm_equals_layer_norm_of_kept_channels():
     from graphprune.ir.graph import Node
 
     node = Node("ln", "LayerNormalization", ["x", "s", "b"], ["y"], {"axis": -1, "epsilon": 1e-5})
-    nodes, consts = RULES["LayerNormalization"].reference(node, keep, x.shape)
-    inits = [numpy_helper.from_array(v, k) for k, v in {**consts, "s": scale, "b": bias}.items()]
+    nodes, consts = RULES["LayerNormalization"].reference(node, keep, x.shape, np.dtype(dtype))
+    inits = [numpy_helper.from_array(v, k) for k, v in
+             {**consts, "s": scale.astype(dtype), "b": bias.astype(dtype)}.items()]
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     g = helper.make_graph([helper.make_node(n.op_type, n.inputs, n.outputs, name=n.name, **n.attrs) for n in nodes],
-                          "ref", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x.shape)],
-                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+                          "ref", [helper.make_tensor_value_info("x", elem, x.shape)],
+                          [helper.make_tensor_value_info("y", elem, None)], inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    y = run_onnx(model, {"x": x})[0]
+    y = run_onnx(model, {"x": x.astype(dtype)})[0].astype(np.float32)
+    assert run_onnx(model, {"x": x.astype(dtype)})[0].dtype == dtype
     want = torch.nn.functional.layer_norm(torch.from_numpy(x[..., keep]), (int(keep.sum()),),
                                           torch.from_numpy(scale[keep]), torch.from_numpy(bias[keep]), 1e-5).numpy()
-    np.testing.assert_allclose(y[..., keep], want, rtol=1e-5, atol=1e-5)
+    tol = 1e-5 if dtype == np.float32 else 2e-2
+    np.testing.assert_allclose(y[..., keep], want, rtol=tol, atol=tol)
     full = torch.nn.functional.layer_norm(torch.from_numpy(x), (c,), torch.from_numpy(scale), torch.from_numpy(bias)).numpy()
     assert not np.allclose(y[..., keep], full[..., keep], atol=1e-3)
 
@@ -221,3 +226,18 @@ def test_a_reference_that_cannot_run_fails_validation_instead_of_skipping_it(tin
     monkeypatch.setitem(RULES, "LayerNormalization", dataclasses.replace(RULES["LayerNormalization"], reference=broken))
     with pytest.raises(graphprune.GraphpruneError, match="masked reference"):
         graphprune.prune(tiny_onnx, removed=removed, measure=False)
+
+
+def test_inspect_shows_either_view(tiny_onnx):
+    from click.testing import CliRunner
+
+    from graphprune.cli import main
+
+    counts = {}
+    for mode in ("prune", "freeze"):
+        r = CliRunner().invoke(main, ["inspect", tiny_onnx, "--json", "--norm-channels", mode])
+        assert r.exit_code == 0, r.output
+        view = json.loads(r.stdout)
+        counts[mode] = sum(1 for g in view["groups"] if not g["frozen"])
+    assert counts["prune"] > counts["freeze"]
+    assert CliRunner().invoke(main, ["inspect", tiny_onnx, "--norm-channels", "x"]).exit_code == 2

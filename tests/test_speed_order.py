@@ -83,6 +83,10 @@ def test_time_proxy_is_macs_plus_traffic():
     # frozen: a constant term), one write + one read each
     traffic = 2 * 10.0 * (2 * C * 64 * 64 + 2 * C * 16 * 16 + 16 * 16 * 16)
     assert sum(b for b, _ in terms) == pytest.approx(analysis.macs() + traffic)
+    # the candidate weight-traffic term: one read per weight element, same exchange rate, sliced like params
+    with_w = time_proxy_terms(analysis, elem_macs=10.0, weight_reads=1.0)
+    assert sum(b for b, _ in with_w) == pytest.approx(analysis.macs() + traffic + 10.0 * analysis.params())
+    assert with_w[len(terms):] == [(10.0 * b, t) for b, t in analysis.cost_terms("params")]
 
 
 def test_pipeline_default_is_speed_for_flops_and_reports_the_rate(tmp_path):

@@ -32,8 +32,8 @@ class NodeEdit:
 
 Fix = Callable[[Ctx, Node, "dict[str, np.ndarray]"], NodeEdit | None]
 # the masked reference of an op whose statistics exclude removed channels: (node, keep mask of its
-# channel axis, input shape) -> replacement nodes and the constants they add
-Reference = Callable[[Node, np.ndarray, "tuple[int, ...]"], "tuple[list[Node], dict[str, np.ndarray]]"]
+# channel axis, input shape, element type) -> replacement nodes and the constants they add
+Reference = Callable[[Node, np.ndarray, "tuple[int, ...]", np.dtype], "tuple[list[Node], dict[str, np.ndarray]]"]
 
 
 @dataclass(frozen=True)
@@ -232,6 +232,10 @@ def normalization(ctx: Ctx, node: Node) -> None:
             raise Unresolved("per-element affine parameters over a non-channel axis")
 
 
+# ONNX element type codes of the float types a LayerNormalization may run in besides float32
+_ONNX_FLOAT_TYPES = {np.dtype(np.float16): 10, np.dtype(np.float64): 11}
+
+
 def _stats_over_kept(ctx: Ctx, node: Node, sp: Space) -> None:
     """A LayerNormalization over the channel axis only, its statistics taken over the kept channels:
     channels pass through, scale and bias are sliced with them, and the node is recorded so the
@@ -251,19 +255,34 @@ def _stats_over_kept(ctx: Ctx, node: Node, sp: Space) -> None:
     ctx.norm_stats_nodes[node.name] = node.inputs[0]
 
 
-def reference_layer_norm(node: Node, keep: np.ndarray, shape: tuple[int, ...]) -> tuple[list[Node], dict[str, np.ndarray]]:
+def reference_layer_norm(node: Node, keep: np.ndarray, shape: tuple[int, ...],
+                         dtype: np.dtype = np.dtype(np.float32)) -> tuple[list[Node], dict[str, np.ndarray]]:
     """The masked reference of a LayerNormalization whose statistics exclude removed channels.
 
     Written with plain reductions over the full-width tensor (not by slicing, so it does not repeat
     the rewrite it checks): with m the keep mask (1 kept, 0 removed) and k = sum(m),
     mean = sum(x * m) / k, var = sum(((x - mean) * m)^2) / k, y = (x - mean) / sqrt(var + eps) * scale + bias.
-    Removed positions of y are only read by consumers whose weights the reference zeroes.
+    Removed positions of y are only read by consumers whose weights the reference zeroes. A model in
+    another float type (`dtype`) is computed in float32 and cast back, as LayerNormalization does.
     Returns the replacement nodes (IR form, same output name) and the constants they add.
     """
     x, out = node.inputs[0], node.outputs[0]
     axis = len(shape) - 1
     eps = float(node.attrs.get("epsilon", 1e-5))
     p = f"{node.name}__gp_ref"
+    cast = np.dtype(dtype) != np.float32
+    if cast:  # computed in float (ONNX type 1), the original element type restored at the end
+        pre = [Node(f"{p}_x32", "Cast", [x], [f"{p}_x32"], {"to": 1})]
+        for k, name in ((1, "s32"), (2, "b32")):
+            if len(node.inputs) > k and node.inputs[k]:
+                pre.append(Node(f"{p}_{name}", "Cast", [node.inputs[k]], [f"{p}_{name}"], {"to": 1}))
+        node = Node(node.name, node.op_type, [f"{p}_x32"] + [f"{p}_{n}" if len(node.inputs) > k and node.inputs[k] else ""
+                                                            for k, n in ((1, "s32"), (2, "b32"))],
+                    [f"{p}_y32"], node.attrs)
+        nodes, consts = reference_layer_norm(node, keep, shape)
+        back = Node(f"{p}_back", "Cast", [f"{p}_y32"], [out], {"to": _ONNX_FLOAT_TYPES[np.dtype(dtype)]})
+        return pre + nodes + [back], consts
+    x, out = node.inputs[0], node.outputs[0]
     m = np.asarray(keep, dtype=np.float32)
     consts = {f"{p}_m": m, f"{p}_k": np.array(1.0 / max(float(m.sum()), 1.0), dtype=np.float32),
               f"{p}_eps": np.array(eps, dtype=np.float32), f"{p}_axes": np.array([axis], dtype=np.int64)}
@@ -1160,6 +1179,7 @@ _ANALYZE: dict[str, Rule] = {
     **{op: control_flow for op in ("If", "Loop", "Scan")},
     "MultiheadAttention": multihead_attention,
 }
+
 
 def fix_layer_norm(ctx: Ctx, node: Node, masks: dict[str, np.ndarray]) -> NodeEdit | None:
     """A LayerNormalization whose channels are pruned (norm_channels "prune"): ONNX infers the

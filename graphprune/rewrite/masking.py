@@ -75,7 +75,9 @@ def _reference_statistics(model: onnx.ModelProto, analysis: Analysis, removed: f
         if keep.all():
             continue
         node = analysis.graph.node_by_name[name]
-        new_nodes, consts = RULES[node.op_type].reference(node, keep, analysis.graph.shape(x))
+        scale = analysis.graph.constants.get(node.inputs[1]) if len(node.inputs) > 1 else None
+        dtype = scale.dtype if scale is not None else np.dtype(np.float32)
+        new_nodes, consts = RULES[node.op_type].reference(node, keep, analysis.graph.shape(x), dtype)
         for cname, value in consts.items():
             model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), cname))
         replace[index[name]] = [helper.make_node(n.op_type, n.inputs, n.outputs, name=n.name, **n.attrs)
