@@ -46,31 +46,9 @@ def predict(rows: list[dict], cores: int, fork_join_ms: float = FORK_JOIN_MS) ->
 
 def one_thread_ms(executable, target, feeds: dict, names: list[str], rounds: int) -> dict[str, float]:
     """Thread CPU time of every kernel on one thread (min over rounds), summed over its calls."""
-    import tvm
-    from tvm import relax
+    from graphprune.backends import tvm_backend as tb
 
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    args = [tvm.runtime.tensor(feeds[n]) for n in names]
-    samples: dict[str, list[float]] = {}
-    start = [0.0]
-
-    def instrument(func, symbol, before, ret, *rest):
-        if before:
-            start[0] = time.thread_time()
-        elif not str(symbol).startswith("vm.builtin."):
-            samples.setdefault(str(symbol), []).append(time.thread_time() - start[0])
-        return 0
-
-    vm["main"](*args)
-    vm.set_instrument(instrument)
-    for _ in range(rounds):
-        vm["main"](*args)
-    out = {}
-    for symbol, times in samples.items():
-        calls = len(times) // rounds
-        out[symbol.removesuffix("_prepacked")] = min(sum(times[r * calls:(r + 1) * calls])
-                                                     for r in range(rounds)) * 1e3
-    return out
+    return tb.profile_kernels(executable, target, feeds, names, runs=rounds, warmup=1, clock="thread")
 
 
 def ort_one_thread_ms(path: Path, feeds: dict, rounds: int) -> float:

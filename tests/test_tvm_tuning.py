@@ -340,5 +340,7 @@ def test_profile_kernels_times_every_kernel(conv_model, target, monkeypatch):
     times = tb.profile_kernels(ex, target, feeds, tb.graph_input_names(str(conv_model)), runs=3, warmup=1)
     rows = tb.kernel_parallelism(mod, target)
     assert {r["kernel"] for r in rows} <= set(times) and all(v > 0 for v in times.values())
+    cpu = tb.profile_kernels(ex, target, feeds, tb.graph_input_names(str(conv_model)), runs=3, clock="thread")
+    assert set(cpu) == set(times) and all(v >= 0 for v in cpu.values())
     conv = next(r for r in rows if "conv2d" in r["kernel"])
     assert conv["calls"] == 1 and conv["flops"] > 0 and conv["parallel"] and min(conv["parallel"]) >= 2
