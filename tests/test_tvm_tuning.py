@@ -108,8 +108,11 @@ def test_default_schedule_is_the_first_measured_candidate(tuned_db, conv_model, 
     database = tb.open_database(db)
     # the valid records (a candidate that failed to run, e.g. timed out on a loaded machine, is not one)
     records = database.get_top_k(database.commit_workload(task.dispatched[0]), 1 << 20)
+    # the search may measure the default's trace again (evolution starts from the database's best), so
+    # the default's record is one of the records with its trace, not necessarily the fastest of them
     ours = [r for r in records if str(r.trace) == str(default)]
-    assert ours and _record_ms(ours[0]) == pytest.approx(entry["default_ms"])
+    assert any(_record_ms(r) == pytest.approx(entry["default_ms"]) for r in ours), \
+        ([_record_ms(r) for r in ours], entry["default_ms"])
     # the first line of the database is the default's record
     first_record = ms.database.TuningRecord.from_json(first[1], database.commit_workload(task.dispatched[0]))
     assert str(first_record.trace) == str(default) and _record_ms(first_record) == pytest.approx(entry["default_ms"])
