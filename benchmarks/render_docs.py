@@ -126,33 +126,18 @@ def _peer_latency(files: list[Path]) -> str:
     return "\n\n".join(mod.render(_load(f), _rel(f)) for f in files if f.suffix == ".json")
 
 
-def _ocr_accuracy(files: list[Path]) -> str:
-    return _script("ocr_accuracy").markdown_of(_load(files[0]))
 
-
-def _plan_stability(files: list[Path]) -> str:
-    return _script("plan_stability").render(_load(files[0]))
-
-
-def _prune_zoo(files: list[Path]) -> str:
-    return _script("prune_zoo").markdown(_load(files[0]))
 
 
 def _gpu_latency(files: list[Path]) -> str:
     return _script("gpu_latency").markdown([f for f in files if f.suffix == ".json"])
 
 
-def _latency_aware(files: list[Path]) -> str:
-    return _script("latency_aware").markdown(_load(files[0]))
-
 
 def _accuracy(files: list[Path]) -> str:
     res = _load(next(f for f in files if f.suffix == ".json"))
     return _script("accuracy").markdown(res["summary"], argparse.Namespace(**res["args"]), res["total_s"])
 
-
-def _timm_coverage(files: list[Path]) -> str:
-    return _script("timm_coverage").markdown(_load(files[0]))
 
 
 def _distill(files: list[Path]) -> str:
@@ -199,9 +184,6 @@ def _tvm_tuning(files: list[Path]) -> str:
         out.append(md_table(header, rows))
     return "\n\n".join(out)
 
-
-def _tvm_parallel(files: list[Path]) -> str:
-    return _script("tvm_parallel").markdown(_load(files[0]))
 
 
 def _tvm_schedules(files: list[Path]) -> str:
@@ -269,9 +251,6 @@ def _di_scale(files: list[Path]) -> str:
                  split)])
 
 
-def _real_models(files: list[Path]) -> str:
-    return _script("real_models").markdown(_load(files[0]))
-
 
 def _channel_multiples(files: list[Path]) -> str:
     """graphprune calibrate's table: efficiency gain per candidate multiple and the one chosen."""
@@ -289,20 +268,8 @@ def _round_to_rule(files: list[Path]) -> str:
     return md_table(["model", "FLOPs kept strict / halved", "strict", "strict (again)", "halved (default)"], rows)
 
 
-def _rule_sweep(files: list[Path]) -> str:
-    return _script("rule_sweep").markdown(_load(files[0]))
 
 
-def _speed_order_accuracy(files: list[Path]) -> str:
-    return _script("speed_order_accuracy").markdown(_load(files[0]))
-
-
-def _norm_channels_accuracy(files: list[Path]) -> str:
-    return _script("norm_channels_accuracy").markdown(_load(files[0]))
-
-
-def _norm_channels_speed(files: list[Path]) -> str:
-    return _script("norm_channels_speed").markdown(_load(files[0]))
 
 
 def _big_model_memory(files: list[Path]) -> str:
@@ -322,28 +289,36 @@ class Renderer:
     source: str  # where the formatting lives, for --list
 
 
+def _script_renders(pattern: str, script: str, fn: str = "markdown") -> Renderer:
+    """A results file its own script formats: benchmarks/<script>.py's fn(the block's first file)."""
+    def render(files: list[Path]) -> str:
+        return getattr(_script(script), fn)(_load(files[0]))
+
+    return Renderer(pattern, render, f"benchmarks/{script}.py: {fn}")
+
+
 RENDERERS: list[Renderer] = [
     Renderer("peer_latency*.json", _peer_latency, "benchmarks/peer_latency.py: render"),
-    Renderer("ocr_accuracy*.json", _ocr_accuracy, "benchmarks/ocr_accuracy.py: markdown_of"),
-    Renderer("prune_zoo*.json", _prune_zoo, "benchmarks/prune_zoo.py: markdown"),
-    Renderer("plan_stability*.json", _plan_stability, "benchmarks/plan_stability.py: render"),
+    _script_renders("ocr_accuracy*.json", "ocr_accuracy", "markdown_of"),
+    _script_renders("prune_zoo*.json", "prune_zoo"),
+    _script_renders("plan_stability*.json", "plan_stability", "render"),
     Renderer("gpu_latency*.json", _gpu_latency, "benchmarks/gpu_latency.py: markdown"),
-    Renderer("latency_aware*.json", _latency_aware, "benchmarks/latency_aware.py: markdown"),
+    _script_renders("latency_aware*.json", "latency_aware"),
     Renderer("accuracy*.json", _accuracy, "benchmarks/accuracy.py: markdown"),
-    Renderer("timm_coverage*.json", _timm_coverage, "benchmarks/timm_coverage.py: markdown"),
+    _script_renders("timm_coverage*.json", "timm_coverage"),
     Renderer("distill*.json", _distill, "benchmarks/distill_ocr.py: markdown"),
     Renderer("tvm_tuning*.json", _tvm_tuning, "benchmarks/render_docs.py: _tvm_tuning"),
     Renderer("tvm_schedules*.json", _tvm_schedules, "benchmarks/render_docs.py: _tvm_schedules"),
-    Renderer("tvm_parallel*.json", _tvm_parallel, "benchmarks/tvm_parallel.py: markdown"),
+    _script_renders("tvm_parallel*.json", "tvm_parallel"),
     Renderer("di_scale*.json", _di_scale, "benchmarks/render_docs.py: _di_scale"),
-    Renderer("real_models*.json", _real_models, "benchmarks/real_models.py: markdown"),
+    _script_renders("real_models*.json", "real_models"),
     Renderer("channel_multiples*.json", _channel_multiples, "benchmarks/render_docs.py: _channel_multiples"),
     Renderer("round_to_rule*.json", _round_to_rule, "benchmarks/render_docs.py: _round_to_rule"),
     Renderer("big_model_memory*.json", _big_model_memory, "benchmarks/render_docs.py: _big_model_memory"),
-    Renderer("rule_sweep*.json", _rule_sweep, "benchmarks/rule_sweep.py: markdown"),
-    Renderer("speed_order_accuracy*.json", _speed_order_accuracy, "benchmarks/speed_order_accuracy.py: markdown"),
-    Renderer("norm_channels_accuracy*.json", _norm_channels_accuracy, "benchmarks/norm_channels_accuracy.py: markdown"),
-    Renderer("norm_channels_speed*.json", _norm_channels_speed, "benchmarks/norm_channels_speed.py: markdown"),
+    _script_renders("rule_sweep*.json", "rule_sweep"),
+    _script_renders("speed_order_accuracy*.json", "speed_order_accuracy"),
+    _script_renders("norm_channels_accuracy*.json", "norm_channels_accuracy"),
+    _script_renders("norm_channels_speed*.json", "norm_channels_speed"),
 ]
 
 # Results files whose documented tables are still typed by hand. Only ever shrinks: a new table
