@@ -158,6 +158,17 @@ def _from_arrays(arrays: dict[str, Any], specs: dict[str, tuple[int, ...]], what
 
 
 def _from_npz(path: str, specs: dict[str, tuple[int, ...]], dtypes: dict[str, Any]) -> Calibration:
+    # numpy falls back to unpickling anything that is not a zip or .npy file and then blames "pickled
+    # data": a text file or a .npy given as --calib would get that misleading line
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as exc:
+        raise GraphpruneError(f"cannot read calibration file {path}: {exc.strerror or type(exc).__name__}") from None
+    if not head.startswith(b"PK"):
+        found = "a .npy array" if head == b"\x93NUMPY" else "not a zip archive"
+        raise GraphpruneError(f"calibration file {path} is not an .npz archive ({found}); write one with "
+                              f"numpy.savez(path, x=array), one array per model input")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}

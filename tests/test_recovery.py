@@ -344,6 +344,8 @@ def test_bad_calibration_input_is_one_line_exit_2_and_nothing_written(cnn_path, 
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("graphprune: error:"), (name, proc.stderr)
         assert not out.exists(), name
+        if name == "unreadable_npz":
+            assert "is not an .npz archive" in lines[0], proc.stderr
 
 
 def test_image_folder_calibration_and_json_report(cnn_path, tmp_path):
