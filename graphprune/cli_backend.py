@@ -91,10 +91,12 @@ def _load_pinned(path: str, shapes: dict[str, tuple[int, ...]] | None) -> Any:
 
 def _runners(models: list[Any], backend: str, target: str, threads: int, db: str | None, rpc: Any,
              feeds: dict, say: Callable[[str], None], mcpu: str = "generic",
-             coverage: list[dict] | None = None) -> list[Callable[[], float]]:
+             coverage: list[dict] | None = None, verify: bool = True) -> list[Callable[[], float]]:
     """One callable per model that runs one inference and returns its milliseconds.
 
-    For TVM, each model's kernel coverage by the tuning database is appended to `coverage`.
+    For TVM, each model's kernel coverage by the tuning database is appended to `coverage`. With a
+    database, `verify` first checks its records in the model on this machine (`tvm_verify`; reused from
+    the database folder when checked before) unless the model runs on an RPC device.
     """
     import time
 
@@ -120,17 +122,32 @@ def _runners(models: list[Any], backend: str, target: str, threads: int, db: str
     for i, m in enumerate(models):
         say(f"compiling model {i + 1}/{len(models)} with TVM")
         mod = tb.import_onnx(m)
-        ex = tb.compile_tuned(mod, tgt, db) if db else tb.compile_untuned(mod, tgt)
+        ex = None
+        if db and verify and rpc is None and tgt.kind.name == "llvm":
+            check, ex = _verify(tb, mod, tgt, db, feeds, names, say)
+            console.print(f"model {i + 1}: {check.summary()}")
+        if ex is None:
+            ex = tb.compile_tuned(mod, tgt, db) if db else tb.compile_untuned(mod, tgt)
         cov = tb.kernel_coverage(mod, tgt, db)
         # "tuned" only when every kernel runs a measured schedule; the others use the default schedule
         cov["tuned"] = cov["kernels_tuned"] == cov["kernels"] > 0
         if cov["kernels_default"]:
-            console.print(f"model {i + 1}: {cov['kernels_tuned']} of {cov['kernels']} kernels have tuning "
-                          f"records; {len(cov['kernels_default'])} run the default schedule")
+            reverted = f" ({len(cov['kernels_reverted'])} set aside: slower in the model)" \
+                if cov["kernels_reverted"] else ""
+            console.print(f"model {i + 1}: {cov['kernels_tuned']} of {cov['kernels']} kernels run tuning "
+                          f"records; {len(cov['kernels_default'])} run the default schedule{reverted}")
         if coverage is not None:
             coverage.append(cov)
         out.append(tb.single_run_timer(ex, tgt, feeds, names, rpc=rpc))
     return out
+
+
+def _verify(tb: Any, mod: Any, tgt: Any, db: str, feeds: dict, names: list[str],
+            say: Callable[[str], None]) -> tuple[Any, Any]:
+    """The in-model check of the database's records (`tvm_verify.verify_tuned`) and the build it made."""
+    from graphprune.backends.tvm_verify import verify_tuned
+
+    return verify_tuned(mod, tgt, db, feeds, names, on_step=say)
 
 
 MIN_ROUNDS = 5  # below this the IQR says nothing about the noise
@@ -174,11 +191,13 @@ def comparison_noise(a: Any, b: Any) -> float:
 @click.option("--mcpu", default="native", show_default=True, help="TVM: LLVM CPU ('native', 'generic' or a name).")
 @click.option("--rpc-tracker", help="TVM: measure on a remote device, tracker host:port.")
 @click.option("--rpc-key", default="graphprune", show_default=True, help="TVM: device key at the tracker.")
+@click.option("--no-verify", is_flag=True, help="TVM: use the database's best records as they are, without "
+              "checking them in the model (by default a record slower than the default schedule is set aside).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @_one_line_errors
 def bench(model: str, compare: str | None, backend: str, target: str, runs: int, warmup: int, threads: int,
           input_shape: str | None, strict: bool, db: str | None, mcpu: str, rpc_tracker: str | None,
-          rpc_key: str, json_path: str | None) -> None:
+          rpc_key: str, no_verify: bool, json_path: str | None) -> None:
     """Latency (median, p90, spread) of MODEL, and of --compare in interleaved rounds, with speed-up vs MAC ratio."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -212,7 +231,8 @@ def bench(model: str, compare: str | None, backend: str, target: str, runs: int,
         bar = progress.add_task("preparing", total=runs)
         coverage: list[dict] = []
         runners = _runners(models, backend, target, threads, db, rpc, feeds,
-                           lambda msg: progress.update(bar, description=msg), mcpu=mcpu, coverage=coverage)
+                           lambda msg: progress.update(bar, description=msg), mcpu=mcpu, coverage=coverage,
+                           verify=not no_verify)
         progress.update(bar, description=f"warm-up ({warmup} runs per model)")
         samples = interleaved_bench(runners, runs, warmup,
                                     lambda r: progress.update(bar, completed=r, description="interleaved rounds"))
@@ -269,13 +289,16 @@ def bench(model: str, compare: str | None, backend: str, target: str, runs: int,
 @click.option("--rpc-key", default="graphprune", show_default=True)
 @click.option("--retune", is_flag=True, help="Tune kernels even when the database already has them.")
 @click.option("--no-check", is_flag=True, help="Skip the output check against onnxruntime.")
+@click.option("--no-verify", is_flag=True, help="Do not check the tuned records in the model (by default each "
+              "kernel's record is timed in the model against its default schedule, and set aside if slower).")
 @click.option("--input-shape", help="Static input shape for dynamic models, e.g. 1,3,224,224 (dynamic batch -> 1).")
 @click.option("--verbose", is_flag=True, help="Show TVM's own log on the terminal (it always goes to DB/logs/).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @_one_line_errors
 def tune(model: str, target: str, trials: int | None, time_budget: str | None, trials_per_task: int | None,
          db_dir: str, output: str | None, num_cores: int | None, mcpu: str, rpc_tracker: str | None, rpc_key: str,
-         retune: bool, no_check: bool, input_shape: str | None, verbose: bool, json_path: str | None) -> None:
+         retune: bool, no_check: bool, no_verify: bool, input_shape: str | None, verbose: bool,
+         json_path: str | None) -> None:
     """MetaSchedule-tune MODEL with TVM, reusing the database in --db; optionally export a library."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -311,10 +334,18 @@ def tune(model: str, target: str, trials: int | None, time_budget: str | None, t
 
         result = tb.tune(mod, tgt, db_dir, trials, trials_per_task=trials_per_task, rpc=rpc, retune=retune,
                          time_budget_s=budget_s, on_start=on_start, on_trials=on_trials, quiet=not verbose)
+    ex = check = None
+    if not no_verify and rpc is None and tgt.kind.name == "llvm":
+        from graphprune.backends.ort_backend import random_inputs
+
+        with console.status("checking the tuned records in the model"):
+            check, ex = _verify(tb, mod, tgt, db_dir, random_inputs(pinned), tb.graph_input_names(pinned),
+                                lambda _msg: None)
     report: dict[str, Any] = {"model": model, "target": str(tgt), "input_shape": input_shape,
                               "tvm_log_dir": str(Path(db_dir) / "logs"), **result.to_dict(),
-                              **tb.kernel_coverage(mod, tgt, db_dir)}
-    ex = tb.compile_tuned(mod, tgt, db_dir)
+                              **tb.kernel_coverage(mod, tgt, db_dir),
+                              "verification": check.to_dict() if check else None}
+    ex = ex if ex is not None else tb.compile_tuned(mod, tgt, db_dir)
     if not no_check and rpc is None:
         report["max_abs_diff_vs_ort"] = tb.check_against_ort(ex, tgt, pinned)
     if output:
@@ -330,8 +361,19 @@ def tune(model: str, target: str, trials: int | None, time_budget: str | None, t
         names = [n for n in result.default_ms if n in result.best_ms]
         table.add_row(f"default -> best, {len(names)} kernel(s) started now",
                       f"{sum(result.default_ms[n] for n in names):.3f} -> {sum(result.best_ms[n] for n in names):.3f} ms")
-    table.add_row("kernels with records / default schedule",
+    table.add_row("kernels on tuned records / default schedule",
                   f"{report['kernels_tuned']} / {len(report['kernels_default'])}")
+    if check is not None:
+        table.add_row("checked in the model: kept / reverted to default",
+                      f"{len(check.kept) + len(check.same_as_default)} / {len(check.reverted)}"
+                      + (" (whole model: tuned was slower)" if check.model_fallback else "")
+                      + (" (reused)" if check.reused else ""))
+        if check.model_ms:
+            table.add_row("model: default / tuned / verified",
+                          " / ".join(f"{check.model_ms[k]:.3f}" for k in ("default", "tuned", "verified")
+                                     if k in check.model_ms) + " ms")
+    elif rpc is not None:
+        table.add_row("checked in the model", "no (records measured over RPC)")
     if result.stopped:
         table.add_row("stopped", f"{result.stopped} (run again to resume)")
     table.add_row("db records", f"{result.db_records_before} -> {result.db_records_after}")

@@ -166,8 +166,9 @@ def test_interrupted_run_keeps_what_it_measured_and_resumes(conv_model, tmp_path
     assert 16 <= entry["measured"] < 3 * 16 and kept >= entry["measured"] and entry["complete"] is False
 
     report = tmp_path / "r.json"
+    # (--no-verify: the in-model check may set the kernel's record aside; this test counts records)
     res = CliRunner().invoke(main, ["tune", str(conv_model), "--db", str(db), "--trials", str(3 * 16),
-                                    "--num-cores", "2", "--no-check", "--json", str(report)])
+                                    "--num-cores", "2", "--no-check", "--no-verify", "--json", str(report)])
     assert res.exit_code == 0, res.output
     resumed = json.loads(report.read_text())
     assert resumed["new_trials"] == 3 * 16 - entry["measured"], resumed  # only the remainder is tuned
@@ -347,3 +348,142 @@ def test_profile_kernels_times_every_kernel(conv_model, target, monkeypatch):
     assert set(cpu) == set(times) and all(v >= 0 for v in cpu.values())
     conv = next(r for r in rows if "conv2d" in r["kernel"])
     assert conv["calls"] == 1 and conv["flops"] > 0 and conv["parallel"] and min(conv["parallel"]) >= 2
+
+
+# ---- in-model verification (tvm_verify): a tuned record slower than the default schedule in the model is set aside
+
+
+@pytest.fixture(scope="module")
+def two_conv_model(tmp_path_factory) -> Path:
+    """Two fused kernels of different shapes (NCHW, see _one_kernel_layout): one to spoil, one to keep."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(),
+                            torch.nn.Conv2d(32, 16, 3, padding=1)).eval()
+    path = tmp_path_factory.mktemp("verify") / "two_conv.onnx"
+    torch.onnx.export(m, (torch.randn(1, 16, 32, 32),), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["output"])
+    return path
+
+
+def _spoil(db: Path, task, target) -> None:
+    """Commit an unscheduled schedule (one thread, no vectorisation: several times slower than the default)
+    for `task`, with a fake measured time that makes it the database's best record, as a lucky measurement
+    of a slow candidate would."""
+    from tvm.s_tir import Schedule
+    from tvm.s_tir import meta_schedule as ms
+
+    database = tb.open_database(db)
+    mod = task.dispatched[0]
+    workload = database.commit_workload(mod)
+    sch = Schedule(mod)
+    sch.get_sblock("root", "main")  # one instruction: the database ignores records with an empty trace
+    database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [1e-9], target,
+                                                           ms.arg_info.ArgInfo.from_entry_func(mod, True)))
+
+
+def _defaults_db(model: Path, target, db: Path):
+    """A database whose only records are each kernel's measured default schedule (one trial per kernel)."""
+    mod = tb.import_onnx(model)
+    tb.tune(mod, target, db, trials=8, trials_per_task=1)
+    rows = tb.best_records(mod, target, db)
+    assert len(rows) == 2 and all(r.record is not None for r in rows)
+    return mod, rows
+
+
+def test_verification_reverts_a_slower_record_and_reuses_the_choice(two_conv_model, target, tmp_path, monkeypatch):
+    from graphprune.backends import tvm_verify as tv
+    from tvm.s_tir import meta_schedule as ms
+
+    db = tmp_path / "db"
+    mod, rows = _defaults_db(two_conv_model, target, db)
+    spoilt = max(rows, key=lambda r: tb._task_flops(r.task))
+    kept = next(r for r in rows if r is not spoilt)
+    _spoil(db, spoilt.task, target)
+    assert tb.best_records(mod, target, db)[rows.index(spoilt)].record.run_secs[0].value < 1e-6
+    # unverified: the spoilt record is what compile_tuned would use, and coverage says it is tuned
+    assert tb.kernel_coverage(mod, target, db)["kernels_tuned"] == 2
+
+    feeds = random_inputs(str(two_conv_model))
+    order = tb.graph_input_names(str(two_conv_model))
+    # the unscheduled kernel is several times slower; a wide tolerance keeps the 2-core machine's noise out
+    result, ex = tv.verify_tuned(mod, target, db, feeds, order, rounds=3, runs=5, tolerance=0.25)
+    assert result.reverted == [spoilt.name] and result.same_as_default == [kept.name] and not result.kept, result
+    assert not result.model_fallback and result.kernel_ms[spoilt.name]["tuned"] > result.kernel_ms[spoilt.name]["default"]
+    assert result.model_ms["verified"] < result.model_ms["tuned"]
+    assert tb.check_against_ort(ex, target, two_conv_model) < 1e-4
+    # the choice is in the database folder: a later build uses the default schedule for the spoilt kernel ...
+    database = tb.tuned_database(mod, target, db)
+    scheduled = database.query_schedule(spoilt.task.dispatched[0], target, "main")
+    assert scheduled is not None and "vectorize" in str(scheduled.mod)
+    raw = tb.tuned_database(mod, target, db, verified=False).query_schedule(spoilt.task.dispatched[0], target, "main")
+    assert "vectorize" not in str(raw.mod)
+    cover = tb.kernel_coverage(mod, target, db)
+    assert cover["kernels_tuned"] == 1 and cover["kernels_reverted"] == [spoilt.name] == cover["kernels_default"]
+    assert not cover["kernels_unverified"]
+
+    # ... and verifying again profiles nothing
+    def no_profiling(*args, **kwargs):
+        raise AssertionError("the stored choice should have been reused")
+
+    monkeypatch.setattr(tb, "profile_kernels", no_profiling)
+    again, _ = tv.verify_tuned(mod, target, db, feeds, order)
+    assert again.reused and again.reverted == [spoilt.name] and again.same_as_default == [kept.name]
+    # a new best record for the kernel is not covered by the old choice: it is used, and unverified
+    monkeypatch.undo()
+    database = tb.open_database(db)
+    record = ms.database.TuningRecord(spoilt.record.trace, database.commit_workload(spoilt.task.dispatched[0]),
+                                      [1e-10], target, spoilt.record.args_info)
+    database.commit_tuning_record(record)
+    cover = tb.kernel_coverage(mod, target, db)
+    assert cover["kernels_tuned"] == 2 and cover["kernels_unverified"] == [spoilt.name]
+
+
+def test_verification_decides_by_in_model_time(two_conv_model, target, tmp_path, monkeypatch):
+    """The decision per kernel, from a fake profile: 10% slower in the model -> default schedule; 2% slower
+    (within the 3% tolerance) or faster -> the tuned record stays; and when the model as a whole is slower
+    than the default build, every record is set aside."""
+    from graphprune.backends import tvm_verify as tv
+
+    db = tmp_path / "db"
+    mod, rows = _defaults_db(two_conv_model, target, db)
+    for r in rows:
+        _spoil(db, r.task, target)  # both kernels now have a record that differs from the default
+    a, b = rows
+    feeds = random_inputs(str(two_conv_model))
+    order = tb.graph_input_names(str(two_conv_model))
+    for tuned_b, model_tuned, reverted, fallback in ((1.02, 1.0, [a.name], False), (0.9, 1.0, [a.name], False),
+                                                     (1.02, 1.2, [a.name, b.name], True)):
+        fake = {"default": {a.name: 1.0, b.name: 1.0}, "tuned": {a.name: 1.1, b.name: tuned_b}}
+        monkeypatch.setattr(tv, "_kernel_ms", lambda *args, **kw: fake)
+        monkeypatch.setattr(tv, "_model_ms", lambda ex, *args, **kw: {"default": 1.0, "tuned": 1.1,
+                                                                      "verified": model_tuned})
+        result, _ = tv.verify_tuned(mod, target, db, feeds, order, force=True)
+        assert sorted(result.reverted) == sorted(reverted) and result.model_fallback is fallback, result
+        assert result.kept == ([] if fallback else [b.name])
+        cover = tb.kernel_coverage(mod, target, db)
+        assert sorted(cover["kernels_reverted"]) == sorted(reverted)
+        assert cover["kernels_tuned"] == 2 - len(reverted)
+
+
+def test_bench_and_tune_report_reverted_kernels(two_conv_model, target, tmp_path):
+    """The CLI checks records in the model before it builds: a spoilt record is set aside, the report says so
+    (and does not call the model tuned), and `tune` on the same database reuses the choice."""
+    db = tmp_path / "db"
+    mod, rows = _defaults_db(two_conv_model, target, db)
+    spoilt = max(rows, key=lambda r: tb._task_flops(r.task))
+    _spoil(db, spoilt.task, target)
+    out = tmp_path / "b.json"
+    # the fixture's target (LLVM's generic x86-64): the records were made for it
+    res = CliRunner().invoke(main, ["bench", str(two_conv_model), "--backend", "tvm", "--threads", "2", "--runs", "3",
+                                    "--warmup", "1", "--db", str(db), "--mcpu", "generic", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(out.read_text())["models"]
+    assert row["kernels_reverted"] == [spoilt.name] and row["tuned"] is False and row["kernels_tuned"] == 1
+    report = tmp_path / "t.json"
+    res = CliRunner().invoke(main, ["tune", str(two_conv_model), "--db", str(db), "--trials", "2",
+                                    "--trials-per-task", "1", "--num-cores", "2", "--mcpu", "generic", "--json",
+                                    str(report)])
+    assert res.exit_code == 0, res.output
+    tuned = json.loads(report.read_text())
+    assert tuned["verification"]["reused"] and tuned["verification"]["reverted"] == [spoilt.name]
+    assert tuned["kernels_reverted"] == [spoilt.name] and tuned["max_abs_diff_vs_ort"] < 1e-4

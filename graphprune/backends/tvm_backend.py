@@ -588,10 +588,27 @@ def _search_strategy(per_task: int) -> Any:
     )
 
 
+# how each candidate is timed: REPEATS samples, each the mean of as many runs as fill MIN_REPEAT_MS (at least
+# one); the database ranks candidates by the mean of the samples. One mean of 3 runs per candidate (TVM's
+# default number=3, repeat=1 with min_repeat_ms=0, used until session 5) let one lucky sample among a kernel's
+# candidates win: on 16 cores a 0.2 ms kernel varied by tens of percent between samples.
+REPEATS = 5
+MIN_REPEAT_MS = 2
+
+
+def evaluator_config() -> Any:
+    """The runner's timing protocol (see REPEATS): a few milliseconds per candidate, next to the ~0.3-1 s
+    that building it takes."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.runner.EvaluatorConfig(number=1, repeat=REPEATS, min_repeat_ms=MIN_REPEAT_MS,
+                                     enable_cpu_cache_flush=False)
+
+
 def _runner(rpc: RPCSpec | None, target: Any) -> Any:
     from tvm.s_tir import meta_schedule as ms
 
-    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=0, enable_cpu_cache_flush=False)
+    evaluator = evaluator_config()
     if rpc is None:
         return ms.runner.LocalRunner(timeout_sec=60, evaluator_config=evaluator, initializer=_worker_init)
     config = ms.runner.RPCConfig(
@@ -839,29 +856,144 @@ def tune(
     )
 
 
-def kernel_coverage(mod: Any, target: Any, db_dir: str | Path | None) -> dict[str, Any]:
-    """Which fused kernels of `mod` have tuning records in `db_dir` and which run a default schedule."""
+VERIFIED_FILE = "graphprune_verified.json"
+
+
+def record_id(record: Any) -> str:
+    """A tuning record's identity across runs: the hash of its schedule (trace). A verification made for
+    one record does not hold for another one that later tuning makes the database's best."""
+    import hashlib
+
+    return hashlib.sha1(str(record.trace).encode()).hexdigest()[:16]
+
+
+def model_key(keys: list[str]) -> str:
+    """A model's identity for the verification file: its set of kernels (database keys)."""
+    import hashlib
+
+    return hashlib.sha1(",".join(sorted(set(keys))).encode()).hexdigest()[:16]
+
+
+def load_verified(db_dir: str | Path, target: Any) -> dict[str, dict]:
+    """The in-model verification choices kept beside the database for this target (`tvm_verify`):
+    {"kernels": {key: {...}}, "models": {model_key: {...}}}; empty when none were made."""
+    import json
+
+    try:
+        data = json.loads((Path(db_dir) / VERIFIED_FILE).read_text())
+    except (OSError, ValueError):
+        return {"kernels": {}, "models": {}}
+    section = data.get("targets", {}).get(str(target), {}) if isinstance(data, dict) else {}
+    return {"kernels": dict(section.get("kernels", {})), "models": dict(section.get("models", {}))}
+
+
+def save_verified(db_dir: str | Path, target: Any, kernels: dict[str, dict], models: dict[str, dict]) -> None:
+    """Merge choices into the verification file (atomically: a reader sees the old or the new file)."""
+    import json
+
+    from graphprune.io import write_bytes_atomic
+
+    path = Path(db_dir) / VERIFIED_FILE
+    try:
+        data = json.loads(path.read_text())
+        data = data if isinstance(data, dict) and isinstance(data.get("targets"), dict) else {}
+    except (OSError, ValueError):
+        data = {}
+    data.setdefault("version", 1)
+    section = data.setdefault("targets", {}).setdefault(str(target), {"kernels": {}, "models": {}})
+    section.setdefault("kernels", {}).update(kernels)
+    section.setdefault("models", {}).update(models)
+    write_bytes_atomic((json.dumps(data, indent=1, sort_keys=True) + "\n").encode(), path)
+
+
+@dataclass
+class KernelRecords:
+    """One fused kernel of a model with its database key and the database's best record (None: no record)."""
+
+    task: Any
+    key: str
+    record: Any
+
+    @property
+    def name(self) -> str:
+        return str(self.task.task_name)
+
+
+def best_records(mod: Any, target: Any, db_dir: str | Path | None) -> list[KernelRecords]:
+    """Every fused kernel of `mod` with the best record `db_dir` holds for it (by mean measured time)."""
     require_tvm()
     from tvm.s_tir import meta_schedule as ms
 
     tasks = ms.relax_integration.extract_tasks(_fuse_for_tuning(mod, target), target)
     database = open_database(db_dir) if db_dir else None
-    tuned = [t.task_name for t in tasks if database is not None and database.has_workload(t.dispatched[0])
-             and database.get_top_k(database.commit_workload(t.dispatched[0]), 1)]
-    return {"kernels": len(tasks), "kernels_tuned": len(tuned),
-            "kernels_default": [t.task_name for t in tasks if t.task_name not in tuned]}
+    rows = []
+    for task in tasks:
+        top = []
+        if database is not None and database.has_workload(task.dispatched[0]):
+            top = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)
+        rows.append(KernelRecords(task, _workload_key(task), top[0] if top else None))
+    return rows
 
 
-def compile_tuned(mod: Any, target: Any, db_dir: str | Path) -> Any:
-    """Compile with the best schedules from the database; kernels without records get the default
-    schedule of `default_schedule_database` (see `kernel_coverage` for which)."""
+def reverted_kernels(rows: list[KernelRecords], verified: dict[str, dict]) -> dict[str, str]:
+    """Kernels whose best record the in-model verification found slower than the default schedule, for
+    the record it checked (a newer best record is unverified): name -> why ("kernel": slower in the model;
+    "model": the whole tuned model was slower than the default build, so all its records are set aside)."""
+    keys = [r.key for r in rows]
+    model = verified.get("models", {}).get(model_key(keys))
+    out: dict[str, str] = {}
+    current = {r.key: record_id(r.record) for r in rows if r.record is not None}
+    if model and model.get("use") == "default" and model.get("records") == current:
+        return {r.name: "model" for r in rows if r.record is not None}
+    for r in rows:
+        entry = verified.get("kernels", {}).get(r.key)
+        if r.record is not None and entry and entry.get("use") == "default" and entry.get("record") == current[r.key]:
+            out[r.name] = "kernel"
+    return out
+
+
+def kernel_coverage(mod: Any, target: Any, db_dir: str | Path | None) -> dict[str, Any]:
+    """Which fused kernels of `mod` run a tuning record from `db_dir` and which run the default schedule:
+    no record, or a record the in-model verification set aside (`kernels_reverted`, a subset of
+    `kernels_default`); `kernels_unverified` have records that were never checked in a model."""
+    rows = best_records(mod, target, db_dir)
+    verified = load_verified(db_dir, target) if db_dir else {"kernels": {}, "models": {}}
+    reverted = reverted_kernels(rows, verified)
+    tuned = [r.name for r in rows if r.record is not None and r.name not in reverted]
+    checked = verified.get("kernels", {})
+    return {"kernels": len(rows), "kernels_tuned": len(tuned),
+            "kernels_default": [r.name for r in rows if r.name not in tuned],
+            "kernels_reverted": sorted(reverted),
+            "kernels_unverified": [r.name for r in rows if r.name in tuned and
+                                   checked.get(r.key, {}).get("record") != record_id(r.record)]}
+
+
+def tuned_database(mod: Any, target: Any, db_dir: str | Path, verified: bool = True) -> Any:
+    """The database `compile_tuned` applies: for every kernel of `mod` the best record in `db_dir`,
+    except (with `verified`) those the in-model verification set aside, then the default schedule
+    (`default_schedule_database`) for the rest on CPU targets."""
     require_tvm()
     from tvm.s_tir import meta_schedule as ms
 
-    database = open_database(db_dir)
+    rows = best_records(mod, target, db_dir)
+    skip = reverted_kernels(rows, load_verified(db_dir, target)) if verified else {}
+    chosen = ms.database.MemoryDatabase(module_equality="structural")
+    for r in rows:
+        if r.record is not None and r.name not in skip:
+            workload = chosen.commit_workload(r.task.dispatched[0])
+            chosen.commit_tuning_record(ms.database.TuningRecord(r.record.trace, workload, r.record.run_secs,
+                                                                 r.record.target, r.record.args_info))
     if target.kind.name == "llvm":
-        database = ms.database.OrderedUnionDatabase(database, default_schedule_database(target))
-    return _compile(database, mod, target)
+        return ms.database.OrderedUnionDatabase(chosen, default_schedule_database(target))
+    return chosen
+
+
+def compile_tuned(mod: Any, target: Any, db_dir: str | Path, verified: bool = True) -> Any:
+    """Compile with the best schedules from the database; kernels without records get the default
+    schedule of `default_schedule_database` (see `kernel_coverage` for which), and so do kernels whose
+    record the in-model verification found slower than the default (`tvm_verify`; `verified=False`
+    uses every best record as it is)."""
+    return _compile(tuned_database(mod, target, db_dir, verified), mod, target)
 
 
 def export_library(executable: Any, path: str | Path) -> Path:
