@@ -193,7 +193,8 @@ def render(report: dict) -> str:
 
 LABELS = {"global": "global", "speed": "speed", "speed_k2": "speed, rate x2", "speed_k3": "speed, rate x3",
           "speed_r64": "speed, round_to 64", "global_r64": "global, round_to 64", "torch_pruning": "Torch-Pruning",
-          "speed_halved": "speed, halved multiples", "global_halved": "global, halved multiples"}
+          "speed_halved": "speed, halved multiples", "global_halved": "global, halved multiples",
+          "speed_w1": "speed, + weight reads"}
 
 
 def markdown(report: dict) -> str:

@@ -27,8 +27,9 @@ def time_proxy_terms(analysis: Analysis, elem_macs: float, weight_reads: float =
 
     `weight_reads` (default 0: not counted) adds that many element reads per weight per inference, a
     candidate for layers at low resolution, where a GEMM reads each weight for few rows (ConvNeXt's
-    last stage). Not the default: measured only on the 2-core development machine so far
-    (benchmarks/rule_sweep.py variant speed_w1 measures it on the GPU machine).
+    last stage). Not the default: on the GPU machine (benchmarks/results/rule_sweep_s5.json, variant
+    speed_w1) it was faster on onnxruntime CPU but slower on the GPU for 6 of 7 models, and it moves
+    most of the pruning into the last stage, whose effect on accuracy is unmeasured.
     """
     g = analysis.graph
     terms: list[tuple[float, tuple[str, ...]]] = [(m.base, m.tensors) for m in analysis.mac_terms]
