@@ -166,8 +166,12 @@ def _tvm_tuning(files: list[Path]) -> str:
             models.append({**rep["slim_partial"], "tuning": [], "partial": True})  # run stopped while tuning it
         budgets = list(dict.fromkeys(t["budget_s"] for m in models for t in m.get("tuning", [])))
         unscheduled = any("tvm_unscheduled_ms" in m for m in models)
+        # since session 5 the last snapshot's records are also checked in the model (tvm_verify)
+        checked = [b for b in budgets if any("tvm_verified_ms" in t for m in models for t in m.get("tuning", [])
+                                             if t["budget_s"] == b)]
         header = ["model", "onnxruntime", *(["TVM unscheduled"] if unscheduled else []),
-                  "TVM default schedule (no tuning)", *(f"TVM tuned, {b:g} s" for b in budgets)]
+                  "TVM default schedule (no tuning)", *(f"TVM tuned, {b:g} s" for b in budgets),
+                  *(f"TVM tuned, {b:g} s, checked in the model" for b in checked)]
         rows = []
         for m in models:
             name = m["model"].replace("_slim", " slim")
@@ -179,11 +183,22 @@ def _tvm_tuning(files: list[Path]) -> str:
             tuned = {t["budget_s"]: t for t in m.get("tuning", [])}
             cells = [f"{_ms(t['tvm_ms'])} ({_kernels_cell(t)}, {t['new_trials']} new trials)"
                      if t else "not reached" if m.get("partial") else "-" for t in map(tuned.get, budgets)]
+            cells += [_verified_cell(m, tuned.get(b)) for b in checked]
             rows.append([name, _ms(m["ort_ms"]), *([_ms(m["tvm_unscheduled_ms"])] if unscheduled else []),
                          _ms(m["tvm_default_schedule_ms"]), *cells])
         out.append(md_table(header, rows))
     return "\n\n".join(out)
 
+
+
+def _verified_cell(m: dict, t: dict | None) -> str:
+    """The checked build of a snapshot: its latency and what the check kept and reverted."""
+    if not t or "tvm_verified_ms" not in t:
+        return "-"
+    v = m.get("verification", {})
+    what = "all records set aside (tuned model slower)" if v.get("model_fallback") else \
+        f"{len(v.get('kept', []))} kernels kept, {len(v.get('reverted', []))} reverted"
+    return f"{_ms(t['tvm_verified_ms'])} ({what})"
 
 
 def _kernels_cell(t: dict) -> str:

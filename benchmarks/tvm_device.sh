@@ -6,13 +6,18 @@
 #   2. tune the original and the slim at the same time, each on its own half of the cores (taskset), in one
 #      run of 210 s each (passes of 16, 32, 64... trials per kernel), snapshotting each database when it
 #      reaches 70, 140 and 210 s;
-#   3. measure on 16 cores: onnxruntime, TVM's default schedule (and its pad-in-task variant) and TVM with each
-#      snapshot (latency against tuning budget), in interleaved rounds; which of the slim's kernels the
-#      original's records cover; the time of every kernel (default and tuned builds).
+#   3. measure on 16 cores: onnxruntime, TVM's default schedule and TVM with each snapshot's records as they
+#      are (latency against tuning budget); the last snapshot's records checked in the model on these cores
+#      (graphprune.backends.tvm_verify: a kernel whose tuned schedule is slower than its default there goes back
+#      to the default, and every record of a model whose tuned build stays slower): its build is verified@210;
+#      all builds of a model timed in interleaved rounds; which of the slim's kernels the original's records
+#      cover; the time of every kernel (default, tuned and verified builds).
+# Tuning stays concurrent (two halves of the socket: half the wall time); what the tuners measured with a
+# neighbour is checked in step 3 on quiet cores, so the verified build does not carry the concurrency's noise.
 # The apache-tvm wheel travels in two parts (../shared/tools/tvm-device-parts):
 #   run 1, carry [".tvm-part1"]:  mkdir -p /root/tvmp && cp .tvm-part1/* /root/tvmp/
 #   run 2, carry [".tvm-part2"]:  bash benchmarks/tvm_device.sh
-# Results: $OUT/tvm_tuning_16c_s4.json, $OUT/tvm_tuning_16c_s4.log, $OUT/tvm_device_logs.tar.gz.
+# Results: $OUT/tvm_tuning_16c_s5.json, $OUT/tvm_tuning_16c_s5.log, $OUT/tvm_device_logs.tar.gz.
 # Local smoke test (small): SMOKE=1 OUT=/tmp/o bash benchmarks/tvm_device.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -68,7 +73,7 @@ fmt = lambda s: ",".join(map(str, s)) or "0"
 print(fmt(a), fmt(b), fmt(m))
 PY
 )
-LOG="$OUT/tvm_tuning_16c_s4.log"
+LOG="$OUT/tvm_tuning_16c_s5.log"
 {
     echo "cpus: $(nproc) online; tuning sets A=$SET_A B=$SET_B; measuring on $SET_M; budgets $BUDGETS s"
     lscpu | grep -E "Model name|^CPU\(s\)|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\)|L3" || true
@@ -92,7 +97,7 @@ grep -h "budget" "$WORK"/tune_*.log | tee -a "$LOG" || true
 echo "tuning exit codes: resnet18 $RA, slim $RB" | tee -a "$LOG"
 set +e
 taskset -c "$SET_M" python3 benchmarks/tvm_tuning.py --stage measure "${COMMON[@]}" \
-    --rounds "$ROUNDS" --out "$OUT/tvm_tuning_16c_s4.json" 2>&1 | { grep -v "Warning\|pool_max" || true; } | tee -a "$LOG"
+    --rounds "$ROUNDS" --out "$OUT/tvm_tuning_16c_s5.json" 2>&1 | { grep -v "Warning\|pool_max" || true; } | tee -a "$LOG"
 RM=${PIPESTATUS[0]}
 echo "measure exit code: $RM" | tee -a "$LOG"
 tar -C "$WORK" -czf "$OUT/tvm_device_logs.tar.gz" --exclude="*.onnx" --exclude="*/logs" --exclude="db_*@*" . || true

@@ -90,8 +90,11 @@ def run_model(name: str, path: Path, db: Path, budgets: list[float], target, thr
 # time on disjoint cores (taskset), then measures everything on one set of cores (benchmarks/tvm_device.sh)
 
 MODELS = ("resnet18", "resnet18_slim")
-# untuned builds measured beside the default schedule: name -> environment while compiling
-VARIANTS = {"pad_in_task": {"GRAPHPRUNE_TVM_PAD": "task"}}
+# untuned builds measured beside the default schedule: name -> environment while compiling. Session 4's device
+# run measured GRAPHPRUNE_TVM_PAD=task (pad_in_task); now a second build of the default schedules: the tuned
+# slim of that run was slower than its default in kernels whose schedule the tuning had not changed, so this
+# shows how far two builds of the same schedules differ
+VARIANTS: dict[str, dict[str, str]] = {"default_rebuild": {}}
 
 
 def stage_prepare(work: Path, size: int, target_flops: float, round_to: int, extra_round_to: int | None,
@@ -218,7 +221,34 @@ def _time_builds(tb, row: dict, builds: list, target, feeds: dict, order: list[s
     for step in row["tuning"]:
         step["tvm_ms"] = float(np.median(per_round[f"tuned@{step['budget_s']:.0f}"]))
         step["tvm_over_ort"] = step["tvm_ms"] / row["ort_ms"]
+        if f"verified@{step['budget_s']:.0f}" in per_round:
+            step["tvm_verified_ms"] = row["tvm_verified_ms"] = float(
+                np.median(per_round[f"verified@{step['budget_s']:.0f}"]))
+            step["tvm_verified_over_ort"] = step["tvm_verified_ms"] / row["ort_ms"]
     row["tvm_best_ms"] = min(float(np.median(v)) for v in per_round.values())
+
+
+def _verify_last(tb, row: dict, step: dict, work: Path, mod, target, feeds: dict, order: list[str], builds: list,
+                 runs: int, log) -> None:
+    """The in-model check (`tvm_verify.verify_tuned`) of the last snapshot's records, on the measuring cores
+    (the tuners ran concurrently, on two halves of the socket: their measurements had a neighbour, this one
+    has none); its build joins the timed builds as verified@<budget>. It works on a copy of the snapshot,
+    so the snapshot's own build stays the database's records as they are."""
+    import shutil
+
+    from graphprune.backends.tvm_verify import verify_tuned
+
+    budget = f"{step['budget_s']:.0f}"
+    db = work / f"{step['db']}_verified"
+    shutil.rmtree(db, ignore_errors=True)
+    shutil.copytree(work / step["db"], db)
+    by_name = {b: ex for r, b, ex in builds if r is row}
+    t = time.perf_counter()
+    check, ex = verify_tuned(mod, target, db, feeds, order, rounds=5, runs=runs,
+                             default_ex=by_name["default"], tuned_ex=by_name[f"tuned@{budget}"])
+    row["verification"] = check.to_dict()
+    builds.append((row, f"verified@{budget}", ex if ex is not None else tb.compile_tuned(mod, target, db)))
+    log(f"{row['model']}: verified@{budget}: {check.summary()} ({time.perf_counter() - t:.0f} s)")
 
 
 def stage_measure(work: Path, target, threads: int, runs: int, log, out: Path | None = None,
@@ -274,13 +304,15 @@ def stage_measure(work: Path, target, threads: int, runs: int, log, out: Path | 
             trials += step["new_trials"]
             cover = tb.kernel_coverage(mod, target, db)
             step.update(trials=trials, kernels=cover["kernels"], kernels_tuned=cover["kernels_tuned"])
-            builds.append((row, f"tuned@{step['budget_s']:.0f}", tb.compile_tuned(mod, target, db)))
+            # the database's best records as they are (what session 4 measured), before any verification
+            builds.append((row, f"tuned@{step['budget_s']:.0f}", tb.compile_tuned(mod, target, db, verified=False)))
         if steps:
             try:  # the numbers are only worth something if the tuned build computes the model
                 row["tuned_max_abs_diff_vs_ort"] = tb.check_against_ort(builds[-1][2], target, str(path),
                                                                         rtol=1e-3, atol=1e-3)
             except GraphpruneError as exc:
                 row["check_failed"] = str(exc)
+            _verify_last(tb, row, steps[-1], work, mod, target, feeds, order, builds, runs, log)
         row["tuning"] = steps
         _time_builds(tb, row, [(b, ex) for r, b, ex in builds if r is row], target, feeds, order, runs, rounds)
         log(f"{name}: onnxruntime {row['ort_ms']:.2f} ms, TVM default {row['tvm_default_schedule_ms']:.2f} ms, "
@@ -290,7 +322,8 @@ def stage_measure(work: Path, target, threads: int, runs: int, log, out: Path | 
         save()
         # where the time goes, per kernel, on this many threads: the default and the last snapshot
         for build, ex in [(b, ex) for r, b, ex in builds if r is row]:
-            if build == "default" or (steps and build == f"tuned@{steps[-1]['budget_s']:.0f}"):
+            if build == "default" or (steps and build in (f"tuned@{steps[-1]['budget_s']:.0f}",
+                                                          f"verified@{steps[-1]['budget_s']:.0f}")):
                 row.setdefault("kernel_ms", {})[build] = tb.profile_kernels(ex, target, feeds, order, runs=runs)
         save()
         builds = []  # the executables of this model are not needed any more
@@ -301,8 +334,12 @@ def stage_measure(work: Path, target, threads: int, runs: int, log, out: Path | 
         row["tvm_speedup_vs_original"] = olast / last
         row["tvm_default_speedup_vs_original"] = orig["tvm_default_schedule_ms"] / row["tvm_default_schedule_ms"]
         row["tvm_best_speedup_vs_original"] = orig["tvm_best_ms"] / row["tvm_best_ms"]
+        if "tvm_verified_ms" in row and "tvm_verified_ms" in orig:
+            row["tvm_verified_speedup_vs_original"] = orig["tvm_verified_ms"] / row["tvm_verified_ms"]
         row["ort_speedup_vs_original"] = orig["ort_ms"] / row["ort_ms"]
-        log(f"{row['model']}: slim/original TVM tuned {row['tvm_speedup_vs_original']:.2f}x, default "
+        verified = row.get("tvm_verified_speedup_vs_original")
+        log(f"{row['model']}: slim/original TVM tuned {row['tvm_speedup_vs_original']:.2f}x, "
+            + (f"verified {verified:.2f}x, " if verified else "") + "default "
             f"{row['tvm_default_speedup_vs_original']:.2f}x, best build {row['tvm_best_speedup_vs_original']:.2f}x; "
             f"onnxruntime {row['ort_speedup_vs_original']:.2f}x")
     # transfer: which of the slim's kernels the original's records already cover (same structure and shapes)

@@ -108,6 +108,8 @@ def test_default_schedule_is_the_first_measured_candidate(tuned_db, conv_model, 
     database = tb.open_database(db)
     # the valid records (a candidate that failed to run, e.g. timed out on a loaded machine, is not one)
     records = database.get_top_k(database.commit_workload(task.dispatched[0]), 1 << 20)
+    # every candidate is timed as REPEATS samples (not one mean of 3 runs: a lucky sample won), the default too
+    assert records and all(len(r.run_secs) == tb.REPEATS for r in records)
     # the search may measure the default's trace again (evolution starts from the database's best), so
     # the default's record is one of the records with its trace, not necessarily the fastest of them
     ours = [r for r in records if str(r.trace) == str(default)]
