@@ -320,9 +320,10 @@ def stage_measure(work: Path, target, threads: int, runs: int, log, out: Path | 
             + f" ({time.perf_counter() - t:.0f} s)")
         report["models"].append(row)
         save()
-        # where the time goes, per kernel, on this many threads: the default and the last snapshot
+        # where the time goes, per kernel, on this many threads: the default (and its variants), the last
+        # snapshot and its checked build
         for build, ex in [(b, ex) for r, b, ex in builds if r is row]:
-            if build == "default" or (steps and build in (f"tuned@{steps[-1]['budget_s']:.0f}",
+            if build in ("default", *VARIANTS) or (steps and build in (f"tuned@{steps[-1]['budget_s']:.0f}",
                                                           f"verified@{steps[-1]['budget_s']:.0f}")):
                 row.setdefault("kernel_ms", {})[build] = tb.profile_kernels(ex, target, feeds, order, runs=runs)
         save()
