@@ -35,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
 OPEN = re.compile(r"<!-- results: (?P<refs>[^>]*?) -->")
@@ -187,7 +189,35 @@ def _tvm_tuning(files: list[Path]) -> str:
             rows.append([name, _ms(m["ort_ms"]), *([_ms(m["tvm_unscheduled_ms"])] if unscheduled else []),
                          _ms(m["tvm_default_schedule_ms"]), *cells])
         out.append(md_table(header, rows))
+        ratios = _slim_ratios(models)
+        if ratios:
+            out.append(ratios)
     return "\n\n".join(out)
+
+
+def _slim_ratios(models: list[dict]) -> str:
+    """Slim speed-up over the original under TVM per build, from the interleaved rounds (`tvm_rounds_ms`):
+    the ratio of the medians over rounds, and of the fastest rounds (on a host whose rounds of one build
+    spread by 10-30%, the fastest round is the steadier estimate of what a build can do)."""
+    by = {m["model"]: m for m in models}
+    orig = by.get("resnet18", {}).get("tvm_rounds_ms")
+    if not orig:
+        return ""
+    rows = []
+    for m in models:
+        rounds = m.get("tvm_rounds_ms")
+        if m["model"] == "resnet18" or not rounds:
+            continue
+        name = m["model"].replace("_slim", " slim")
+        for build in [b for b in rounds if b in orig]:
+            med = float(np.median(orig[build])) / float(np.median(rounds[build]))
+            fast = min(orig[build]) / min(rounds[build])
+            rows.append([name, build, f"{med:.2f}x", f"{fast:.2f}x"])
+        best_o = min(min(v) for v in orig.values())
+        best_s = min(min(v) for v in rounds.values())
+        rows.append([name, "fastest build of each", "-", f"{best_o / best_s:.2f}x"])
+    return md_table(["slim", "build (same for both models)", "speed-up, medians of rounds",
+                     "speed-up, fastest rounds"], rows) if rows else ""
 
 
 

@@ -489,3 +489,45 @@ def test_bench_and_tune_report_reverted_kernels(two_conv_model, target, tmp_path
     tuned = json.loads(report.read_text())
     assert tuned["verification"]["reused"] and tuned["verification"]["reverted"] == [spoilt.name]
     assert tuned["kernels_reverted"] == [spoilt.name] and tuned["max_abs_diff_vs_ort"] < 1e-4
+
+
+def _llvm_functions(executable) -> dict[str, str]:
+    """Each generated LLVM function of a build, without metadata references (they number differently)."""
+    import re
+
+    source = ""
+    for module in [executable.mod, *getattr(executable.mod, "imports", [])]:
+        for get in ("inspect_source", "get_source"):
+            try:
+                source += getattr(module, get)("ll")
+                break
+            except Exception:  # noqa: BLE001 - a module kind without LLVM source
+                continue
+    return {m.group(1): re.sub(r"!\d+", "", m.group(0))
+            for m in re.finditer(r'define [^@]*@"?([\w.]+)"?\(.*?\n}\n', source, re.S)}
+
+
+def test_default_schedules_as_records_build_the_same_code(conv_model, target, tmp_path, monkeypatch):
+    """A database whose best records are the default schedules must give the default build's code, kernel
+    for kernel (channels-last, pre-packed weights): what the in-model check compares between the default and
+    the tuned build is then how the build runs, not different code (docs/backends.md, session 5)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    monkeypatch.delenv("GRAPHPRUNE_TVM_LAYOUT", raising=False)  # the default layout, with pre-packing
+    mod = tb.import_onnx(conv_model)
+    db = tmp_path / "db"
+    database = tb.open_database(db)
+    tasks = ms.relax_integration.extract_tasks(tb._fuse_for_tuning(mod, target), target)
+    committed = 0
+    for task in tasks:
+        trace = tb.default_trace(task.dispatched[0], target)
+        if trace is not None:
+            workload = database.commit_workload(task.dispatched[0])
+            database.commit_tuning_record(ms.database.TuningRecord(trace, workload, [1e-3], target, None))
+            committed += 1
+    assert committed >= 1
+    default = _llvm_functions(tb.compile_untuned(mod, target))
+    tuned = _llvm_functions(tb.compile_tuned(mod, target, db, verified=False))
+    assert default and default == tuned
+    # the comparison can fail: TVM's unscheduled build of the same model is different code
+    assert _llvm_functions(tb.compile_untuned(mod, target, schedule="none")) != default
