@@ -199,8 +199,7 @@ def _slim_ratios(models: list[dict]) -> str:
     """Slim speed-up over the original under TVM per build, from the interleaved rounds (`tvm_rounds_ms`):
     the ratio of the medians over rounds, and of the fastest rounds (on a host whose rounds of one build
     spread by 10-30%, the fastest round is the steadier estimate of what a build can do)."""
-    by = {m["model"]: m for m in models}
-    orig = by.get("resnet18", {}).get("tvm_rounds_ms")
+    orig = next((m.get("tvm_rounds_ms") for m in models if m["model"] == "resnet18"), None)
     if not orig:
         return ""
     rows = []
@@ -218,7 +217,6 @@ def _slim_ratios(models: list[dict]) -> str:
         rows.append([name, "fastest build of each", "-", f"{best_o / best_s:.2f}x"])
     return md_table(["slim", "build (same for both models)", "speed-up, medians of rounds",
                      "speed-up, fastest rounds"], rows) if rows else ""
-
 
 
 def _verified_cell(m: dict, t: dict | None) -> str:

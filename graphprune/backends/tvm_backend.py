@@ -877,14 +877,19 @@ def model_key(keys: list[str]) -> str:
 def load_verified(db_dir: str | Path, target: Any) -> dict[str, dict]:
     """The in-model verification choices kept beside the database for this target (`tvm_verify`):
     {"kernels": {key: {...}}, "models": {model_key: {...}}}; empty when none were made."""
+    section = _read_verified(Path(db_dir) / VERIFIED_FILE).get("targets", {}).get(str(target), {})
+    return {"kernels": dict(section.get("kernels", {})), "models": dict(section.get("models", {}))}
+
+
+def _read_verified(path: Path) -> dict:
+    """The whole verification file, or {} when it is missing or not one (then it is rewritten whole)."""
     import json
 
     try:
-        data = json.loads((Path(db_dir) / VERIFIED_FILE).read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {"kernels": {}, "models": {}}
-    section = data.get("targets", {}).get(str(target), {}) if isinstance(data, dict) else {}
-    return {"kernels": dict(section.get("kernels", {})), "models": dict(section.get("models", {}))}
+        return {}
+    return data if isinstance(data, dict) and isinstance(data.get("targets"), dict) else {}
 
 
 def save_verified(db_dir: str | Path, target: Any, kernels: dict[str, dict], models: dict[str, dict]) -> None:
@@ -894,11 +899,7 @@ def save_verified(db_dir: str | Path, target: Any, kernels: dict[str, dict], mod
     from graphprune.io import write_bytes_atomic
 
     path = Path(db_dir) / VERIFIED_FILE
-    try:
-        data = json.loads(path.read_text())
-        data = data if isinstance(data, dict) and isinstance(data.get("targets"), dict) else {}
-    except (OSError, ValueError):
-        data = {}
+    data = _read_verified(path)
     data.setdefault("version", 1)
     section = data.setdefault("targets", {}).setdefault(str(target), {"kernels": {}, "models": {}})
     section.setdefault("kernels", {}).update(kernels)
